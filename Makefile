@@ -1,0 +1,30 @@
+# The two commands: `make demo` and `make test`. Both create .venv and install on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# CPU machines get the CPU build of torch (served from a local wheel where one exists);
+# a machine with an NVIDIA driver keeps whatever torch>=2.11 pip resolves.
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.11" || echo "torch==2.13.0")
+
+.PHONY: install demo test test-all clean-demo
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev,serve]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/picochat demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m "not gpu"
+
+clean-demo:
+	rm -rf $${PICOCHAT_HOME:-$$HOME/.cache/picochat}/runs/demo

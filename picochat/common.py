@@ -1,0 +1,213 @@
+"""Shared plumbing: device and dtype detection, distributed init, run-directory paths, logging,
+atomic writes. The bottom of the dependency graph: it imports nothing else from picochat."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("picochat")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    if not log.handlers:
+        try:
+            from rich.logging import RichHandler
+
+            handler: logging.Handler = RichHandler(show_path=False, rich_tracebacks=False)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+        except ImportError:  # pragma: no cover - rich is a dependency
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(level if dist_info().rank == 0 else logging.WARNING)
+    log.propagate = False
+
+
+# ---------------------------------------------------------------------------------------------------
+# run directory
+
+
+def picochat_home() -> Path:
+    return Path(os.environ.get("PICOCHAT_HOME", Path.home() / ".cache" / "picochat")).expanduser()
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where one run's stages read and write: `$PICOCHAT_HOME/runs/<name>/`."""
+
+    root: Path
+
+    @classmethod
+    def for_run(cls, name: str) -> "RunPaths":
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"invalid run name {name!r}: use letters, digits, '-' or '_'")
+        return cls(picochat_home() / "runs" / name)
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
+
+    def stage(self, stage: str) -> Path:
+        """Checkpoint folder of a training stage: base, mid or sft."""
+        if stage not in ("base", "mid", "sft"):
+            raise ValueError(f"unknown stage {stage!r}")
+        return self.root / stage
+
+
+def downloads_dir() -> Path:
+    return picochat_home() / "downloads"
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path):
+    """Yield a temp folder beside `target`; on success it replaces `target` in one rename."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------
+# devices and precision
+
+
+def detect_device(preference: str = "auto") -> torch.device:
+    if preference != "auto":
+        return torch.device(preference)
+    if torch.cuda.is_available():
+        return torch.device("cuda", dist_info().local_rank)
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 autocast on CUDA (fp32 master weights); fp32 elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def gpu_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# distributed (torchrun sets the env vars; we never launch processes ourselves)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info() -> DistInfo:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return DistInfo(torch.distributed.get_rank(), int(os.environ.get("LOCAL_RANK", 0)),
+                        torch.distributed.get_world_size())
+    return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+                    int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the process group torchrun prepared (NCCL on CUDA, gloo otherwise). No-op when alone."""
+    info = dist_info()
+    if info.world_size > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend=backend,
+                                             device_id=device if device.type == "cuda" else None)
+    return dist_info()
+
+
+def cleanup_distributed() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def all_reduce_sum(value: float | int, device: torch.device) -> float:
+    """Sum a Python number over ranks (identity when alone)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.item()

@@ -1,0 +1,148 @@
+"""Typed configuration for every stage, and the depth dial.
+
+One dataclass per stage. `ModelConfig.from_depth` turns the single number a user picks (`--depth`)
+into width, heads and the training horizon, so the common path needs one knob. Nothing here touches
+torch devices or files: it is pure data, safe to import anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+# Special tokens, in id order after the BPE vocabulary. The tokenizer owns their meaning.
+SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|bos|>",
+    "<|user_start|>",
+    "<|user_end|>",
+    "<|assistant_start|>",
+    "<|assistant_end|>",
+    "<|python_start|>",
+    "<|python_end|>",
+    "<|output_start|>",
+    "<|output_end|>",
+)
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 32768  # including the special tokens
+    max_chars: int = 2_000_000_000  # stop reading the text iterator after this many characters
+    doc_cap: int = 10_000  # crop each training document to this many characters
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32768
+    seq_len: int = 2048
+    n_layer: int = 12
+    n_embd: int = 768
+    n_head: int = 6
+    n_kv_head: int = 6
+    logit_softcap: float = 15.0
+    rope_base: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+
+    @classmethod
+    def from_depth(
+        cls, depth: int, vocab_size: int = 32768, seq_len: int = 2048, head_dim: int | None = None,
+        kv_ratio: int = 1,
+    ) -> "ModelConfig":
+        """Width 64·depth rounded up to the head dim; heads of 128 (64 for tiny models below 512 wide)."""
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        raw = 64 * depth
+        if head_dim is None:
+            head_dim = 128 if raw >= 512 else min(64, raw)
+        n_embd = math.ceil(raw / head_dim) * head_dim
+        n_head = n_embd // head_dim
+        n_kv_head = max(1, n_head // kv_ratio)
+        while n_head % n_kv_head:
+            n_kv_head -= 1
+        return cls(vocab_size=vocab_size, seq_len=seq_len, n_layer=depth, n_embd=n_embd,
+                   n_head=n_head, n_kv_head=n_kv_head)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class OptimConfig:
+    # Learning rates follow the d12 (768 wide) reference; AdamW rates are scaled by (768/width)^0.5.
+    matrix_lr: float = 0.02  # Muon, hidden matrices
+    embedding_lr: float = 0.2  # AdamW, token embedding
+    unembedding_lr: float = 0.004  # AdamW, lm head
+    scalar_lr: float = 0.004  # AdamW, anything else
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.8, 0.95)
+    warmup_frac: float = 0.0
+    warmdown_frac: float = 0.2
+    final_lr_frac: float = 0.0
+    grad_clip: float = 0.0  # 0 = off
+
+
+@dataclass
+class TrainConfig:
+    """One training run (pretrain, midtrain and SFT share it)."""
+
+    run: str = "default"
+    stage: str = "base"  # base | mid | sft: which folder of the run directory checkpoints go to
+    depth: int = 12
+    seq_len: int = 2048
+    vocab_size: int | None = None  # None: take it from the run's tokenizer
+    device_batch_size: int | str = "auto"  # "auto" = find it (CUDA), else a fixed number
+    total_batch_tokens: int = 524288  # tokens per optimizer step across all ranks
+    num_steps: int = -1  # -1: derive from the horizon
+    data_param_ratio: float = 20.0  # training tokens ≈ ratio × parameters when num_steps is -1
+    seed: int = 42
+    eval_every: int = 250
+    eval_tokens: int = 2**20
+    sample_every: int = 1000
+    save_every: int = 1000
+    log_every: int = 1
+    compile: bool | None = None  # None: on for CUDA
+    device: str = "auto"
+    resume: bool = False
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class DataConfig:
+    source: str = "embedded"  # embedded | files | shards
+    paths: list[str] = field(default_factory=list)  # files or globs for source=files
+    text_field: str = "text"
+    shard_url: str = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
+    num_shards: int = 1
+    embedded_docs: int = 20000
+    embedded_seed: int = 1234
+    val_fraction: float = 0.01
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 0.8
+    top_k: int | None = 50  # None or 0: no filtering
+    top_p: float | None = None
+    max_tokens: int = 256
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)

@@ -1,0 +1,172 @@
+"""The transformer: a GPT in the modern small-model style.
+
+Rotary position embeddings, QK-norm, parameter-free RMSNorm, ReLU² MLP, untied embedding and head,
+no biases, grouped-query attention, logit soft-capping and zero-initialised output projections.
+Build it on the meta device and call `init_weights()` after `to_empty(device=...)`, so a large model
+never materialises twice.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from .attention import KVCache, causal_attention
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, D); cos/sin broadcastable to (B, 1, T, D/2). Rotates the two halves of D."""
+    d = x.size(-1) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        D = config.n_embd
+        self.c_q = nn.Linear(D, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(D, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(D, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(D, D, bias=False)
+
+    def forward(self, x, cos, sin, attn_mask=None, kv_cache: KVCache | None = None, positions=None, cache_mask=None):
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
+        if kv_cache is None:
+            y = causal_attention(q, k, v, attn_mask)
+        else:
+            kv_cache.write(self.layer_idx, k, v, positions)
+            y = kv_cache.attend(self.layer_idx, q, cache_mask)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, attn_mask=None, kv_cache=None, positions=None, cache_mask=None):
+        x = x + self.attn(rms_norm(x), cos, sin, attn_mask, kv_cache, positions, cache_mask)
+        return x + self.mlp(rms_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Rotary tables cover 4x the training length so inference can run past it (quality degrades).
+        self.rotary_len = 4 * config.seq_len
+        cos, sin = self._rotary_tables(self.rotary_len)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _rotary_tables(self, length: int, device=None):
+        half = self.config.head_dim // 2
+        inv_freq = 1.0 / (self.config.rope_base ** (torch.arange(half, dtype=torch.float32, device=device) / half))
+        angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
+        return angles.cos(), angles.sin()
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Initialise every parameter (call after `to_empty`); output projections start at zero."""
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=self.wte.weight.device).manual_seed(seed)
+        self.wte.weight.normal_(0.0, 1.0, generator=gen)
+        self.lm_head.weight.normal_(0.0, 0.001, generator=gen)
+        for block in self.blocks:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                bound = math.sqrt(3.0 / lin.in_features)
+                lin.weight.uniform_(-bound, bound, generator=gen)
+            block.attn.c_proj.weight.zero_()
+            block.mlp.c_proj.weight.zero_()
+        cos, sin = self._rotary_tables(self.rotary_len, device=self.cos.device)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+
+    # -- accounting ----------------------------------------------------------------------------
+    def num_params(self, matmul_only: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wte.weight.numel() if matmul_only else n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token: 6 per matmul weight, plus 12·L·D·T for attention scores/values
+        (full-matrix convention, not halved for causality, matching upstream nanochat's MFU)."""
+        c = self.config
+        T = seq_len or c.seq_len
+        return 6.0 * self.num_params(matmul_only=True) + 12.0 * c.n_layer * c.n_head * c.head_dim * T
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters by optimizer role: Muon for hidden matrices, AdamW for the rest."""
+        matrix = [p for p in self.blocks.parameters() if p.ndim == 2]
+        scalar = [p for p in self.blocks.parameters() if p.ndim != 2]
+        return {"matrix": matrix, "embedding": [self.wte.weight], "unembedding": [self.lm_head.weight],
+                "scalar": scalar}
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, attn_mask=None,
+                kv_cache: KVCache | None = None, loss_reduction: str = "mean") -> torch.Tensor:
+        """idx: (B, T) token ids. With `targets` (B, T; -1 = ignore) returns the loss, else the
+        float32 logits (B, T, V). `attn_mask` comes from `attention.document_mask`; with a
+        `kv_cache` the new tokens are appended at each row's position and the cache advances."""
+        B, T = idx.shape
+        positions = cache_mask = None
+        if kv_cache is None:
+            if T > self.rotary_len:
+                raise ValueError(f"sequence of {T} tokens exceeds the model's {self.rotary_len} positions")
+            cos, sin = self.cos[None, None, :T], self.sin[None, None, :T]
+        else:
+            positions = kv_cache.positions(T)
+            cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
+            cache_mask = kv_cache.mask(positions)
+        x = rms_norm(self.wte(idx))
+        for block in self.blocks:
+            x = block(x, cos, sin, attn_mask, kv_cache, positions, cache_mask)
+        x = rms_norm(x)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        logits = self.lm_head(x).float()
+        cap = self.config.logit_softcap
+        if cap:
+            logits = cap * torch.tanh(logits / cap)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                               reduction=loss_reduction)
+
+
+def build_model(config: ModelConfig, device: torch.device, seed: int | None = None) -> GPT:
+    """Construct on the meta device, then allocate on `device` and initialise once."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights(seed)
+    return model

@@ -45,8 +45,9 @@ def validate_parquet(path: Path) -> None:
     """Raise if `path` is not a complete, readable parquet file (footer and every row group)."""
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
-    # Reading every row group decompresses every page: a corrupt middle is caught, not just the footer.
+    # Page checksums are verified where the writer stored them; reading every row group decompresses
+    # every page, so a damaged middle is caught too, not just a damaged footer.
+    pf = pq.ParquetFile(path, page_checksum_verification=True)
     for i in range(pf.num_row_groups):
         pf.read_row_group(i)
 

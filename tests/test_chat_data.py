@@ -333,8 +333,11 @@ def test_synthetic_tasks_sizes() -> None:
     assert {t.name for t in tasks} == set(SYNTHETIC_TASKS)
 
 
-def test_url_source_goes_through_the_downloader(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_url_source_goes_through_the_downloader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("PICOCHAT_HOME", str(home))
 
     import picochat.data.download as download_mod
     from picochat.data.tasks.gsm8k import GSM8K_URLS

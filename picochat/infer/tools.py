@@ -372,3 +372,10 @@ def call_tool(expr: str, timeout: float = 1.0) -> ToolResult:
 def run_python_tool(expr: str, timeout: float = 1.0) -> str:
     """The text to inject as the tool's output: the value, or "Error: ..."; never raises."""
     return call_tool(expr, timeout).output
+
+
+def run_python_tool_inline(expr: str, timeout: float = 1.0) -> str:
+    """Same text as `run_python_tool`, evaluated in the calling thread (no worker thread, ~50x
+    cheaper). Only the walker's deadline and the size guards bound it: meant for data generation
+    over expressions we wrote ourselves, not for model output."""
+    return _run(expr, timeout).output

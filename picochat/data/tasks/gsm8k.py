@@ -14,9 +14,11 @@ from pathlib import Path
 from .base import Conversation, Task, numbers_equal
 from .files import read_records
 
+# Hub "resolve" URLs are plain HTTPS files (no hub client needed); point them at a mirror if you must.
+GSM8K_BASE = "https://huggingface.co/datasets/openai/gsm8k/resolve/main/"
 GSM8K_URLS: dict[str, str] = {
-    "train": "https://huggingface.co/datasets/openai/gsm8k/resolve/main/main/train-00000-of-00001.parquet",
-    "test": "https://huggingface.co/datasets/openai/gsm8k/resolve/main/main/test-00000-of-00001.parquet",
+    "train": GSM8K_BASE + "main/train-00000-of-00001.parquet",
+    "test": GSM8K_BASE + "main/test-00000-of-00001.parquet",
 }
 _ANNOTATION = re.compile(r"<<([^<>]*?)=([^<>=]*)>>")
 _FINAL = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
@@ -24,7 +26,7 @@ _FINAL = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
 
 def annotated_answer_to_parts(answer: str) -> list[dict]:
     """Split a GSM8K answer into text / python / python_output parts (adjacent texts merged)."""
-    from picochat.infer.tools import call_tool  # lazy: loading data must not need the engine
+    from picochat.infer.tools import run_python_tool_inline  # lazy: data must not need the engine
 
     parts: list[dict] = []
 
@@ -40,9 +42,9 @@ def annotated_answer_to_parts(answer: str) -> list[dict]:
     for m in _ANNOTATION.finditer(answer):
         text(answer[pos:m.start()])
         expr, value = m.group(1).strip(), m.group(2).strip()
-        result = call_tool(expr)
+        result = run_python_tool_inline(expr)  # inline: GSM8K annotations are short arithmetic
         parts.append({"type": "python", "text": expr})
-        parts.append({"type": "python_output", "text": result.output if result.ok else value})
+        parts.append({"type": "python_output", "text": value if result.startswith("Error:") else result})
         pos = m.end()
     text(answer[pos:])
     return parts or [{"type": "text", "text": ""}]

@@ -13,10 +13,12 @@ from typing import Any
 from .base import Conversation, Task
 from .files import read_records
 
+# Hub "resolve" URLs are plain HTTPS files (no hub client needed); point them at a mirror if you must.
+MMLU_BASE = "https://huggingface.co/datasets/cais/mmlu/resolve/main/"
 MMLU_URLS: dict[str, str] = {
-    "auxiliary_train": "https://huggingface.co/datasets/cais/mmlu/resolve/main/all/auxiliary_train-00000-of-00001.parquet",
-    "validation": "https://huggingface.co/datasets/cais/mmlu/resolve/main/all/validation-00000-of-00001.parquet",
-    "test": "https://huggingface.co/datasets/cais/mmlu/resolve/main/all/test-00000-of-00001.parquet",
+    "auxiliary_train": MMLU_BASE + "all/auxiliary_train-00000-of-00001.parquet",
+    "validation": MMLU_BASE + "all/validation-00000-of-00001.parquet",
+    "test": MMLU_BASE + "all/test-00000-of-00001.parquet",
 }
 LETTERS: tuple[str, ...] = ("A", "B", "C", "D")
 

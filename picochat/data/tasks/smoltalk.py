@@ -12,9 +12,11 @@ from pathlib import Path
 from .base import Conversation, Task
 from .files import read_records
 
+# Hub "resolve" URLs are plain HTTPS files (no hub client needed); point them at a mirror if you must.
+SMOLTALK_BASE = "https://huggingface.co/datasets/HuggingFaceTB/smol-smoltalk/resolve/main/"
 SMOLTALK_URLS: dict[str, str] = {
-    "train": "https://huggingface.co/datasets/HuggingFaceTB/smol-smoltalk/resolve/main/data/train-00000-of-00001.parquet",
-    "test": "https://huggingface.co/datasets/HuggingFaceTB/smol-smoltalk/resolve/main/data/test-00000-of-00001.parquet",
+    "train": SMOLTALK_BASE + "data/train-00000-of-00001.parquet",
+    "test": SMOLTALK_BASE + "data/test-00000-of-00001.parquet",
 }
 
 

@@ -83,9 +83,11 @@ def words_for(split: str) -> tuple[str, ...]:
 
 
 def _tool(expr: str) -> str:
-    from picochat.infer.tools import run_python_tool  # lazy: tasks are importable without infer
+    # lazy import: tasks stay importable without the engine. Inline (no worker thread) is safe for
+    # our own generated expressions and gives the very same text as run_python_tool.
+    from picochat.infer.tools import run_python_tool_inline
 
-    return run_python_tool(expr)
+    return run_python_tool_inline(expr)
 
 
 class SyntheticTask(Task):
@@ -153,7 +155,8 @@ class LetterCountTask(SyntheticTask):
             {"type": "text", "text": f"Let me count the letter '{letter}' in '{word}' with Python."},
             {"type": "python", "text": expr},
             {"type": "python_output", "text": out},
-            {"type": "text", "text": f"The letter '{letter}' appears {out} time{'' if out == '1' else 's'} in '{word}'."},
+            {"type": "text",
+             "text": f"The letter '{letter}' appears {out} time{'' if out == '1' else 's'} in '{word}'."},
         ]
         return _chat(rng.choice(self._ASK).format(c=letter, w=word), parts, out)
 
@@ -211,8 +214,18 @@ class IdentityTask(SyntheticTask):
     )
 
     def generate(self, rng: random.Random) -> Conversation:
-        questions = [q for q in self.QUESTIONS if split_of("identity:" + q) == self.split]
+        questions = _identity_questions(self.split)
         return _chat(rng.choice(questions), rng.choice(self.ANSWERS), "picochat")
+
+
+@functools.lru_cache(maxsize=None)
+def _identity_questions(split: str) -> tuple[str, ...]:
+    return tuple(q for q in IdentityTask.QUESTIONS if split_of("identity:" + q) == split)
+
+
+@functools.lru_cache(maxsize=None)
+def _facts_for(split: str) -> tuple:
+    return tuple(f for f in _facts() if split_of("fact:" + f[0]) == split)
 
 
 @functools.lru_cache(maxsize=None)
@@ -243,8 +256,7 @@ class FactsTask(SyntheticTask):
              "{ql}"]
 
     def generate(self, rng: random.Random) -> Conversation:
-        facts = [f for f in _facts() if split_of("fact:" + f[0]) == self.split]
-        key, question, sentence, value = rng.choice(facts)
+        key, question, sentence, value = rng.choice(_facts_for(self.split))
         user = rng.choice(self._WRAP).format(q=question, ql=question[:1].lower() + question[1:])
         return _chat(user, sentence, value)
 

@@ -41,6 +41,8 @@ def test_synthetic_deterministic_and_renders(name: str, tok: Tokenizer) -> None:
     for conv in convs + [cls("test", size=10, seed=3)[i] for i in range(10)]:
         ids, mask = tok.render_conversation(conv)
         assert ids[0] == tok.bos_id and sum(mask) > 0
+        prompt = tok.render_for_completion(a.prompt(conv))  # what evaluation feeds the model
+        assert prompt[-1] == tok.special("<|assistant_start|>") and ids[:len(prompt)] == prompt
         # the reference completion is judged correct by the task's own evaluator
         final = conv["messages"][-1]["content"]
         text = final if isinstance(final, str) else "".join(p["text"] for p in final if p["type"] == "text")

@@ -1,0 +1,385 @@
+"""The one training loop, shared by pretraining, midtraining and SFT.
+
+What differs between stages is only where batches come from (a `BatchSource`) and where weights
+start. The loop owns: device/DDP set-up, compile, the device batch size (fixed or found by
+autobatch), exact token weighting across micro-batches and ranks, the LR schedule, logging (progress
+bar, JSONL, TensorBoard when installed), validation bits-per-byte, samples, checkpoints and resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from ..common import (DistInfo, RunPaths, autocast, detect_device, gpu_name, init_distributed, log,
+                      seed_everything, synchronize)
+from ..config import ModelConfig, TrainConfig
+from . import checkpoint as ckpt
+from .optim import build_optimizers, lr_multiplier, set_lr
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+class BatchSource(Protocol):
+    """Yields micro-batches as dicts: inputs (B,T), targets (B,T; -1 = no loss), optional doc_ids."""
+
+    def __next__(self) -> dict: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+@dataclass
+class StepStats:
+    step: int
+    loss: float
+    lr_mult: float
+    tok_per_s: float
+    mfu: float | None
+    peak_mem_gib: float
+    loss_tokens: int
+    seconds: float
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def evaluate_bpb(model, batches: Iterator[dict], token_bytes: torch.Tensor, device: torch.device) -> float:
+    """Bits per byte: summed cross-entropy (nats) over the byte length of the predicted tokens.
+    Independent of the vocabulary, so runs with different tokenizers compare. Specials count 0 bytes
+    and are left out."""
+    total_nats = torch.zeros((), dtype=torch.float64, device=device)
+    total_bytes = torch.zeros((), dtype=torch.float64, device=device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            x, y = batch["inputs"].to(device), batch["targets"].to(device)
+            with autocast(device):
+                losses = model(x, y, loss_reduction="none").view(-1)
+            y = y.view(-1)
+            nbytes = token_bytes[y.clamp(min=0)] * (y >= 0)
+            keep = nbytes > 0
+            total_nats += (losses.double() * keep).sum()
+            total_bytes += nbytes.double().sum()
+    model.train(was_training)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for t in (total_nats, total_bytes):
+            torch.distributed.all_reduce(t)
+    return (total_nats / (math.log(2) * total_bytes.clamp(min=1))).item()
+
+
+@torch.no_grad()
+def greedy_sample(model, tokenizer, prompt: str, max_tokens: int, device: torch.device) -> str:
+    """A short greedy continuation without the engine (the loop must not depend on `infer`)."""
+    ids = tokenizer.encode(prompt, prepend_bos=True)
+    model.eval()
+    for _ in range(max_tokens):
+        x = torch.tensor([ids[-model.config.seq_len:]], device=device)
+        with autocast(device):
+            nxt = int(model(x)[0, -1].argmax())
+        if tokenizer.is_special(nxt):
+            break
+        ids.append(nxt)
+    model.train()
+    return tokenizer.decode(ids[1:])
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, tokenizer,
+                 make_batches: Callable[[int, DistInfo, torch.device], BatchSource],
+                 make_val_batches: Callable[[int, DistInfo, torch.device], Iterator[dict]] | None = None,
+                 init_from: Path | None = None, sample_prompts: tuple[str, ...] = (),
+                 on_step: Callable[[StepStats, "Trainer"], None] | None = None):
+        self.cfg, self.model_cfg, self.tokenizer = cfg, model_cfg, tokenizer
+        self.make_batches, self.make_val_batches = make_batches, make_val_batches
+        self.init_from, self.sample_prompts, self.on_step = init_from, sample_prompts, on_step
+        self.paths = RunPaths.for_run(cfg.run)
+        self.stage_dir = self.paths.stage(cfg.stage)
+
+    # -- set-up --------------------------------------------------------------------------------
+    def _setup(self):
+        from ..model.gpt import build_model
+
+        cfg = self.cfg
+        self.device = detect_device(cfg.device)
+        self.dist = init_distributed(self.device)
+        seed_everything(cfg.seed)
+        self.model = build_model(self.model_cfg, self.device, seed=cfg.seed)
+        if self.init_from is not None:
+            ckpt.load_weights(self.init_from, self.model)
+            log.info(f"initialised weights from {self.init_from}")
+        self.optimizers = build_optimizers(self.model, cfg.optim, self.device)
+        use_compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
+        wrapped = self.model
+        if self.dist.is_distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            wrapped = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.ddp = wrapped if self.dist.is_distributed else None
+        self.train_model = torch.compile(wrapped, dynamic=False) if use_compile else wrapped
+        self.compiled = use_compile
+
+    def _tokens_per_row(self) -> int:
+        return self.cfg.seq_len * self.dist.world_size
+
+    def _choose_device_batch(self) -> int:
+        cfg, T, W = self.cfg, self.cfg.seq_len, self.dist.world_size
+        if cfg.device_batch_size == "auto":
+            from .autobatch import find_device_batch_size
+
+            default = max(1, min(32, cfg.total_batch_tokens // (T * W)))
+            result = find_device_batch_size(
+                train_step=self._probe_step, model=self.model, optimizers=self.optimizers, seq_len=T,
+                total_batch_tokens=cfg.total_batch_tokens, world_size=W, device=self.device,
+                cache_key={"model": self.model_cfg.to_dict(), "seq_len": T, "compile": self.compiled,
+                           "dtype": str(torch.bfloat16 if self.device.type == "cuda" else torch.float32),
+                           "stage": cfg.stage},
+                default=default)
+            return result.device_batch_size
+        B = int(cfg.device_batch_size)
+        if cfg.total_batch_tokens % (B * T * W):
+            raise ValueError(f"total batch {cfg.total_batch_tokens} tokens is not a multiple of device batch "
+                             f"{B} × seq len {T} × world {W}; pick --device-batch-size so it divides exactly "
+                             f"(or use --device-batch-size auto)")
+        return B
+
+    def _probe_step(self, batch_size: int) -> None:
+        """One real micro-step + optimizer step on random tokens (autobatch measures its memory)."""
+        V, T = self.model_cfg.vocab_size, self.cfg.seq_len
+        x = torch.randint(0, V, (batch_size, T), device=self.device)
+        with autocast(self.device):
+            loss = self.train_model(x, x, loss_reduction="mean")
+        loss.backward()
+        for opt in self.optimizers:
+            opt.step()
+        self.model.zero_grad(set_to_none=True)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def train(self) -> dict:
+        self._setup()
+        cfg, dist, device = self.cfg, self.dist, self.device
+        B = self._choose_device_batch()
+        T = cfg.seq_len
+        grad_accum = cfg.total_batch_tokens // (B * T * dist.world_size)
+        num_steps = cfg.num_steps
+        if num_steps < 0:
+            num_steps = max(1, int(cfg.data_param_ratio * self.model.num_params()) // cfg.total_batch_tokens)
+        batches = self.make_batches(B, dist, device)
+        step, metrics_path = 0, self.paths.logs / f"train_{cfg.stage}.jsonl"
+        if cfg.resume:
+            step = self._resume(batches)
+        elif dist.is_main and metrics_path.exists():
+            metrics_path.unlink()  # a fresh run starts a fresh log
+        flops_tok = self.model.flops_per_token(T)
+        peak = peak_flops(device)
+        log.info(f"{cfg.stage}: {self.model.num_params() / 1e6:.2f}M params, depth {self.model_cfg.n_layer}, "
+                 f"width {self.model_cfg.n_embd}, device {gpu_name(device)} x{dist.world_size}, device batch {B}, "
+                 f"grad accum {grad_accum}, {cfg.total_batch_tokens} tokens/step, {num_steps} steps")
+        writer = self._tensorboard() if dist.is_main else None
+        bar = self._progress(num_steps, step)
+        last_val = None
+        result = {"steps": num_steps, "device_batch_size": B, "grad_accum": grad_accum}
+        try:
+            while step < num_steps:
+                if self.make_val_batches and cfg.eval_every > 0 and step % cfg.eval_every == 0:
+                    last_val = self._validate(step, writer)
+                stats = self._train_step(step, num_steps, batches, grad_accum, flops_tok, peak)
+                step += 1
+                self._log_step(stats, metrics_path, writer, bar, last_val)
+                if cfg.sample_every > 0 and step % cfg.sample_every == 0:
+                    self._samples(step)
+                if step == num_steps or (cfg.save_every > 0 and step % cfg.save_every == 0):
+                    self._save(step, batches, stats.loss, last_val)
+            if self.make_val_batches:
+                last_val = self._validate(step, writer)
+            result.update(final_loss=stats.loss if num_steps else None, val_bpb=last_val)
+        finally:
+            if bar is not None:
+                bar.close()
+            if writer is not None:
+                writer.close()
+            if hasattr(batches, "close"):
+                batches.close()
+        return result
+
+    def _train_step(self, step, num_steps, batches, grad_accum, flops_tok, peak) -> StepStats:
+        cfg, device, world = self.cfg, self.device, self.dist.world_size
+        t0 = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        lr_mult = set_lr(self.optimizers, lr_multiplier(step, num_steps, cfg.optim))
+        micro = [next(batches) for _ in range(grad_accum)]
+        # Exact token weighting: every loss-bearing token of the whole step (all micro-batches, all
+        # ranks) weighs the same, however unevenly they fall into micro-batches.
+        counts = torch.tensor([float(sum(int((m["targets"] >= 0).sum()) for m in micro))], device=device)
+        if self.dist.is_distributed:
+            torch.distributed.all_reduce(counts)
+        n_loss = max(1.0, counts.item())
+        loss_sum = torch.zeros((), device=device)
+        for i, m in enumerate(micro):
+            x, y = m["inputs"].to(device, non_blocking=True), m["targets"].to(device, non_blocking=True)
+            mask = self._attn_mask(m)
+            sync = self.ddp is None or i == len(micro) - 1
+            with (contextlib.nullcontext() if sync else self.ddp.no_sync()), autocast(device):
+                loss = self.train_model(x, y, attn_mask=mask, loss_reduction="sum")
+            (loss * (world / n_loss)).backward()
+            loss_sum += loss.detach().float()
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+        for opt in self.optimizers:
+            opt.step()
+        self.model.zero_grad(set_to_none=True)
+        if self.dist.is_distributed:
+            torch.distributed.all_reduce(loss_sum)
+        loss_value = loss_sum.item() / n_loss  # the one host sync per step
+        if not math.isfinite(loss_value):
+            last = ckpt.latest_checkpoint(self.stage_dir)
+            raise TrainingDiverged(f"loss became {loss_value} at step {step}; stopping. Last good checkpoint: "
+                                   f"{last or 'none'} (resume with --resume, perhaps with a lower learning rate)")
+        synchronize(device)
+        seconds = time.perf_counter() - t0
+        tokens = cfg.total_batch_tokens
+        tok_per_s = tokens / seconds
+        mfu = flops_tok * tok_per_s / (peak * world) if peak else None
+        mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+        return StepStats(step, loss_value, lr_mult, tok_per_s, mfu, mem, int(n_loss), seconds)
+
+    def _attn_mask(self, micro: dict):
+        doc_ids = micro.get("doc_ids")
+        if doc_ids is None:
+            return None
+        from ..model.attention import document_mask
+
+        return document_mask(doc_ids.to(self.device, non_blocking=True))
+
+    # -- logging -------------------------------------------------------------------------------
+    def _progress(self, total: int, initial: int):
+        if not self.dist.is_main:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, desc=self.cfg.stage, unit="step", dynamic_ncols=True)
+
+    def _tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log.info("tensorboard is not installed; metrics go to the JSONL log only")
+            return None
+        return SummaryWriter(log_dir=str(self.paths.logs / "tensorboard" / self.cfg.stage))
+
+    def _log_step(self, s: StepStats, metrics_path: Path, writer, bar, last_val) -> None:
+        if self.on_step:
+            self.on_step(s, self)
+        if not self.dist.is_main:
+            return
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(asdict(s)) + "\n")
+        if writer is not None:
+            writer.add_scalar("train/loss", s.loss, s.step)
+            writer.add_scalar("train/tok_per_s", s.tok_per_s, s.step)
+            writer.add_scalar("train/lr_mult", s.lr_mult, s.step)
+            if s.mfu is not None:
+                writer.add_scalar("train/mfu", s.mfu, s.step)
+        if bar is not None:
+            post = {"loss": f"{s.loss:.3f}", "tok/s": f"{s.tok_per_s:,.0f}"}
+            if s.mfu is not None:
+                post["mfu"] = f"{100 * s.mfu:.1f}%"
+            if s.peak_mem_gib:
+                post["mem"] = f"{s.peak_mem_gib:.1f}G"
+            if last_val is not None:
+                post["val_bpb"] = f"{last_val:.3f}"
+            bar.set_postfix(post, refresh=False)
+            bar.update(1)
+
+    def _validate(self, step: int, writer) -> float:
+        token_bytes = torch.tensor(self.tokenizer.token_byte_lengths, device=self.device)
+        bpb = evaluate_bpb(self.model, self.make_val_batches(self.cfg.seq_len, self.dist, self.device),
+                           token_bytes, self.device)
+        if writer is not None:
+            writer.add_scalar("val/bpb", bpb, step)
+        if self.dist.is_main:
+            log.info(f"step {step}: validation {bpb:.4f} bits/byte")
+            with open(self.paths.logs / f"val_{self.cfg.stage}.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "val_bpb": bpb}) + "\n")
+        return bpb
+
+    def _samples(self, step: int) -> None:
+        if not self.dist.is_main or not self.sample_prompts:
+            return
+        for prompt in self.sample_prompts:
+            log.info(f"sample @{step}: {greedy_sample(self.model, self.tokenizer, prompt, 24, self.device)!r}")
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _meta(self) -> dict:
+        return {"model": self.model_cfg.to_dict(), "stage": self.cfg.stage,
+                "train": {"seq_len": self.cfg.seq_len, "total_batch_tokens": self.cfg.total_batch_tokens,
+                          "seed": self.cfg.seed, "depth": self.cfg.depth},
+                "world_size": self.dist.world_size}
+
+    def _rng_state(self) -> dict:
+        state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _save(self, step: int, batches, loss: float, val_bpb) -> None:
+        local = {"loader": batches.state_dict(), "rng": self._rng_state()}
+        if self.dist.is_distributed:
+            gathered = [None] * self.dist.world_size
+            torch.distributed.all_gather_object(gathered, local)
+        else:
+            gathered = [local]
+        if self.dist.is_main:
+            meta = {**self._meta(), "loss": loss, "val_bpb": val_bpb}
+            path = ckpt.save_checkpoint(self.stage_dir, step, self.model, self.optimizers, meta,
+                                        {"step": step, "ranks": gathered})
+            log.debug(f"saved {path}")
+        if self.dist.is_distributed:
+            torch.distributed.barrier()
+
+    def _resume(self, batches) -> int:
+        path = ckpt.latest_checkpoint(self.stage_dir)
+        if path is None:
+            log.info(f"--resume: no checkpoint in {self.stage_dir}; starting from scratch")
+            return 0
+        meta = ckpt.read_meta(path)
+        expected = self._meta()
+        ckpt.check_compatible(meta, {"model": expected["model"], "train": expected["train"]}, path)
+        ckpt.load_weights(path, self.model)
+        state = ckpt.load_training_state(path, self.optimizers)
+        ranks = state.get("ranks", [])
+        if len(ranks) == self.dist.world_size:
+            mine = ranks[self.dist.rank]
+            batches.load_state_dict(mine["loader"])
+            torch.set_rng_state(mine["rng"]["torch"])
+            random.setstate(mine["rng"]["python"])
+            if "cuda" in mine["rng"] and self.device.type == "cuda":
+                torch.cuda.set_rng_state(mine["rng"]["cuda"], self.device)
+        else:
+            log.warning(f"checkpoint was written by {len(ranks)} rank(s), this run has {self.dist.world_size}: "
+                        "weights and optimizer resume exactly, the data order restarts from rank 0's position")
+            if ranks:
+                batches.load_state_dict(ranks[0]["loader"])
+        log.info(f"resumed from {path} at step {state['step']}")
+        return int(state["step"])

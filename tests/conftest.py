@@ -1,0 +1,44 @@
+"""Shared fixtures: an isolated PICOCHAT_HOME and a tiny trained tokenizer on the embedded corpus."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+@pytest.fixture(scope="session")
+def _tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    from picochat.config import DataConfig, TokenizerConfig
+
+    root = tmp_path_factory.mktemp("tok")
+    old = os.environ.get("PICOCHAT_HOME")
+    os.environ["PICOCHAT_HOME"] = str(root)
+    try:
+        from picochat.tokenizer_cli import train_tokenizer
+
+        train_tokenizer("tok", DataConfig(embedded_docs=2000), TokenizerConfig(vocab_size=512))
+    finally:
+        if old is None:
+            os.environ.pop("PICOCHAT_HOME")
+        else:
+            os.environ["PICOCHAT_HOME"] = old
+    return root / "runs" / "tok" / "tokenizer"
+
+
+@pytest.fixture
+def tiny_run(home, _tiny_tokenizer_dir) -> str:
+    """A run named 'tiny' whose tokenizer (512 tokens, embedded corpus) is already trained."""
+    shutil.copytree(_tiny_tokenizer_dir, home / "runs" / "tiny" / "tokenizer")
+    return "tiny"

@@ -1,0 +1,134 @@
+"""Training loop: exact resume after SIGKILL, corrupt/mismatched checkpoints, NaN stop, and
+2-process DDP on gloo through real torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from picochat.common import RunPaths
+from picochat.config import DataConfig, TrainConfig
+from picochat.train import checkpoint as ckpt
+
+WORKER = str(Path(__file__).parent / "workers" / "pretrain_worker.py")
+
+
+def _run_worker(*args: str, env_home: Path, check=True, launcher=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PICOCHAT_HOME": str(env_home), "OMP_NUM_THREADS": "1"}
+    cmd = (launcher or [sys.executable]) + [WORKER, *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def _losses(home: Path, run: str) -> dict[int, float]:
+    """Step -> loss from the run's JSONL log; a resumed step overwrites the crashed run's entry."""
+    out = {}
+    for line in (home / "runs" / run / "logs" / "train_base.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["step"]] = rec["loss"]
+    return out
+
+
+def _weights(home: Path, run: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = ckpt.latest_checkpoint(home / "runs" / run / "base")
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_exact_resume_after_sigkill(home, tiny_run):
+    import shutil
+
+    shutil.copytree(home / "runs" / "tiny", home / "runs" / "crash")
+    _run_worker("--run-name", "tiny", "--steps", "12", env_home=home)
+    killed = _run_worker("--run-name", "crash", "--steps", "12", "--kill-at-step", "10", env_home=home, check=False)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    stage = home / "runs" / "crash" / "base"
+    assert [p.name for p in ckpt.list_checkpoints(stage)] == ["step_000004", "step_000008"]
+    _run_worker("--run-name", "crash", "--steps", "12", "--resume", env_home=home)
+
+    clean, resumed = _losses(home, "tiny"), _losses(home, "crash")
+    assert sorted(resumed) == list(range(12))
+    for step in range(12):
+        assert resumed[step] == clean[step], f"step {step}: {resumed[step]} != {clean[step]}"
+    a, b = _weights(home, "tiny"), _weights(home, "crash")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_corrupt_checkpoint_and_config_mismatch(home, tiny_run):
+    from picochat.train.cli import pretrain
+
+    cfg = TrainConfig(run="tiny", depth=1, seq_len=32, device_batch_size=4, total_batch_tokens=256, num_steps=4,
+                      eval_every=0, sample_every=0, save_every=2, device="cpu")
+    pretrain(cfg, DataConfig(embedded_docs=2000))
+    stage = RunPaths.for_run("tiny").stage("base")
+    newest = ckpt.list_checkpoints(stage)[-1]
+    weights = newest / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match="model.safetensors is corrupt"):
+        ckpt.read_meta(newest)
+    assert ckpt.latest_checkpoint(stage).name == "step_000002"  # skips the broken one
+
+    cfg.resume, cfg.depth = True, 2
+    with pytest.raises(ckpt.CheckpointError, match=r"config mismatch in model\.n_layer"):
+        pretrain(cfg, DataConfig(embedded_docs=2000))
+
+
+def test_nan_loss_stops_with_message(home, tiny_run):
+    from picochat.train.cli import pretrain
+    from picochat.train.loop import TrainingDiverged
+
+    def poison(stats, trainer):  # weights blow up after step 3 (as a too-high LR would)
+        if stats.step == 3:
+            with torch.no_grad():
+                trainer.model.lm_head.weight.fill_(float("nan"))
+
+    cfg = TrainConfig(run="tiny", depth=1, seq_len=32, device_batch_size=4, total_batch_tokens=128, num_steps=10,
+                      eval_every=0, sample_every=0, save_every=2, device="cpu")
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 4.*Last good checkpoint: .*step_000004"):
+        pretrain(cfg, DataConfig(embedded_docs=2000), on_step=poison)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_gloo_processes_match_single(home, tiny_run, tmp_path):
+    import shutil
+
+    shutil.copytree(home / "runs" / "tiny", home / "runs" / "ddp")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                f"--master_addr=127.0.0.1", f"--master_port={_free_port()}"]
+    out = tmp_path / "ddp.json"
+    _run_worker("--run-name", "ddp", "--steps", "16", "--save-every", "0", "--out", str(out), env_home=home,
+                launcher=torchrun)
+    ranks = json.loads(out.read_text())
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert ranks[0]["checksum"] == ranks[1]["checksum"], "weights differ across ranks"
+    assert ranks[0]["result"]["grad_accum"] == 1
+
+    single = tmp_path / "single.json"
+    _run_worker("--run-name", "tiny", "--steps", "16", "--save-every", "0", "--out", str(single), env_home=home)
+    assert json.loads(single.read_text())[0]["result"]["grad_accum"] == 2
+    ddp_loss, one_loss = _losses(home, "ddp"), _losses(home, "tiny")
+    # Same global batch, different documents per micro-batch: curves agree within noise.
+    tail = range(10, 16)
+    mean_ddp = sum(ddp_loss[s] for s in tail) / len(tail)
+    mean_one = sum(one_loss[s] for s in tail) / len(tail)
+    assert abs(mean_ddp - mean_one) / mean_one < 0.1, (mean_ddp, mean_one)
+    assert ddp_loss[15] < ddp_loss[0] * 0.8

@@ -1,0 +1,66 @@
+"""Runs a tiny pretraining in its own process (alone or under torchrun) for the training tests.
+
+--kill-at-step N sends SIGKILL to itself when step N finishes: a real crash, mid-training.
+--out FILE writes, from rank 0, the per-rank weight checksums and first-batch documents as JSON."""
+
+import argparse
+import json
+import os
+import signal
+
+import torch
+
+from picochat.common import dist_info
+from picochat.config import DataConfig, TrainConfig
+from picochat.train.cli import pretrain
+
+p = argparse.ArgumentParser()
+p.add_argument("--run-name", dest="run", required=True)
+p.add_argument("--steps", type=int, default=12)
+p.add_argument("--device-batch-size", type=int, default=4)
+p.add_argument("--total-batch-tokens", type=int, default=256)
+p.add_argument("--save-every", type=int, default=4)
+p.add_argument("--kill-at-step", type=int, default=-1)
+p.add_argument("--resume", action="store_true")
+p.add_argument("--out")
+args = p.parse_args()
+
+torch.set_num_threads(1)
+cfg = TrainConfig(run=args.run, depth=1, seq_len=32, device_batch_size=args.device_batch_size,
+                  total_batch_tokens=args.total_batch_tokens, num_steps=args.steps, eval_every=0,
+                  sample_every=0, save_every=args.save_every, resume=args.resume, device="cpu")
+data = DataConfig(embedded_docs=2000)
+
+
+def on_step(stats, trainer):
+    if stats.step + 1 == args.kill_at_step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+seen = {}
+import picochat.train.loop as loop_mod  # noqa: E402
+
+original = loop_mod.Trainer._setup
+
+
+def setup_and_record(self):
+    original(self)
+    seen["trainer"] = self
+
+
+loop_mod.Trainer._setup = setup_and_record
+result = pretrain(cfg, data, on_step=on_step)
+trainer = seen["trainer"]
+checksum = float(sum(p.double().sum() * (i + 1) for i, p in enumerate(trainer.model.parameters())))
+info = dist_info()
+local = {"rank": info.rank, "checksum": checksum, "result": result}
+if info.world_size > 1:
+    gathered = [None] * info.world_size
+    torch.distributed.all_gather_object(gathered, local)
+else:
+    gathered = [local]
+if info.rank == 0 and args.out:
+    with open(args.out, "w") as f:
+        json.dump(gathered, f)
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()

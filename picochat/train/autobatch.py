@@ -1,0 +1,562 @@
+"""Device-batch-size finder: the largest exact batch that fits, found from measured memory.
+
+Owns `--device-batch-size auto`. The trainer hands over one real micro-step and gets back a device
+batch size and a gradient-accumulation count with ``device_batch × grad_accum × world × T == total``.
+
+Public API::
+
+    find_device_batch_size(
+        train_step,                 # (batch_size: int) -> None: one REAL micro-step on random tokens:
+                                    #   forward (compiled where training is) + backward + opt.step + zero_grad
+        *, model, optimizers,       # left exactly as found: weights, grads, optimizer state, RNG, train/eval
+        seq_len, total_batch_tokens, world_size=1, device="cuda",
+        cache_key=None,             # model config, dtype, compile mode...; world, GPU, torch are added here
+        default=None,               # CPU/MPS (no probe given): validated and returned without probing
+        probe=None,                 # MemoryProbe; None = CudaMemoryProbe(device) on CUDA
+        headroom_bytes=None,        # budget = total − headroom; None = max(min(1 GiB, total/8), 5% total)
+        max_batch_size=None, use_cache=True, cache_path=None, warmup_steps=1,
+    ) -> AutoBatchResult            # .device_batch_size (= .chosen), .grad_accum, .seconds, .compiles,
+                                    # .probes, .fit_a/.fit_b, .predicted_peak, .measured_peak, .cache_hit,
+                                    # .cache_key, .table(), .to_dict()
+    mark_bad(cache_key, batch_size=None, path=None)   # the trainer calls this after an OOM in training
+    candidate_batch_sizes(total_batch_tokens, seq_len, world_size) -> list[int]
+    is_oom_error(exc) -> bool
+
+How: candidates are the b with ``total % (b·T·W) == 0``. Probe the two smallest on the real step
+(one warm-up call so optimizer state and compiled graphs exist, then one measured call), fit
+``peak ≈ a + b·batch``, predict the largest candidate under ``total − headroom``, verify it on the real
+step, and step down on failure (refitting when the failed step still produced a measurement). That is
+2 probe shapes + 1 verify shape = 3 distinct shapes (one compile each under ``dynamic=False``) in the
+normal case; ``compiles`` reports the distinct shapes run. Every decision uses values all-reduced
+over ranks (fits: MIN, peak: MAX, total memory: MIN), so all ranks take the same path and agree.
+
+Memory is read through `MemoryProbe` so the very same code runs on CPU with a simulated budget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime as _dt
+import gc
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..common import atomic_write_bytes, gpu_name, log, picochat_home
+
+GiB = 1024**3
+
+
+class AutoBatchError(RuntimeError):
+    """No valid device batch size (not divisible, or even the smallest does not fit)."""
+
+
+class MemoryProbe(Protocol):
+    """Where peak memory comes from: CUDA allocator stats for real, a simulation in tests."""
+
+    def reset(self) -> None: ...  # start a new peak measurement
+    def peak_bytes(self) -> int: ...  # peak allocated bytes since reset()
+    def total_bytes(self) -> int: ...  # memory this process may use in all
+
+
+class CudaMemoryProbe:
+    """Peak allocated bytes from the caching allocator; the total respects the per-process fraction."""
+
+    def __init__(self, device: torch.device, memory_fraction: float | None = None):
+        self.device = torch.device(device)
+        self.memory_fraction = memory_fraction
+
+    def reset(self) -> None:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_bytes(self) -> int:
+        torch.cuda.synchronize(self.device)
+        return int(torch.cuda.max_memory_allocated(self.device))
+
+    def total_bytes(self) -> int:
+        frac = self.memory_fraction
+        if frac is None:  # set_per_process_memory_fraction stands in for a smaller GPU: honour it
+            getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+            frac = float(getter(self.device)) if getter is not None else 1.0
+        free, total = torch.cuda.mem_get_info(self.device)
+        # Other processes and the CUDA context hold memory the allocator can never get: what we can
+        # reach is what is free plus what our allocator already holds, capped by the fraction.
+        reachable = free + torch.cuda.memory_reserved(self.device)
+        return int(min(frac * total, reachable))
+
+    def capacity_bytes(self) -> int:
+        """The nominal size (fraction × GPU memory): stable across runs, so it keys the cache."""
+        frac = self.memory_fraction
+        if frac is None:
+            getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+            frac = float(getter(self.device)) if getter is not None else 1.0
+        return int(frac * torch.cuda.get_device_properties(self.device).total_memory)
+
+    def name(self) -> str:
+        return torch.cuda.get_device_name(self.device)
+
+
+@dataclass
+class ProbeRecord:
+    batch_size: int
+    peak_bytes: int | None  # None when it ran out of memory
+    fits: bool  # ran without OOM on every rank and peak ≤ budget
+    oom: bool
+    phase: str  # probe | verify | cache-verify
+
+
+@dataclass
+class AutoBatchResult:
+    device_batch_size: int
+    grad_accum: int
+    seconds: float = 0.0
+    compiles: int = 0  # distinct batch shapes run (each may compile once)
+    probes: list[ProbeRecord] = field(default_factory=list)
+    fit_a: float | None = None  # peak ≈ fit_a + fit_b · batch (bytes)
+    fit_b: float | None = None
+    total_bytes: int | None = None
+    budget_bytes: int | None = None
+    predicted_peak: int | None = None
+    measured_peak: int | None = None
+    cache_hit: bool = False
+    cache_key: str | None = None
+    candidates: list[int] = field(default_factory=list)
+    skipped: str | None = None  # reason when no probing was done (CPU/MPS)
+
+    @property
+    def chosen(self) -> int:
+        return self.device_batch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["chosen"] = self.device_batch_size
+        return d
+
+    def table(self) -> str:
+        def gib(x: float | None) -> str:
+            return "-" if x is None else f"{x / GiB:.2f} GiB"
+
+        rows = [("batch", "peak", "result", "phase")]
+        rows += [(str(p.batch_size), gib(p.peak_bytes), "ok" if p.fits else ("oom" if p.oom else "over budget"),
+                  p.phase) for p in self.probes]
+        w = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = ["autobatch probes:"] + ["  " + "  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in rows]
+        fit = "-" if self.fit_b is None else f"{gib(self.fit_a)} + {self.fit_b / 2**20:.1f} MiB × batch"
+        lines += [
+            f"  fit            {fit}",
+            f"  budget         {gib(self.budget_bytes)} of {gib(self.total_bytes)}",
+            f"  chosen         {self.device_batch_size} (grad accum {self.grad_accum})",
+            f"  peak           predicted {gib(self.predicted_peak)}, measured {gib(self.measured_peak)}",
+            f"  time           {self.seconds:.1f} s, {self.compiles} shapes",
+            f"  cache          {'hit' if self.cache_hit else 'miss'}" + (f" ({self.cache_key[:12]})" if self.cache_key else ""),
+        ]
+        if self.skipped:
+            lines.append(f"  skipped        {self.skipped}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# candidates and error classification
+
+
+def candidate_batch_sizes(total_batch_tokens: int, seq_len: int, world_size: int = 1) -> list[int]:
+    """Every b with total % (b·T·W) == 0, ascending; an error when there is none."""
+    if total_batch_tokens <= 0 or seq_len <= 0 or world_size <= 0:
+        raise AutoBatchError(f"total_batch_tokens={total_batch_tokens}, seq_len={seq_len}, "
+                             f"world_size={world_size} must all be positive")
+    per_row = seq_len * world_size
+    if total_batch_tokens % per_row:
+        raise AutoBatchError(
+            f"--total-batch-tokens {total_batch_tokens} is not divisible by seq_len × world_size = "
+            f"{seq_len} × {world_size} = {per_row}, so no device batch keeps the total exact; "
+            f"use a multiple of {per_row} (e.g. {max(1, total_batch_tokens // per_row) * per_row})")
+    rows = total_batch_tokens // per_row  # device_batch × grad_accum
+    return [b for b in range(1, rows + 1) if rows % b == 0]
+
+
+def is_oom_error(exc: BaseException) -> bool:
+    """Out-of-memory errors only; compiled code may wrap the original one as __cause__."""
+    seen = 0
+    e: BaseException | None = exc
+    while e is not None and seen < 8:
+        if isinstance(e, torch.OutOfMemoryError):
+            return True
+        if isinstance(e, RuntimeError):
+            msg = str(e)
+            # cuBLAS reports a failed workspace allocation under its own name; it is still an OOM.
+            if "out of memory" in msg.lower() or "CUBLAS_STATUS_ALLOC_FAILED" in msg:
+                return True
+        e = e.__cause__ or getattr(e, "inner_exception", None)
+        seen += 1
+    return False
+
+
+# ---------------------------------------------------------------------------------------------------
+# leaving no trace
+
+
+@dataclass
+class _Saved:
+    live: torch.Tensor  # the optimizer's own tensor, restored in place
+    value: torch.Tensor  # its CPU copy
+
+
+@dataclass
+class _Snapshot:
+    params: list[tuple[torch.Tensor, torch.Tensor]]  # (live tensor, CPU copy)
+    grads: list[tuple[nn.Parameter, torch.Tensor | None]]
+    opt_state: list[tuple[dict, dict]]  # per optimizer: (saved state by param, saved group hyperparams)
+    modes: list[tuple[nn.Module, bool]]
+    rng: dict[str, Any]
+
+
+def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", copy=True)
+
+
+def _snapshot(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -> _Snapshot:
+    params = [(t, _cpu_copy(t)) for t in list(model.parameters()) + list(model.buffers())]
+    grads = [(p, None if p.grad is None else _cpu_copy(p.grad)) for p in model.parameters()]
+    opt_state = []
+    for opt in optimizers:
+        # Keep the live state tensors (restored in place, so anything holding them still sees them)
+        # and CPU copies of their values; a fresh optimizer has no state and is restored to none.
+        state = {p: {k: _Saved(v, _cpu_copy(v)) if torch.is_tensor(v) else copy.deepcopy(v) for k, v in s.items()}
+                 for p, s in opt.state.items()}
+        groups = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in opt.param_groups]
+        opt_state.append((state, groups))
+    rng: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    with contextlib.suppress(ImportError):
+        import numpy as np
+
+        rng["numpy"] = np.random.get_state()
+    return _Snapshot(params, grads, opt_state, [(m, m.training) for m in model.modules()], rng)
+
+
+@torch.no_grad()
+def _restore(snap: _Snapshot, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+    for live, saved in snap.params:
+        live.copy_(saved)
+    for p, g in snap.grads:
+        p.grad = None if g is None else g.to(p.device)
+    for opt, (state, groups) in zip(optimizers, snap.opt_state):
+        restored = {}
+        for p, s in state.items():
+            restored[p] = {}
+            for k, v in s.items():
+                if isinstance(v, _Saved):
+                    v.live.copy_(v.value)
+                    restored[p][k] = v.live
+                else:
+                    restored[p][k] = copy.deepcopy(v)
+        opt.state.clear()  # drops state the probes created for params that had none
+        opt.state.update(restored)
+        for g, saved in zip(opt.param_groups, groups):
+            for k in [k for k in g if k != "params" and k not in saved]:
+                del g[k]
+            g.update(copy.deepcopy(saved))
+    for m, training in snap.modes:
+        m.training = training
+    random.setstate(snap.rng["python"])
+    torch.set_rng_state(snap.rng["torch"])
+    if "cuda" in snap.rng:
+        torch.cuda.set_rng_state_all(snap.rng["cuda"])
+    if "numpy" in snap.rng:
+        import numpy as np
+
+        np.random.set_state(snap.rng["numpy"])
+
+
+def _drop_grads(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+    for p in model.parameters():
+        p.grad = None
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------------
+# ranks
+
+
+def _max_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Elementwise MAX over ranks (MIN is MAX of negatives); identity when not distributed."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    dev = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor(values, dtype=torch.float64, device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+# ---------------------------------------------------------------------------------------------------
+# cache
+
+
+def default_cache_path() -> Path:
+    return picochat_home() / "autobatch_cache.json"
+
+
+def _load_cache(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data.get("entries"), dict) else {"version": 1, "entries": {}}
+    except (FileNotFoundError, ValueError, AttributeError):
+        return {"version": 1, "entries": {}}
+
+
+def _update_cache(path: Path, key: str, update: Callable[[dict[str, Any]], None]) -> None:
+    from filelock import FileLock  # read-modify-write under a lock: ranks on one host share the file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock", timeout=30):
+        data = _load_cache(path)
+        entry = data["entries"].setdefault(key, {})
+        update(entry)
+        atomic_write_bytes(path, json.dumps(data, indent=1, sort_keys=True).encode())
+
+
+def cache_key_hash(fields: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def mark_bad(key: str, batch_size: int | None = None, path: Path | None = None) -> None:
+    """Mark a cache entry bad (its size ran out of memory in training): it is no longer a hit, and
+    later searches under this key only consider sizes below every size marked bad."""
+    def upd(entry: dict[str, Any]) -> None:
+        b = batch_size if batch_size is not None else entry.get("device_batch_size")
+        entry["bad"] = True
+        if b is not None and b not in entry.setdefault("bad_sizes", []):
+            entry["bad_sizes"].append(int(b))
+
+    _update_cache(Path(path) if path else default_cache_path(), key, upd)
+    log.warning("autobatch: cache entry %s marked bad (batch %s)", key[:12], batch_size)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the finder
+
+
+def find_device_batch_size(
+    train_step: Callable[[int], None],
+    *,
+    model: nn.Module,
+    optimizers: Sequence[torch.optim.Optimizer],
+    seq_len: int,
+    total_batch_tokens: int,
+    world_size: int = 1,
+    device: torch.device | str = "cuda",
+    cache_key: Mapping[str, Any] | None = None,
+    default: int | None = None,
+    probe: MemoryProbe | None = None,
+    headroom_bytes: int | None = None,
+    max_batch_size: int | None = None,
+    use_cache: bool = True,
+    cache_path: Path | None = None,
+    warmup_steps: int = 1,
+) -> AutoBatchResult:
+    """The largest exact device batch whose real step fits; see the module docstring."""
+    t0 = time.perf_counter()
+    device = torch.device(device)
+    rows = total_batch_tokens // (seq_len * world_size) if seq_len * world_size else 0
+    candidates = candidate_batch_sizes(total_batch_tokens, seq_len, world_size)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() != world_size:
+        raise ValueError(f"world_size={world_size} but the process group has {dist.get_world_size()} ranks")
+    if max_batch_size is not None:
+        candidates = [b for b in candidates if b <= max_batch_size] or candidates[:1]
+
+    if probe is None and device.type != "cuda":
+        return _skip(device, default, candidates, rows, t0)
+    if probe is None:
+        probe = CudaMemoryProbe(device)
+
+    total = int(-_max_over_ranks([-float(probe.total_bytes())], device)[0])  # the smallest GPU decides
+    headroom_arg = headroom_bytes
+    if headroom_bytes is None:
+        headroom_bytes = int(max(min(GiB, total / 8), 0.05 * total))
+    budget = total - headroom_bytes
+    name_fn, cap_fn = getattr(probe, "name", None), getattr(probe, "capacity_bytes", None)
+    identity = {  # everything that changes the answer; free memory varies run to run, so not that
+        "user": dict(cache_key or {}), "seq_len": seq_len, "total_batch_tokens": total_batch_tokens,
+        "world_size": world_size, "gpu": name_fn() if callable(name_fn) else gpu_name(device),
+        "gpu_memory": int(cap_fn()) if callable(cap_fn) else total, "headroom": headroom_arg,
+        "max_batch_size": max_batch_size, "torch": torch.__version__,
+    }
+    key = cache_key_hash(identity)
+    path = Path(cache_path) if cache_path else default_cache_path()
+    entry = _load_cache(path)["entries"].get(key, {}) if use_cache else {}
+    # A size that ran out of memory in training rules out it and anything larger (on any rank).
+    min_bad = int(-_max_over_ranks([-float(min(entry.get("bad_sizes") or [2**52]))], device)[0])
+    if min_bad < 2**52:
+        candidates = [b for b in candidates if b < min_bad]
+        log.info("autobatch: cache marks batch %d bad for this setup; considering smaller sizes", min_bad)
+        if not candidates:
+            raise AutoBatchError(f"every candidate batch is marked bad in {path} (key {key[:12]}); "
+                                 f"delete that entry to search again")
+
+    res = AutoBatchResult(device_batch_size=0, grad_accum=0, total_bytes=total, budget_bytes=budget,
+                          cache_key=key if use_cache else None, candidates=list(candidates))
+    seen_shapes: set[int] = set()
+
+    def run(b: int, phase: str) -> ProbeRecord:
+        """Run the real step at b (warm-up, then measured) on every rank; agree on the outcome."""
+        seen_shapes.add(b)
+        peak, oom, err = 0, False, None
+        _drop_grads(model, optimizers)
+        try:
+            for _ in range(warmup_steps):  # optimizer state, compiled graph and autotuning exist after this
+                train_step(b)
+            _drop_grads(model, optimizers)
+            probe.reset()
+            train_step(b)
+            peak = probe.peak_bytes()
+        except Exception as e:  # noqa: BLE001 - classified right here; non-OOM re-raised below
+            if is_oom_error(e):
+                oom = True
+            else:
+                err = e
+            del e  # the traceback pins activations: drop it before freeing
+        if oom:
+            _drop_grads(model, optimizers)
+            _free_memory()
+        not_fit, errored, peak_all = _max_over_ranks([float(oom), float(err is not None), float(peak)], device)
+        if err is not None:
+            raise err
+        if errored:
+            raise RuntimeError("autobatch: another rank failed with a non-OOM error during the probe")
+        oom_all = bool(not_fit)
+        rec = ProbeRecord(b, None if oom_all else int(peak_all), not oom_all and peak_all <= budget, oom_all, phase)
+        res.probes.append(rec)
+        return rec
+
+    snap = _snapshot(model, optimizers)
+    try:
+        chosen = None
+        cached = entry.get("device_batch_size") if (entry and not entry.get("bad")) else None
+        miss, hi, neg_lo = _max_over_ranks([float(cached is None), float(cached or 0), -float(cached or 0)], device)
+        if not miss and hi == -neg_lo and int(hi) in candidates:  # every rank has the same usable entry
+            lo = hi
+            rec = run(int(lo), "cache-verify")
+            if rec.fits:
+                chosen, res.cache_hit = rec, True
+                res.predicted_peak = entry.get("measured_peak")
+            else:
+                log.warning("autobatch: cached batch %d failed verification; searching again", int(lo))
+                if use_cache:
+                    mark_bad(key, int(lo), path)
+                candidates = [b for b in candidates if b < int(lo)]
+                if not candidates:
+                    _too_big(rec, budget, total, model, seq_len)
+        if chosen is None:
+            chosen = _search(run, candidates, budget, res, model, seq_len, total)
+    finally:
+        _drop_grads(model, optimizers)
+        _restore(snap, optimizers)
+        _free_memory()
+        probe.reset()  # the trainer's own peak-memory report starts from here
+
+    b = int(-_max_over_ranks([-float(chosen.batch_size)], device)[0])  # identical by construction; be sure
+    res.device_batch_size, res.grad_accum = b, rows // b
+    res.measured_peak = chosen.peak_bytes
+    res.compiles = len(seen_shapes)
+    res.seconds = time.perf_counter() - t0
+    if use_cache and not res.cache_hit:
+        def upd(e: dict[str, Any]) -> None:
+            e.update(device_batch_size=b, bad=False, measured_peak=res.measured_peak, identity=identity,
+                     created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        _update_cache(path, key, upd)
+    log.info("%s", res.table())
+    return res
+
+
+def _search(run: Callable[[int, str], ProbeRecord], candidates: list[int], budget: int, res: AutoBatchResult,
+            model: nn.Module, seq_len: int, total: int) -> ProbeRecord:
+    """Two probes, a linear fit, one verify; step down (refitting on measurements) on failure."""
+    if not candidates:
+        raise AutoBatchError("no candidate batch size left to try")
+    first = run(candidates[0], "probe")
+    if not first.fits:
+        _too_big(first, budget, total, model, seq_len)
+    best, upper = first, math.inf  # best: largest size known to fit; upper: smallest known not to
+    measured = {first.batch_size: first.peak_bytes}
+    if len(candidates) > 1:
+        second = run(candidates[1], "probe")
+        if second.peak_bytes is not None:
+            measured[second.batch_size] = second.peak_bytes
+        if second.fits:
+            best = second
+        else:
+            upper = second.batch_size
+    b_pred, refit = math.inf, True
+    while True:
+        if refit and len(measured) >= 2:  # fit through the two largest measurements: linear near the target
+            (x0, y0), (x1, y1) = sorted(measured.items())[-2:]
+            slope = (y1 - y0) / (x1 - x0)
+            res.fit_b, res.fit_a = slope, y1 - slope * x1
+            b_pred = (budget - res.fit_a) / slope if slope > 0 else math.inf
+        refit = False
+        target = max((c for c in candidates if best.batch_size < c < upper and c <= b_pred), default=None)
+        if target is None:
+            if res.fit_b is not None:
+                res.predicted_peak = int(res.fit_a + res.fit_b * best.batch_size)
+            else:
+                res.predicted_peak = best.peak_bytes
+            return best
+        if res.fit_b is not None:
+            res.predicted_peak = int(res.fit_a + res.fit_b * target)
+        rec = run(target, "verify")
+        if rec.fits:
+            return rec
+        upper = target  # step down; a measured (over-budget) peak sharpens the next prediction
+        if rec.peak_bytes is not None:
+            measured[target], refit = rec.peak_bytes, True
+        elif b_pred == math.inf:  # no slope to go by (flat peaks): bisect the remaining candidates
+            inside = [c for c in candidates if best.batch_size < c < upper]
+            b_pred = inside[(len(inside) - 1) // 2] if inside else 0
+
+
+def _too_big(rec: ProbeRecord, budget: int, total: int, model: nn.Module, seq_len: int) -> None:
+    n_params = sum(p.numel() for p in model.parameters())
+    need = "ran out of memory" if rec.peak_bytes is None else f"needs {rec.peak_bytes / GiB:.2f} GiB at peak"
+    raise AutoBatchError(
+        f"device batch size {rec.batch_size} does not fit: one training step at batch {rec.batch_size} × "
+        f"seq_len {seq_len} with a {n_params / 1e6:.1f}M-parameter model {need}, but the budget is "
+        f"{budget / GiB:.2f} GiB ({total / GiB:.2f} GiB usable minus headroom). Levers: a shorter "
+        f"--seq-len, a smaller --depth, or a --total-batch-tokens that allows smaller steps; "
+        f"or free GPU memory held by other processes")
+
+
+def _skip(device: torch.device, default: int | None, candidates: list[int], rows: int, t0: float) -> AutoBatchResult:
+    """No memory probe on CPU/MPS: validate the configured default against the exact-total rule."""
+    if default is None:
+        raise AutoBatchError(f"automatic device batch size needs CUDA (device is {device.type}); "
+                             f"pass --device-batch-size N")
+    fitting = [b for b in candidates if b <= default]
+    if not fitting:
+        raise AutoBatchError(f"device batch size {default} is not positive")
+    chosen = fitting[-1]
+    reason = f"no memory probe on {device.type}: using the configured device batch size {default}"
+    if chosen != default:
+        reason += (f", which does not divide the total exactly; using {chosen} instead "
+                   f"(largest valid size ≤ {default}; valid: {candidates})")
+    (log.warning if chosen != default else log.info)("autobatch: %s", reason)
+    return AutoBatchResult(device_batch_size=chosen, grad_accum=rows // chosen, candidates=candidates,
+                           skipped=reason, seconds=time.perf_counter() - t0)

@@ -15,6 +15,7 @@ import sys
 COMMANDS: dict[str, str] = {
     "tokenizer": "picochat.tokenizer_cli",
     "data": "picochat.data.cli",
+    "chat": "picochat.infer.chat_cli",
     "pretrain": "picochat.train.cli",
     "demo": "picochat.demo",
 }

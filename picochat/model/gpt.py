@@ -133,10 +133,13 @@ class GPT(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, attn_mask=None,
-                kv_cache: KVCache | None = None, loss_reduction: str = "mean") -> torch.Tensor:
+                kv_cache: KVCache | None = None, loss_reduction: str = "mean",
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """idx: (B, T) token ids. With `targets` (B, T; -1 = ignore) returns the loss, else the
         float32 logits (B, T, V). `attn_mask` comes from `attention.document_mask`; with a
-        `kv_cache` the new tokens are appended at each row's position and the cache advances."""
+        `kv_cache` the new tokens are appended at each row's position and the cache advances.
+        `logits_at` (B,) long picks one position per row and returns only its logits (B, 1, V):
+        inference prefill needs just the last prompt token's, not a (B, T, V) fp32 tensor."""
         B, T = idx.shape
         positions = cache_mask = None
         if kv_cache is None:
@@ -153,6 +156,8 @@ class GPT(nn.Module):
         x = rms_norm(x)
         if kv_cache is not None:
             kv_cache.pos += T
+        if logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at][:, None]
         logits = self.lm_head(x).float()
         cap = self.config.logit_softcap
         if cap:

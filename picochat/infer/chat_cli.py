@@ -1,0 +1,206 @@
+"""`picochat chat`: talk to a trained model in the terminal.
+
+Interactive multi-turn chat with streaming, UTF-8-safe output, or a one-shot answer with `-p`.
+Loads the run's latest SFT checkpoint (else mid, else base, with a note). When a conversation
+outgrows the model's context, the oldest turns are dropped with a visible notice. Tool calls the
+model makes are shown inline as `[python: expr]` and `[= result]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import TextIO
+
+from ..cli import add_run_arg
+from ..config import SamplingConfig
+
+HELP = """commands:
+  /clear            forget the conversation
+  /temperature X    sampling temperature (0 = greedy)
+  /topk K           keep the K most likely tokens (0 = no filtering)
+  /help             this text
+  /quit             leave (Ctrl-D too)"""
+
+MIN_REPLY_TOKENS = 16  # below this a reply is not worth starting: report the overflow instead
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    defaults = SamplingConfig()
+    p = sub.add_parser("chat", help="chat with a trained model (interactive, or one answer with -p)")
+    add_run_arg(p)
+    p.add_argument("--stage", choices=["sft", "mid", "base"], default=None,
+                   help="checkpoint stage (default: the latest of sft, then mid, then base)")
+    p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
+    p.add_argument("--temperature", type=float, default=defaults.temperature)
+    p.add_argument("--top-k", type=int, default=defaults.top_k, help="0 = no filtering")
+    p.add_argument("--top-p", type=float, default=defaults.top_p)
+    p.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="most tokens per reply")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--mode", choices=["naive", "eager", "fast"], default=None,
+                   help="decode path (default: fast on CUDA, eager elsewhere)")
+    p.set_defaults(func=run)
+
+
+class ChatSession:
+    """One conversation: renders it, fits it into the context, streams the reply."""
+
+    def __init__(self, engine, tokenizer, sampling: SamplingConfig, out: TextIO | None = None,
+                 err: TextIO | None = None):
+        self.engine, self.tokenizer, self.sampling = engine, tokenizer, sampling
+        self._out, self._err = out, err  # None: whatever sys.stdout/stderr are at the time of writing
+        self.messages: list[dict] = []
+
+    @property
+    def out(self) -> TextIO:
+        return self._out or sys.stdout
+
+    @property
+    def err(self) -> TextIO:
+        return self._err or sys.stderr
+
+    def clear(self) -> None:
+        self.messages = []
+
+    def _fit(self) -> tuple[list[int], int]:
+        """Prompt ids and the reply budget; drops the oldest turns while the context is too small."""
+        from .engine import ContextOverflowError
+
+        max_tokens, limit = self.sampling.max_tokens, self.engine.max_context
+        while True:
+            ids = self.tokenizer.render_for_completion(self.messages)
+            if len(ids) + max_tokens <= limit:
+                return ids, max_tokens
+            if len(self.messages) > 1:
+                del self.messages[:2]  # one user turn and its answer
+                print(f"[context full ({len(ids)} + {max_tokens} > {limit} tokens): dropped the oldest turn]",
+                      file=self.err)
+                continue
+            room = limit - len(ids)
+            if room >= MIN_REPLY_TOKENS:
+                print(f"[long message: the reply is limited to {room} tokens]", file=self.err)
+                return ids, room
+            self.messages.clear()
+            raise ContextOverflowError(len(ids), max_tokens, limit)
+
+    def reply(self, text: str) -> str:
+        """Stream the assistant's answer to `text`; returns the answer's text."""
+        from .engine import StreamDecoder
+
+        tok = self.tokenizer
+        self.messages.append({"role": "user", "content": text})
+        ids, max_tokens = self._fit()
+        special = {tok.special(n): n for n in ("<|python_start|>", "<|python_end|>", "<|output_start|>",
+                                              "<|output_end|>")}
+        parts: list[dict] = []
+        current = {"type": "text", "ids": []}
+        decoder = StreamDecoder(tok)
+        n_tokens, reason = 0, None
+        s = self.sampling
+        start = time.perf_counter()
+        for step in self.engine.generate([ids], max_tokens=max_tokens, temperature=s.temperature, top_k=s.top_k,
+                                         top_p=s.top_p, seed=s.seed, stop_strings=s.stop or None):
+            t = step.tokens[0]
+            if t is None:
+                continue
+            n_tokens += 1
+            reason = step.reasons[0]
+            name = special.get(t)
+            if name in ("<|python_start|>", "<|output_start|>"):
+                self._write(decoder.flush())
+                parts.append(current)
+                current = {"type": "python" if name == "<|python_start|>" else "python_output", "ids": []}
+                self._write("[python: " if name == "<|python_start|>" else "[= ")
+            elif name in ("<|python_end|>", "<|output_end|>"):
+                self._write(decoder.flush() + "]")
+                parts.append(current)
+                current = {"type": "text", "ids": []}
+            elif not tok.is_special(t):
+                current["ids"].append(t)
+                self._write(decoder.feed(t))
+        self._write(decoder.flush() + "\n")
+        elapsed = time.perf_counter() - start
+        parts.append(current)
+        content = [{"type": p["type"], "text": tok.decode(p["ids"])} for p in parts if p["ids"] or p["type"] != "text"]
+        if not content:
+            content = [{"type": "text", "text": ""}]
+        answer = "".join(p["text"] for p in content if p["type"] == "text")
+        self.messages.append({"role": "assistant",
+                              "content": answer if all(p["type"] == "text" for p in content) else content})
+        note = ", cut at --max-tokens" if reason == "length" else ""
+        print(f"({n_tokens} tokens, {n_tokens / max(elapsed, 1e-9):.1f} tok/s{note})", file=self.err)
+        return answer
+
+    def _write(self, text: str) -> None:
+        if text:
+            self.out.write(text)
+            self.out.flush()
+
+    def command(self, line: str) -> bool:
+        """Handle a /command; returns False when the user wants to leave."""
+        name, _, arg = line.strip().partition(" ")
+        arg = arg.strip()
+        try:
+            if name in ("/quit", "/exit"):
+                return False
+            if name == "/clear":
+                self.clear()
+                print("[conversation cleared]", file=self.err)
+            elif name == "/temperature":
+                self.sampling.temperature = max(0.0, float(arg))
+                print(f"[temperature = {self.sampling.temperature:g}]", file=self.err)
+            elif name == "/topk":
+                k = int(arg)
+                self.sampling.top_k = k if k > 0 else None
+                print(f"[top-k = {k if k > 0 else 'off'}]", file=self.err)
+            elif name == "/help":
+                print(HELP, file=self.err)
+            else:
+                print(f"[unknown command {name}; /help lists them]", file=self.err)
+        except ValueError:
+            print(f"[{name} needs a number, e.g. {name} {'0.8' if name == '/temperature' else '50'}]", file=self.err)
+        return True
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..common import detect_device, log
+    from ..train.checkpoint import load_model
+    from .engine import ContextOverflowError, Engine
+
+    device = detect_device(args.device)
+    model, tokenizer, meta = load_model(args.run, args.stage, device)
+    stage = meta.get("stage", args.stage or "?")
+    if stage != "sft":
+        log.info(f"note: no SFT checkpoint used; this is the {stage} model, which was not trained to chat")
+    engine = Engine(model, tokenizer, mode=args.mode)
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
+                              max_tokens=args.max_tokens, seed=args.seed)
+    session = ChatSession(engine, tokenizer, sampling)
+    if args.prompt is not None:
+        session.reply(args.prompt)  # a ContextOverflowError reaches the CLI's error report (exit 1)
+        return 0
+    print(f"picochat chat · run {args.run} · {stage} step {meta.get('step', '?')} · {device.type} · "
+          f"{engine.mode} decode · /help for commands", file=sys.stderr)
+    while True:
+        try:
+            line = input("\nyou> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if not line.strip():
+            continue
+        if line.startswith("/"):
+            if not session.command(line):
+                return 0
+            continue
+        print("bot> ", end="", flush=True)
+        try:
+            session.reply(line)
+        except ContextOverflowError as e:
+            print(f"\n[{e}: shorten the message]", file=sys.stderr)
+        except KeyboardInterrupt:  # stop this reply, keep the chat; the unanswered turn is dropped
+            print("\n[interrupted]", file=sys.stderr)
+            if session.messages and session.messages[-1]["role"] == "user":
+                session.messages.pop()

@@ -66,6 +66,7 @@ def _dummy_model() -> nn.Module:
 def _find(sim: SimMemory, T: int, total: int, W: int = 1, **kw):
     kw.setdefault("use_cache", False)
     kw.setdefault("headroom_bytes", 0)
+    kw.setdefault("accum_reserve_bytes", 0)
     return find_device_batch_size(sim.step, model=kw.pop("model", _dummy_model()), optimizers=kw.pop("optimizers", []),
                                   seq_len=T, total_batch_tokens=total, world_size=W, device="cpu", probe=sim, **kw)
 
@@ -107,6 +108,19 @@ def test_headroom_respected_and_table():
     json.dumps(d)
     table = res.table()
     assert "chosen" in table and "grad accum 8" in table and "miss" in table
+
+
+def test_room_for_gradients_when_accumulating():
+    # Micro-steps after the first start with a full set of gradients, which one probe never sees.
+    sim = SimMemory(fixed=100, per_sample=10, total=500)  # 32 needs 420
+    assert _find(sim, 4, 4 * 64, accum_reserve_bytes=50).device_batch_size == 32
+    assert _find(sim, 4, 4 * 64, accum_reserve_bytes=150).device_batch_size == 16
+    assert _find(sim, 4, 4 * 32, accum_reserve_bytes=150).device_batch_size == 32  # no accumulation at 32
+    model = nn.Linear(10, 10, bias=False)  # default reserve: the model's gradient bytes
+    sim = SimMemory(fixed=100, per_sample=10, total=10_000)
+    res = find_device_batch_size(sim.step, model=model, optimizers=[], seq_len=4, total_batch_tokens=256,
+                                 device="cpu", probe=sim, use_cache=False, headroom_bytes=0)
+    assert res.accum_reserve_bytes == 400 and res.device_batch_size == 64
 
 
 def test_convex_memory_steps_down_to_a_fitting_size():
@@ -232,7 +246,7 @@ def test_first_step_identical_with_and_without_finder(warm_state):
             sim = SimMemory(fixed=1000, per_sample=100, total=1000 + 100 * 8 + 50)
             res = find_device_batch_size(_make_step(model, opts, sim), model=model, optimizers=opts,
                                          seq_len=16, total_batch_tokens=16 * 16, device="cpu", probe=sim,
-                                         use_cache=False, headroom_bytes=0)
+                                         use_cache=False, headroom_bytes=0, accum_reserve_bytes=0)
             assert res.device_batch_size == 8 and res.compiles == 3
             assert sim.batches  # the real step did run
             assert not model.training and not any(m.training for m in model.modules())

@@ -15,6 +15,7 @@ Public API::
         probe=None,                 # MemoryProbe; None = CudaMemoryProbe(device) on CUDA
         headroom_bytes=None,        # budget = total − headroom; None = max(min(1 GiB, total/8), 5% total)
         max_batch_size=None, use_cache=True, cache_path=None, warmup_steps=1,
+        accum_reserve_bytes=None,   # extra room when grad_accum > 1; None = the model's gradient bytes
     ) -> AutoBatchResult            # .device_batch_size (= .chosen), .grad_accum, .seconds, .compiles,
                                     # .probes, .fit_a/.fit_b, .predicted_peak, .measured_peak, .cache_hit,
                                     # .cache_key, .table(), .to_dict()
@@ -126,7 +127,8 @@ class AutoBatchResult:
     fit_a: float | None = None  # peak ≈ fit_a + fit_b · batch (bytes)
     fit_b: float | None = None
     total_bytes: int | None = None
-    budget_bytes: int | None = None
+    budget_bytes: int | None = None  # total − headroom
+    accum_reserve_bytes: int = 0  # further room kept when grad_accum > 1
     predicted_peak: int | None = None
     measured_peak: int | None = None
     cache_hit: bool = False
@@ -155,7 +157,8 @@ class AutoBatchResult:
         fit = "-" if self.fit_b is None else f"{gib(self.fit_a)} + {self.fit_b / 2**20:.1f} MiB × batch"
         lines += [
             f"  fit            {fit}",
-            f"  budget         {gib(self.budget_bytes)} of {gib(self.total_bytes)}",
+            f"  budget         {gib(self.budget_bytes)} of {gib(self.total_bytes)}"
+            + (f" (− {gib(self.accum_reserve_bytes)} for grads when accumulating)" if self.accum_reserve_bytes else ""),
             f"  chosen         {self.device_batch_size} (grad accum {self.grad_accum})",
             f"  peak           predicted {gib(self.predicted_peak)}, measured {gib(self.measured_peak)}",
             f"  time           {self.seconds:.1f} s, {self.compiles} shapes",
@@ -372,6 +375,7 @@ def find_device_batch_size(
     use_cache: bool = True,
     cache_path: Path | None = None,
     warmup_steps: int = 1,
+    accum_reserve_bytes: int | None = None,
 ) -> AutoBatchResult:
     """The largest exact device batch whose real step fits; see the module docstring."""
     t0 = time.perf_counter()
@@ -393,11 +397,19 @@ def find_device_batch_size(
     if headroom_bytes is None:
         headroom_bytes = int(max(min(GiB, total / 8), 0.05 * total))
     budget = total - headroom_bytes
+    if accum_reserve_bytes is None:
+        accum_reserve_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+    def limit(b: int) -> int:
+        # The probe is one micro-step; with accumulation, later micro-steps run their forward with a
+        # full set of gradients already allocated, which the probe never sees: keep room for them.
+        return budget - (accum_reserve_bytes if rows // b > 1 else 0)
     name_fn, cap_fn = getattr(probe, "name", None), getattr(probe, "capacity_bytes", None)
     identity = {  # everything that changes the answer; free memory varies run to run, so not that
         "user": dict(cache_key or {}), "seq_len": seq_len, "total_batch_tokens": total_batch_tokens,
         "world_size": world_size, "gpu": name_fn() if callable(name_fn) else gpu_name(device),
         "gpu_memory": int(cap_fn()) if callable(cap_fn) else total, "headroom": headroom_arg,
+        "accum_reserve": accum_reserve_bytes,
         "max_batch_size": max_batch_size, "torch": torch.__version__,
     }
     key = cache_key_hash(identity)
@@ -413,6 +425,7 @@ def find_device_batch_size(
                                  f"delete that entry to search again")
 
     res = AutoBatchResult(device_batch_size=0, grad_accum=0, total_bytes=total, budget_bytes=budget,
+                          accum_reserve_bytes=accum_reserve_bytes,
                           cache_key=key if use_cache else None, candidates=list(candidates))
     seen_shapes: set[int] = set()
 
@@ -443,7 +456,7 @@ def find_device_batch_size(
         if errored:
             raise RuntimeError("autobatch: another rank failed with a non-OOM error during the probe")
         oom_all = bool(not_fit)
-        rec = ProbeRecord(b, None if oom_all else int(peak_all), not oom_all and peak_all <= budget, oom_all, phase)
+        rec = ProbeRecord(b, None if oom_all else int(peak_all), not oom_all and peak_all <= limit(b), oom_all, phase)
         res.probes.append(rec)
         return rec
 
@@ -464,9 +477,9 @@ def find_device_batch_size(
                     mark_bad(key, int(lo), path)
                 candidates = [b for b in candidates if b < int(lo)]
                 if not candidates:
-                    _too_big(rec, budget, total, model, seq_len)
+                    _too_big(rec, limit(rec.batch_size), total, model, seq_len)
         if chosen is None:
-            chosen = _search(run, candidates, budget, res, model, seq_len, total)
+            chosen = _search(run, candidates, limit, res, model, seq_len, total)
     finally:
         _drop_grads(model, optimizers)
         _restore(snap, optimizers)
@@ -487,14 +500,14 @@ def find_device_batch_size(
     return res
 
 
-def _search(run: Callable[[int, str], ProbeRecord], candidates: list[int], budget: int, res: AutoBatchResult,
-            model: nn.Module, seq_len: int, total: int) -> ProbeRecord:
+def _search(run: Callable[[int, str], ProbeRecord], candidates: list[int], limit: Callable[[int], int],
+            res: AutoBatchResult, model: nn.Module, seq_len: int, total: int) -> ProbeRecord:
     """Two probes, a linear fit, one verify; step down (refitting on measurements) on failure."""
     if not candidates:
         raise AutoBatchError("no candidate batch size left to try")
     first = run(candidates[0], "probe")
     if not first.fits:
-        _too_big(first, budget, total, model, seq_len)
+        _too_big(first, limit(first.batch_size), total, model, seq_len)
     best, upper = first, math.inf  # best: largest size known to fit; upper: smallest known not to
     measured = {first.batch_size: first.peak_bytes}
     if len(candidates) > 1:
@@ -505,41 +518,51 @@ def _search(run: Callable[[int, str], ProbeRecord], candidates: list[int], budge
             best = second
         else:
             upper = second.batch_size
-    b_pred, refit = math.inf, True
+    cap = math.inf  # only used when there is no slope to go by
     while True:
-        if refit and len(measured) >= 2:  # fit through the two largest measurements: linear near the target
+        if len(measured) >= 2:  # fit through the two largest measurements: linear near the target
             (x0, y0), (x1, y1) = sorted(measured.items())[-2:]
             slope = (y1 - y0) / (x1 - x0)
             res.fit_b, res.fit_a = slope, y1 - slope * x1
-            b_pred = (budget - res.fit_a) / slope if slope > 0 else math.inf
-        refit = False
-        target = max((c for c in candidates if best.batch_size < c < upper and c <= b_pred), default=None)
-        if target is None:
-            if res.fit_b is not None:
-                res.predicted_peak = int(res.fit_a + res.fit_b * best.batch_size)
-            else:
-                res.predicted_peak = best.peak_bytes
+
+        def predicted(c: int) -> float | None:
+            return None if res.fit_b is None else res.fit_a + res.fit_b * c
+
+        ok = [c for c in candidates if best.batch_size < c < upper and c <= cap
+              and (predicted(c) is None or predicted(c) <= limit(c))]
+        if not ok:
+            p = predicted(best.batch_size)
+            res.predicted_peak = int(p) if p is not None else best.peak_bytes
             return best
-        if res.fit_b is not None:
-            res.predicted_peak = int(res.fit_a + res.fit_b * target)
+        target = ok[-1]
+        p = predicted(target)
+        res.predicted_peak = None if p is None else int(p)
         rec = run(target, "verify")
-        if rec.fits:
+        if rec.fits and cap == math.inf:
             return rec
-        upper = target  # step down; a measured (over-budget) peak sharpens the next prediction
-        if rec.peak_bytes is not None:
-            measured[target], refit = rec.peak_bytes, True
-        elif b_pred == math.inf:  # no slope to go by (flat peaks): bisect the remaining candidates
+        if rec.fits:  # bisecting: the answer lies between this size and the smallest failure
+            best = rec
+        else:
+            upper = target  # step down; a measured (over-budget) peak sharpens the next prediction
+            if rec.peak_bytes is not None:
+                measured[target] = rec.peak_bytes
+        if cap < math.inf or (rec.peak_bytes is None and (res.fit_b is None or res.fit_b <= 0)):
+            # Peaks that do not grow, yet an OOM: the fit cannot guide us, so bisect what is left.
             inside = [c for c in candidates if best.batch_size < c < upper]
-            b_pred = inside[(len(inside) - 1) // 2] if inside else 0
+            cap = inside[(len(inside) - 1) // 2] if inside else 0
+
+
+def _fmt(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if abs(n) >= 2**28 else f"{n / 2**20:.2f} MiB"
 
 
 def _too_big(rec: ProbeRecord, budget: int, total: int, model: nn.Module, seq_len: int) -> None:
     n_params = sum(p.numel() for p in model.parameters())
-    need = "ran out of memory" if rec.peak_bytes is None else f"needs {rec.peak_bytes / GiB:.2f} GiB at peak"
+    need = "ran out of memory" if rec.peak_bytes is None else f"needs {_fmt(rec.peak_bytes)} at peak"
     raise AutoBatchError(
         f"device batch size {rec.batch_size} does not fit: one training step at batch {rec.batch_size} × "
         f"seq_len {seq_len} with a {n_params / 1e6:.1f}M-parameter model {need}, but the budget is "
-        f"{budget / GiB:.2f} GiB ({total / GiB:.2f} GiB usable minus headroom). Levers: a shorter "
+        f"{_fmt(budget)} ({_fmt(total)} usable minus headroom). Levers: a shorter "
         f"--seq-len, a smaller --depth, or a --total-batch-tokens that allows smaller steps; "
         f"or free GPU memory held by other processes")
 

@@ -61,12 +61,13 @@ def make_handler(state: Served) -> type[BaseHTTPRequestHandler]:
             with state.lock:
                 queue = state.faults.get(self.path, [])
                 fault = queue.pop(0) if queue else ""
+            # Each response is logged before it is sent: the client may be done before we return.
             if data is None:
-                self.send_error(404)
-                return self._record(404, 0)
+                self._record(404, 0)
+                return self.send_error(404)
             if fault == "500":
-                self.send_error(500)
-                return self._record(500, 0)
+                self._record(500, 0)
+                return self.send_error(500)
             if fault == "corrupt-tail":  # same length, damaged footer
                 data = data[:-8] + b"\0" * 8
             if fault == "corrupt-middle":  # same length, damaged pages
@@ -77,10 +78,10 @@ def make_handler(state: Served) -> type[BaseHTTPRequestHandler]:
             if rng and fault != "ignore-range":
                 start = int(rng.removeprefix("bytes=").split("-")[0])
                 if start >= len(data):
+                    self._record(416, 0)
                     self.send_response(416)
                     self.send_header("Content-Range", f"bytes */{len(data)}")
-                    self.end_headers()
-                    return self._record(416, 0)
+                    return self.end_headers()
                 status = 206
             body = data[start:]
             self.send_response(status)

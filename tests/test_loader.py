@@ -274,3 +274,23 @@ def test_val_batches_fixed_and_finite(tok: Tokenizer) -> None:
     # val comes from the val split, not train
     train = next(PretrainLoader(src, tok, 2, 32))[0]
     assert not torch.equal(train, a[0][0])
+
+
+def test_real_embedded_source(tok: Tokenizer) -> None:
+    """The loader against picochat's own EmbeddedSource: sharding and exact resume."""
+    sources = pytest.importorskip("picochat.data.sources")
+    src = sources.EmbeddedSource(n_docs=600, chunk_docs=16)
+    args = dict(batch_size=2, seq_len=128, pool_docs=40)
+    firsts = []
+    for rank in range(2):
+        reference = take(PretrainLoader(src, tok, rank=rank, world_size=2, **args), 6)
+        first = PretrainLoader(src, tok, rank=rank, world_size=2, **args)
+        take(first, 3)
+        resumed = PretrainLoader(src, tok, rank=rank, world_size=2, **args)
+        resumed.load_state_dict(first.state_dict())
+        first.close()
+        for (xr, _), (x, _) in zip(reference[3:], take(resumed, 3)):
+            assert torch.equal(xr, x)
+        resumed.close()
+        firsts.append(reference[0][0])
+    assert not torch.equal(firsts[0], firsts[1])

@@ -66,6 +66,30 @@ class _Failure:
         self.exc = exc
 
 
+def _own_chunks(source: TextSource, split: str, start: int, epochs: int | None, rank: int,
+                world_size: int) -> Iterator[tuple[int, list[str]]]:
+    """This rank's chunks (index % world_size == rank) from `start` on.
+
+    With several ranks, jump straight to each owned chunk (`start` is cheap by the source protocol)
+    instead of reading and discarding the other ranks' text, which would cost world_size times the I/O."""
+    if world_size == 1:
+        yield from source.iter_chunks(split, start=start, epochs=epochs)
+        return
+    index = start + (rank - start) % world_size  # first owned index >= start
+    while True:
+        chunks = source.iter_chunks(split, start=index, epochs=epochs)
+        got = next(chunks, None)
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()  # release the source's generator (open files) now, not at garbage collection
+        if got is None:
+            return
+        if got[0] != index:
+            raise RuntimeError(f"{source.name}: asked for chunk {index}, got {got[0]}")
+        yield got
+        index += world_size
+
+
 class _Prefetcher:
     """Daemon thread: reads this rank's chunks from `start` on, tokenizes them, queues them.
 
@@ -92,11 +116,9 @@ class _Prefetcher:
     def _run(self) -> None:
         source, tokenizer, split, start, epochs, rank, world_size, num_threads = self._args
         try:
-            for index, docs in source.iter_chunks(split, start=start, epochs=epochs):
+            for index, docs in _own_chunks(source, split, start, epochs, rank, world_size):
                 if self._stop.is_set():
                     return
-                if index % world_size != rank:
-                    continue  # another rank's chunk: skipped before the (expensive) tokenization
                 ids = tokenizer.encode_batch(list(docs), num_threads=num_threads, prepend_bos=True)
                 arrays = [np.asarray(d, dtype=np.int32) for d in ids]
                 if not self._put((index, arrays)):

@@ -5,7 +5,7 @@ and the world's facts as data (`FACTS`, `fact_statement`, `fact_qa`) so that lat
 questions whose answers the pretraining text contains. Three kinds of documents:
 
 * children's stories: a named character, a place, a problem, a search with a friend, an ending;
-* fact pages: countries and capitals, animals (food, home, sound), colours of things, planets,
+* fact pages: countries and capitals, animals (food, home, sound), colours of things, planets, days,
   opposites, sometimes written as question/answer pairs;
 * arithmetic: "3 plus 4 is 7." statements and tiny word problems.
 
@@ -79,6 +79,15 @@ _OPPOSITES: list[tuple[str, str]] = [
 ]
 
 
+_DAYS: list[str] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+_MONTHS: list[tuple[str, str]] = [  # month, season (northern half of the world)
+    ("January", "winter"), ("February", "winter"), ("March", "spring"), ("April", "spring"),
+    ("May", "spring"), ("June", "summer"), ("July", "summer"), ("August", "summer"),
+    ("September", "autumn"), ("October", "autumn"), ("November", "autumn"), ("December", "winter"),
+]
+_MONTH_ORDINALS: list[str] = _ORDINALS + ["ninth", "tenth", "eleventh", "twelfth"]
+
+
 def _build_facts() -> list[Fact]:
     facts: list[Fact] = []
     for country, capital, continent, language in _COUNTRIES:
@@ -89,12 +98,15 @@ def _build_facts() -> list[Fact]:
     facts += [Fact(thing, "colour", colour) for thing, colour in _COLOURS]
     facts += [Fact(p, "planet_position", _ORDINALS[i]) for i, p in enumerate(_PLANETS)]
     facts += [Fact(a, "opposite", b) for a, b in _OPPOSITES] + [Fact(b, "opposite", a) for a, b in _OPPOSITES]
+    facts += [Fact(d, "next_day", _DAYS[(i + 1) % 7]) for i, d in enumerate(_DAYS)]
+    facts += [Fact(m, "month_position", _MONTH_ORDINALS[i]) for i, (m, _) in enumerate(_MONTHS)]
+    facts += [Fact(m, "season", season) for m, season in _MONTHS]
     return facts
 
 
 FACTS: list[Fact] = _build_facts()
 RELATIONS: tuple[str, ...] = ("capital", "continent", "language", "eats", "lives", "sound", "colour",
-                              "planet_position", "opposite")
+                              "planet_position", "opposite", "next_day", "month_position", "season")
 
 # Several phrasings per relation: a tiny model should learn the fact, not one fixed sentence.
 _STATEMENTS: dict[str, list[str]] = {
@@ -107,6 +119,9 @@ _STATEMENTS: dict[str, list[str]] = {
     "colour": ["{S} is {v}.", "The colour of {s} is {v}."],
     "planet_position": ["{s} is the {v} planet from the sun."],
     "opposite": ["The opposite of {s} is {v}.", "{S} is the opposite of {v}."],
+    "next_day": ["The day after {s} is {v}.", "{v} comes after {s}."],
+    "month_position": ["{s} is the {v} month of the year."],
+    "season": ["{s} is in {v}.", "In {s} it is {v}."],
 }
 _QUESTIONS: dict[str, str] = {
     "capital": "What is the capital of {s}?",
@@ -118,6 +133,9 @@ _QUESTIONS: dict[str, str] = {
     "colour": "What colour is {s}?",
     "planet_position": "Which planet from the sun is {s}?",
     "opposite": "What is the opposite of {s}?",
+    "next_day": "What day comes after {s}?",
+    "month_position": "Which month of the year is {s}?",
+    "season": "Which season is {s} in?",
 }
 
 
@@ -141,18 +159,24 @@ def fact_qa(fact: Fact, rng: random.Random | None = None) -> tuple[str, str]:
 # --------------------------------------------------------------------------------------------------
 # stories
 
-_BOYS = ["Tom", "Sam", "Ben", "Max", "Leo", "Jack", "Finn", "Omar", "Ravi", "Hugo", "Theo", "Kai"]
-_GIRLS = ["Lily", "Mia", "Anna", "Zoe", "Ella", "Rosa", "Nina", "Lucy", "Maya", "Ivy", "Sara", "Amy"]
-_KINDS = ["rabbit", "fox", "bear", "cat", "dog", "duck", "mouse", "owl", "frog", "girl", "boy",
+_BOYS = ["Tom", "Sam", "Ben", "Max", "Leo", "Jack", "Finn", "Omar", "Ravi", "Hugo", "Theo", "Kai",
+         "Noah", "Eli", "Adam", "Luca", "Felix", "Oscar", "Jonah", "Arlo"]
+_GIRLS = ["Lily", "Mia", "Anna", "Zoe", "Ella", "Rosa", "Nina", "Lucy", "Maya", "Ivy", "Sara", "Amy",
+          "Ruby", "Hana", "Olive", "Clara", "Leah", "Nora", "Aria", "Grace"]
+_KINDS = ["goat", "lamb", "pony", "penguin", "elephant", "tiger", "badger", "beaver", "giraffe",
+          "rabbit", "fox", "bear", "cat", "dog", "duck", "mouse", "owl", "frog", "girl", "boy",
           "squirrel", "hedgehog", "turtle", "little dragon", "puppy", "kitten", "bird"]
-_ADJS = ["little", "brave", "happy", "shy", "curious", "kind", "small", "young", "sleepy", "clever",
+_ADJS = ["tiny", "quiet", "silly", "hungry", "lucky", "proud", "polite", "little", "brave", "happy", "shy", "curious", "kind", "small", "young", "sleepy", "clever",
          "funny", "gentle", "busy", "cheerful"]
-_PLACES = ["the forest", "the park", "the garden", "the farm", "the beach", "the river", "the hill",
+_PLACES = ["the mountain", "the city", "the zoo", "the library", "the bakery", "the island",
+           "the castle", "the harbor", "the valley", "the forest", "the park", "the garden", "the farm", "the beach", "the river", "the hill",
            "the village", "the meadow", "the pond", "the old barn", "the school", "the market",
            "the big tree", "the lake"]
-_OBJECTS = ["ball", "kite", "red hat", "blue box", "toy boat", "shiny stone", "little key", "drum",
+_OBJECTS = ["umbrella", "teddy bear", "paper plane", "music box", "silver bell", "balloon",
+            "marble", "feather", "whistle", "ball", "kite", "red hat", "blue box", "toy boat", "shiny stone", "little key", "drum",
             "book", "yellow scarf", "kite string", "wooden spoon", "map", "lunch basket", "green cup"]
-_FOODS = ["apples", "cake", "bread", "soup", "cookies", "berries", "honey", "pie", "carrots", "cheese"]
+_FOODS = ["apples", "cake", "bread", "soup", "cookies", "berries", "honey", "pie", "carrots", "cheese",
+          "pancakes", "rice", "pears", "grapes", "sandwiches", "oranges", "muffins"]
 _TIMES = ["One sunny morning", "One day", "Once upon a time", "Long ago", "One rainy afternoon",
           "On a cold winter day", "One spring morning", "Early one morning", "One windy evening"]
 _FEELINGS_BAD = ["sad", "worried", "scared", "upset", "lonely"]
@@ -263,6 +287,58 @@ def _story(rng: random.Random, target_words: int) -> str:
     return "\n\n".join(parts)
 
 
+_SIGHTS = ["a tall waterfall", "a bright rainbow", "a little red boat", "a field of yellow flowers",
+           "an old stone bridge", "a big white ship", "a family of ducks", "a hot air balloon",
+           "a busy market", "a tiny snail", "the snowy mountains", "a shining lake", "a noisy train",
+           "a garden full of roses", "a friendly farmer", "a colourful butterfly", "a sleepy cat on a wall"]
+_TRIP = [
+    "On the way, they saw {sight}.", "{F} pointed at {sight} and laughed.", "They stopped to look at {sight}.",
+    "The road went up a steep hill, and {H} had to rest.", "They ate {food} under a shady tree.",
+    "A kind old man waved at them and said hello.", "The wind was cool and the sky was clear.",
+    "{H} took a picture of {sight}.", "They counted {count} birds in the sky.",
+    "Clouds came, and a little rain fell, but they did not mind.", "{F} told a funny story, and they both laughed.",
+    "They found a bench and sat down to rest.", "{H} bought {food} at a small shop.",
+    "They listened to the water and the singing birds.",
+]
+_TRIP_START = [
+    "{H} and {F} wanted to go to {dest}. They packed {food} and a bottle of water.",
+    "\"Let us go to {dest} today!\" said {F}. {H} was {good} and put on {his} shoes.",
+    "The weather was nice, so {H} and {F} walked to {dest}.",
+]
+_TRIP_END = [
+    "When the sun went down, they walked back home. {H} was tired but {good}.",
+    "In the evening, they came home and told everyone about {dest}. It was the best day of the year.",
+    "At home, {H}'s mother made {food} for dinner. That night, {H} dreamed about {dest}.",
+]
+
+
+def _trip_story(rng: random.Random, target_words: int) -> str:
+    hero_is_boy = rng.random() < 0.5
+    hero = rng.choice(_BOYS if hero_is_boy else _GIRLS)
+    friend = rng.choice([n for n in _BOYS + _GIRLS if n != hero])
+    he, his = ("he", "his") if hero_is_boy else ("she", "her")
+    words = {"H": hero, "F": friend, "he": he, "He": _cap(he), "his": his, "dest": rng.choice(_PLACES),
+             "kind": _kind(rng, hero_is_boy), "adj": rng.choice(_ADJS), "good": rng.choice(_FEELINGS_GOOD)}
+
+    def say(template: str) -> str:
+        return template.format(**words, sight=rng.choice(_SIGHTS), food=rng.choice(_FOODS),
+                               count=rng.choice(["two", "three", "five", "ten", "many"]))
+
+    parts = [f"{rng.choice(_TIMES)}, there was a {words['adj']} {words['kind']} named {hero}. "
+             + say(rng.choice(_TRIP_START))]
+    budget = target_words - len(parts[0].split()) - 20
+    middle: list[str] = []
+    for template in rng.sample(_TRIP, len(_TRIP)):
+        if budget <= 0:
+            break
+        middle.append(say(template))
+        budget -= len(middle[-1].split())
+    cut = len(middle) // 2 if len(middle) > 4 else len(middle)
+    parts += [" ".join(middle[:cut])] + ([" ".join(middle[cut:])] if middle[cut:] else [])
+    parts.append(say(rng.choice(_TRIP_END)))
+    return "\n\n".join(p for p in parts if p)
+
+
 # --------------------------------------------------------------------------------------------------
 # fact pages and arithmetic
 
@@ -272,8 +348,10 @@ _TOPICS: dict[str, tuple[str, ...]] = {
     "colours": ("colour",),
     "planets": ("planet_position",),
     "words": ("opposite",),
+    "calendar": ("next_day", "month_position", "season"),
 }
 _TOPIC_TITLES = {
+    "calendar": ["Days and months", "The calendar", "The days of the week and the months"],
     "countries": ["Countries of the world", "Facts about countries", "Capitals and countries"],
     "animals": ["Animals and what they eat", "Facts about animals", "Where animals live"],
     "colours": ["The colours of things", "Colours"],
@@ -284,6 +362,8 @@ _FACTS_BY_TOPIC: dict[str, list[Fact]] = {
     t: [f for f in FACTS if f.relation in rels] for t, rels in _TOPICS.items()
 }
 _EXTRA = {
+    "calendar": ["A week has seven days.", "A year has twelve months.", "There are four seasons.",
+                 "Saturday and Sunday are the weekend.", "It is cold in winter and hot in summer."],
     "planets": ["There are eight planets.", "Jupiter is the biggest planet.",
                 "Mercury is the closest planet to the sun.", "We live on Earth.", "Mars is called the red planet."],
     "animals": ["Some animals eat plants and some eat meat.", "Baby animals drink milk."],
@@ -364,10 +444,12 @@ def _arithmetic_page(rng: random.Random, target_words: int) -> str:
 
 
 def generate_document(rng: random.Random) -> str:
-    """One document drawn from `rng`: a story (55%), a fact page (30%) or arithmetic (15%)."""
+    """One document drawn from `rng`: a story (55%: 40% lost-and-found, 15% a day out), a fact page (30%) or arithmetic (15%)."""
     kind = rng.random()
-    if kind < 0.55:
+    if kind < 0.4:
         return _story(rng, rng.randint(60, 300))
+    if kind < 0.55:
+        return _trip_story(rng, rng.randint(40, 220))
     if kind < 0.85:
         return _fact_page(rng, rng.randint(30, 200))
     return _arithmetic_page(rng, rng.randint(30, 150))

@@ -31,6 +31,22 @@ step, and step down on failure (refitting when the failed step still produced a 
 normal case; ``compiles`` reports the distinct shapes run. Every decision uses values all-reduced
 over ranks (fits: MIN, peak: MAX, total memory: MIN), so all ranks take the same path and agree.
 
+Budget: ``total − headroom``, where total = min(fraction × GPU memory, free + already reserved), so
+``torch.cuda.set_per_process_memory_fraction`` is honoured. A candidate that needs gradient
+accumulation must also leave room for one full set of gradients (``accum_reserve_bytes``): later
+micro-steps run their forward with gradients already allocated, which a one-micro-step probe never sees.
+
+Contract for ``train_step`` (the caller's side):
+- the step training will run, at that batch: same compiled module, same call signature (kwargs such as
+  ``loss_reduction`` or ``attn_mask`` are guarded on, so a different call compiles a different graph);
+  with ``torch.compile(dynamic=False)`` each distinct batch is one compile, and the verified size is
+  exactly the graph training then reuses; dynamo's recompile limit (8) is far above what we run;
+- no collectives inside (wrap a DDP model's forward/backward in ``no_sync()``): if one rank ran out of
+  memory mid-step while the others sat in a gradient all-reduce, they would wait forever. The finder's
+  own all-reduces come after each probe, on every rank, OOM or not;
+- it may change weights, grads, optimizer state and RNG freely: all are restored afterwards (weights
+  and optimizer tensors in place from CPU copies; state a fresh optimizer lacked is dropped).
+
 Memory is read through `MemoryProbe` so the very same code runs on CPU with a simulated budget.
 """
 
@@ -147,14 +163,14 @@ class AutoBatchResult:
 
     def table(self) -> str:
         def gib(x: float | None) -> str:
-            return "-" if x is None else f"{x / GiB:.2f} GiB"
+            return "-" if x is None else _fmt(x)
 
         rows = [("batch", "peak", "result", "phase")]
         rows += [(str(p.batch_size), gib(p.peak_bytes), "ok" if p.fits else ("oom" if p.oom else "over budget"),
                   p.phase) for p in self.probes]
         w = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = ["autobatch probes:"] + ["  " + "  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in rows]
-        fit = "-" if self.fit_b is None else f"{gib(self.fit_a)} + {self.fit_b / 2**20:.1f} MiB × batch"
+        fit = "-" if self.fit_b is None else f"{gib(self.fit_a)} + {gib(self.fit_b)} × batch"
         lines += [
             f"  fit            {fit}",
             f"  budget         {gib(self.budget_bytes)} of {gib(self.total_bytes)}"
@@ -460,6 +476,12 @@ def find_device_batch_size(
         res.probes.append(rec)
         return rec
 
+    def leave_no_trace() -> None:
+        _drop_grads(model, optimizers)
+        _restore(snap, optimizers)
+        _free_memory()
+        probe.reset()  # the trainer's own peak-memory report starts from here
+
     snap = _snapshot(model, optimizers)
     try:
         chosen = None
@@ -480,11 +502,12 @@ def find_device_batch_size(
                     _too_big(rec, limit(rec.batch_size), total, model, seq_len)
         if chosen is None:
             chosen = _search(run, candidates, limit, res, model, seq_len, total)
-    finally:
-        _drop_grads(model, optimizers)
-        _restore(snap, optimizers)
-        _free_memory()
-        probe.reset()  # the trainer's own peak-memory report starts from here
+    except BaseException:
+        # Restore what we can, but never let a second failure (a sticky CUDA error) hide the first.
+        with contextlib.suppress(Exception):
+            leave_no_trace()
+        raise
+    leave_no_trace()
 
     b = int(-_max_over_ranks([-float(chosen.batch_size)], device)[0])  # identical by construction; be sure
     res.device_batch_size, res.grad_accum = b, rows // b

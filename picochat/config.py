@@ -118,7 +118,7 @@ class TrainConfig:
     eval_every: int = 250
     eval_tokens: int = 2**20
     sample_every: int = 1000
-    save_every: int = 1000
+    save_every: int = 1000  # 0: only at the end; -1: never (benchmarks)
     log_every: int = 1
     compile: bool | None = None  # None: on for CUDA
     device: str = "auto"

@@ -163,12 +163,17 @@ class Trainer:
         return B
 
     def _probe_step(self, batch_size: int) -> None:
-        """One real micro-step + optimizer step on random tokens (autobatch measures its memory)."""
+        """One real micro-step + optimizer step on random tokens (autobatch measures its memory).
+        Called exactly as training calls the model, so the compiled graph is the same one."""
         V, T = self.model_cfg.vocab_size, self.cfg.seq_len
         x = torch.randint(0, V, (batch_size, T), device=self.device)
-        with autocast(self.device):
-            loss = self.train_model(x, x, loss_reduction="mean")
-        loss.backward()
+        micro = {"inputs": x, "targets": x}
+        if self.cfg.stage != "base":  # chat stages train with document masks: probe with one too
+            micro["doc_ids"] = (torch.arange(T, device=self.device) // 256).expand(batch_size, T)
+        # no_sync: a rank that runs out of memory mid-backward must not leave the others in a collective
+        with (self.ddp.no_sync() if self.ddp is not None else contextlib.nullcontext()), autocast(self.device):
+            loss = self.train_model(x, x, attn_mask=self._attn_mask(micro), loss_reduction="sum")
+        (loss / x.numel()).backward()
         for opt in self.optimizers:
             opt.step()
         self.model.zero_grad(set_to_none=True)
@@ -207,7 +212,7 @@ class Trainer:
                 self._log_step(stats, metrics_path, writer, bar, last_val)
                 if cfg.sample_every > 0 and step % cfg.sample_every == 0:
                     self._samples(step)
-                if step == num_steps or (cfg.save_every > 0 and step % cfg.save_every == 0):
+                if cfg.save_every >= 0 and (step == num_steps or (cfg.save_every > 0 and step % cfg.save_every == 0)):
                     self._save(step, batches, stats.loss, last_val)
             if self.make_val_batches:
                 last_val = self._validate(step, writer)

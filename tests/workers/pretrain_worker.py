@@ -51,8 +51,29 @@ def setup_and_record(self):
 loop_mod.Trainer._setup = setup_and_record
 result = pretrain(cfg, data, on_step=on_step)
 trainer = seen["trainer"]
-checksum = float(sum(p.double().sum() * (i + 1) for i, p in enumerate(trainer.model.parameters())))
 info = dist_info()
+
+
+class FixedBatches:
+    """One fixed global batch of 8 rows: rank r of W gets rows r*8/W..; one process takes them all in order."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(123)
+        rows = torch.randint(0, trainer.model_cfg.vocab_size, (8, 33), generator=g)
+        rows[5:, 20:] = -1  # uneven loss-token counts across micro-batches and ranks
+        share = 8 // info.world_size
+        self.rows = rows[info.rank * share:(info.rank + 1) * share].split(4)
+        self.i = 0
+
+    def __next__(self):
+        r = self.rows[self.i]
+        self.i += 1
+        return {"inputs": r[:, :-1].clamp(min=0), "targets": r[:, 1:]}
+
+
+# One more optimizer step on the same global batch: must give the same weights at any world size.
+trainer._train_step(0, 10, FixedBatches(), 2 // info.world_size, 0.0, None)
+checksum = float(sum(p.double().sum() * (i + 1) for i, p in enumerate(trainer.model.parameters())))
 local = {"rank": info.rank, "checksum": checksum, "result": result}
 if info.world_size > 1:
     gathered = [None] * info.world_size

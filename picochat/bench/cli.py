@@ -1,0 +1,24 @@
+"""`picochat bench <what>`: benchmarks with baseline modes, a human table and a JSON last line."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+# subcommand providers: module -> function adding its parser(s) to the bench group
+PROVIDERS = (
+    ("picochat.bench.train", "add_train_parser"),
+    ("picochat.bench.decode", "add_decode_parser"),
+    ("picochat.bench.sft", "add_sft_parser"),
+    ("picochat.bench.autobatch", "add_autobatch_parser"),
+)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="measure training, SFT, autobatch and decode speed")
+    bsub = p.add_subparsers(dest="bench", metavar="<benchmark>", required=True)
+    for module, func in PROVIDERS:
+        try:
+            getattr(importlib.import_module(module), func)(bsub)
+        except (ImportError, AttributeError):  # a benchmark that is not built yet is simply absent
+            continue

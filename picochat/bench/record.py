@@ -1,0 +1,43 @@
+"""What every benchmark record carries (GPU, torch, date, commit, command), appending records to
+docs/benchmarks/results.jsonl, and the JSON last line every benchmark prints."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def base_record(bench: str, device: torch.device, depth: int | None = None) -> dict:
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return {"bench": bench, "gpu": gpu, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+            "commit": git_commit(), "depth": depth, "command": "picochat " + " ".join(sys.argv[1:])}
+
+
+def append_records(path: str | Path | None, records: list[dict]) -> None:
+    if not path:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")
+
+
+def print_json_last(obj) -> None:
+    """The machine-readable result: always the last line on stdout."""
+    sys.stdout.flush()
+    print(json.dumps(obj), flush=True)

@@ -1,0 +1,110 @@
+"""`picochat bench train`: pretraining throughput on random tokens, through the real training loop
+(same model, optimizers, compile and step code as `picochat pretrain`)."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from .record import append_records, base_record, print_json_last
+
+
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="pretraining tok/s, MFU and peak memory on random tokens")
+    p.add_argument("--depth", type=int, default=12)
+    p.add_argument("--device-batch-size", default="32", help="comma list of sizes, or 'auto'")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--vocab-size", type=int, default=32768)
+    p.add_argument("--steps", type=int, default=30, help="measured steps (after warm-up)")
+    p.add_argument("--warmup", type=int, default=8, help="steps left out of the figures (compile, autotune)")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--profile", action="store_true",
+                   help="after measuring, profile 3 steps and print the top CUDA kernels (where time goes)")
+    p.add_argument("--append", help="append JSON records to this file (e.g. docs/benchmarks/results.jsonl)")
+    p.set_defaults(func=cmd_train_bench)
+
+
+class RandomTokens:
+    """Uniform random tokens made on the device: measures the model, not the loader."""
+
+    def __init__(self, batch_size: int, seq_len: int, vocab_size: int, device: torch.device):
+        self.shape, self.vocab, self.device = (batch_size, seq_len + 1), vocab_size, device
+        self.gen = torch.Generator(device=device).manual_seed(0)
+
+    def __next__(self) -> dict:
+        row = torch.randint(0, self.vocab, self.shape, device=self.device, generator=self.gen)
+        return {"inputs": row[:, :-1], "targets": row[:, 1:]}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def measure_train(depth: int, device_batch_size: int | str, seq_len: int, vocab_size: int, steps: int,
+                  warmup: int, grad_accum: int = 1, compile: bool | None = None, device: str = "auto",
+                  profile: bool = False) -> dict:
+    from ..common import detect_device
+    from ..config import ModelConfig, TrainConfig
+    from ..train.loop import Trainer
+
+    dev = detect_device(device)
+    model_cfg = ModelConfig.from_depth(depth, vocab_size=vocab_size, seq_len=seq_len)
+    dbs = device_batch_size if device_batch_size == "auto" else int(device_batch_size)
+    total = (dbs if isinstance(dbs, int) else 32) * seq_len * grad_accum
+    cfg = TrainConfig(run="bench", depth=depth, seq_len=seq_len, device_batch_size=dbs, total_batch_tokens=total,
+                      num_steps=warmup + steps, eval_every=0, sample_every=0, save_every=-1, compile=compile,
+                      device=device)
+    stats = []
+    trainer = Trainer(cfg, model_cfg, None, lambda B, dist, d: RandomTokens(B, seq_len, vocab_size, d),
+                      on_step=lambda s, t: stats.append(s))
+    result = trainer.train()
+    timed = stats[warmup:]
+    tok_s = statistics.median(s.tok_per_s for s in timed)
+    mfus = [s.mfu for s in timed if s.mfu is not None]
+    rec = base_record("train", dev, depth)
+    rec.update(device_batch_size=result["device_batch_size"], grad_accum=result["grad_accum"], seq_len=seq_len,
+               vocab_size=vocab_size, tok_per_s=round(tok_s), mfu=round(statistics.median(mfus), 4) if mfus else None,
+               peak_mem_gib=round(max(s.peak_mem_gib for s in timed), 2), steps=steps,
+               compile=trainer.compiled, params=trainer.model.num_params(),
+               dtype="bf16" if dev.type == "cuda" else "fp32")
+    if profile:
+        print_profile(trainer, cfg.num_steps)
+    del trainer
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return rec
+
+
+def print_profile(trainer, num_steps: int, steps: int = 3) -> None:
+    """Top kernels by device time over a few more real steps of the same trainer."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batches = RandomTokens(trainer.cfg.device_batch_size if isinstance(trainer.cfg.device_batch_size, int) else 32,
+                           trainer.cfg.seq_len, trainer.model_cfg.vocab_size, trainer.device)
+    grad_accum = trainer.cfg.total_batch_tokens // (batches.shape[0] * trainer.cfg.seq_len)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for i in range(steps):
+            trainer._train_step(num_steps - 1, num_steps, batches, grad_accum, 0.0, None)
+    key = "self_cuda_time_total" if trainer.device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=70))
+
+
+def cmd_train_bench(args: argparse.Namespace) -> int:
+    sizes = [s.strip() for s in str(args.device_batch_size).split(",")]
+    records = [measure_train(args.depth, s, args.seq_len, args.vocab_size, args.steps, args.warmup, args.grad_accum,
+                             args.compile, args.device, args.profile) for s in sizes]
+    print(f"\n{'gpu':<28}{'depth':>6}{'batch':>7}{'seq':>6}{'tok/s':>12}{'MFU':>8}{'peak GiB':>10}")
+    for r in records:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        print(f"{r['gpu'][:27]:<28}{r['depth']:>6}{r['device_batch_size']:>7}{r['seq_len']:>6}"
+              f"{r['tok_per_s']:>12,}{mfu:>8}{r['peak_mem_gib']:>10}")
+    append_records(args.append, records)
+    print_json_last(records if len(records) > 1 else records[0])
+    return 0

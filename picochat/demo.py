@@ -1,0 +1,125 @@
+"""`picochat demo`: the whole pipeline on the embedded offline corpus, in minutes on a CPU.
+
+tokenizer → sample batches → pretraining (loss curve, samples) → midtraining + SFT on the synthetic
+chat tasks → accuracy against a trivial baseline → a few chat answers. Every stage is the real one
+(the same commands a user runs), only with tiny sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from .cli import add_run_arg
+
+DEMO_TOKENIZER_VOCAB = 4096
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="run the whole pipeline on the embedded corpus (CPU, minutes)")
+    add_run_arg(p)
+    p.set_defaults(run="demo")
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--pretrain-steps", type=int, default=400)
+    p.add_argument("--sft-steps", type=int, default=150)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quick", action="store_true", help="a much smaller run (seconds), for smoke tests")
+    p.set_defaults(func=cmd_demo)
+
+
+def _banner(text: str) -> None:
+    print(f"\n{'━' * 78}\n  {text}\n{'━' * 78}", flush=True)
+
+
+def sparkline(values: list[float], width: int = 60) -> str:
+    """The loss curve as one line of block characters (high loss = tall block)."""
+    if not values:
+        return ""
+    step = max(1, len(values) // width)
+    points = [sum(values[i:i + step]) / len(values[i:i + step]) for i in range(0, len(values), step)]
+    lo, hi = min(points), max(points)
+    blocks = "▁▂▃▄▅▆▇█"
+    return "".join(blocks[min(7, int((p - lo) / max(hi - lo, 1e-9) * 7.999))] for p in points)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .common import RunPaths
+    from .config import DataConfig, TokenizerConfig, TrainConfig
+    from .tokenizer_cli import train_tokenizer
+
+    t_start = time.time()
+    run, paths = args.run, RunPaths.for_run(args.run)
+    if args.quick:
+        args.depth, args.seq_len, args.pretrain_steps, args.sft_steps = 2, 128, 30, 10
+    data = DataConfig()
+
+    _banner("1/5  tokenizer: byte-level BPE on the embedded corpus")
+    stats = train_tokenizer(run, data, TokenizerConfig(vocab_size=DEMO_TOKENIZER_VOCAB))
+    print(f"learned {stats['vocab_size']} tokens from {stats['chars'] / 1e6:.1f}M characters "
+          f"in {stats['seconds']:.1f}s ({stats['mb_per_s']} MB/s)")
+    _show_batches(run, data, args.seq_len)
+
+    _banner(f"2/5  pretraining a depth-{args.depth} GPT")
+    from .train.cli import pretrain
+
+    batch = 16
+    cfg = TrainConfig(run=run, stage="base", depth=args.depth, seq_len=args.seq_len, device_batch_size=batch,
+                      total_batch_tokens=batch * args.seq_len, num_steps=args.pretrain_steps,
+                      eval_every=max(1, args.pretrain_steps // 4), eval_tokens=64 * args.seq_len,
+                      sample_every=0, save_every=0, device=args.device, compile=False)
+    pretrain(cfg, data)
+    losses = [json.loads(line)["loss"] for line in (paths.logs / "train_base.jsonl").read_text().splitlines()]
+    print(f"loss {losses[0]:.2f} → {losses[-1]:.2f}   {sparkline(losses)}")
+    _show_samples(run, "base")
+
+    try:
+        from .train.sft import run_chat_stage
+    except ImportError:
+        run_chat_stage = None
+    if run_chat_stage is not None:
+        _banner("3/5  midtraining + SFT on the synthetic chat tasks")
+        for stage, steps in (("mid", args.sft_steps // 2), ("sft", args.sft_steps)):
+            run_chat_stage(run=run, stage=stage, num_steps=steps, seq_len=args.seq_len, device=args.device)
+
+        _banner("4/5  evaluation on held-out synthetic questions")
+        from .eval.chat_eval import evaluate_demo
+
+        evaluate_demo(run, device=args.device, quick=args.quick)
+
+    _banner("5/5  chatting with the model")
+    from .infer.chat_cli import one_shot
+
+    for question in ("Who are you?", "What is 12 plus 35?", "How do you spell the word apple?"):
+        print(f"\n> {question}")
+        one_shot(run, question, stage=None, max_tokens=48, temperature=0.0, device=args.device)
+    print(f"\ndemo finished in {time.time() - t_start:.0f}s. Talk to it: picochat chat --run {run}")
+    return 0
+
+
+def _show_batches(run: str, data, seq_len: int) -> None:
+    from .data.loader import PretrainLoader
+    from .data.sources import open_source
+    from .tokenizer_cli import load_run_tokenizer
+
+    tok = load_run_tokenizer(run)
+    loader = PretrainLoader(open_source(data), tok, batch_size=2, seq_len=seq_len)
+    try:
+        x, _ = next(loader)
+    finally:
+        loader.close()
+    for i, row in enumerate(x.tolist()):
+        text = tok.decode(row).replace("\n", " ⏎ ")
+        print(f"sample batch row {i} ({len(row)} tokens): {text[:300]}…")
+
+
+def _show_samples(run: str, stage: str) -> None:
+    from .common import detect_device
+    from .train.checkpoint import load_model
+    from .train.loop import greedy_sample
+
+    device = detect_device("cpu")
+    model, tok, _ = load_model(run, stage, device)
+    for prompt in ("Once upon a time", "The capital of", "7 plus 5 is"):
+        print(f"  {prompt!r} → {greedy_sample(model, tok, prompt, 24, device)!r}")

@@ -11,6 +11,7 @@ PROVIDERS = (
     ("picochat.bench.decode", "add_decode_parser"),
     ("picochat.bench.sft", "add_sft_parser"),
     ("picochat.bench.autobatch", "add_autobatch_parser"),
+    ("picochat.bench.report", "add_report_parser"),
 )
 
 

@@ -81,6 +81,7 @@ def test_cached_logits_match_full_forward(monkeypatch, n_layer, n_head, n_kv_hea
     monkeypatch.setattr(engine_mod, "sample_next", recording)
     prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [42]]
     eng = Engine(model, None, mode="eager", sync_every=sync_every)
+    eng.window_step = 4  # attention windows switch every 4 positions: exercise the switching
     out = eng.generate_batch(prompts, max_tokens=8, temperature=1.0, seed=3)
     assert [len(o) for o in out] == [8, 8, 8]
     # call i gives the logits that chose each row's token i
@@ -98,8 +99,9 @@ def test_naive_eager_and_chunked_agree_greedy():
     prompts = [[3, 1, 4, 1, 5], [9, 2], [6, 5, 3, 5, 8, 9, 7]]
     ref = Engine(model, None, mode="naive").generate_batch(prompts, max_tokens=10, temperature=0)
     assert Engine(model, None, mode="eager").generate_batch(prompts, max_tokens=10, temperature=0) == ref
-    assert Engine(model, None, mode="eager", sync_every=4).generate_batch(prompts, max_tokens=10,
-                                                                         temperature=0) == ref
+    chunked = Engine(model, None, mode="eager", sync_every=4)
+    chunked.window_step = 8
+    assert chunked.generate_batch(prompts, max_tokens=10, temperature=0) == ref
 
 
 def test_greedy_is_argmax_of_full_forward():
@@ -332,3 +334,27 @@ def test_fast_path_tools_and_stops(monkeypatch):
     out = eng.generate_batch([b("="), b("x")], max_tokens=14, temperature=0)
     assert out[0] == [PY_S, *b("2+3"), PY_E, OUT_S, *b("5"), OUT_E, *b("ok")]
     assert out[1] == b("yx" * 7)
+
+
+# ---------------------------------------------------------------------------------------------------
+# decode benchmark (CPU smoke test; the real run is on a GPU)
+
+
+def test_decode_bench_smoke(capsys):
+    import argparse
+    import json
+
+    from picochat.bench.decode import add_decode_parser, run_decode_bench
+
+    recs = run_decode_bench(depth=1, batch_sizes=[1, 2], prompt_len=8, new_tokens=4, modes=["naive", "eager"],
+                            device="cpu", vocab_size=300, naive_max_batch=1)
+    assert [(r["mode"], r["batch_size"]) for r in recs] == [("naive", 1), ("eager", 1), ("eager", 2)]
+    assert all(r["tok_per_s_total"] > 0 and r["ttft_ms"] > 0 for r in recs)
+    pytest.importorskip("picochat.bench.record")
+    parser = argparse.ArgumentParser()
+    add_decode_parser(parser.add_subparsers())
+    args = parser.parse_args(["decode", "--depth", "1", "--batch-sizes", "1", "--prompt-len", "8", "--new-tokens",
+                              "3", "--modes", "eager", "--vocab-size", "300", "--device", "cpu"])
+    assert args.func(args) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["bench"] == "decode" and last["records"][0]["mode"] == "eager"

@@ -167,48 +167,82 @@ class _NaiveRunner(_Runner):
         return self.model(self.seq[:, :self.hi], logits_at=self.pos - 1)[:, 0]
 
 
+def _decode_step(model, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """One token for every row: (rows, 1) ids -> (rows, V) logits; writes the cache, advances pos."""
+    return model(idx, kv_cache=cache)[:, -1]
+
+
+_compiled_decode_step = None
+
+
+def _compiled_step():
+    """One compiled wrapper for the process: each (rows, window) shape is one static compilation."""
+    global _compiled_decode_step
+    if _compiled_decode_step is None:
+        import torch._dynamo
+
+        limit = getattr(torch._dynamo.config, "recompile_limit", None)
+        if limit is not None and limit < 64:  # one entry per (bucket, window): more than the default 8
+            torch._dynamo.config.recompile_limit = 64
+        _compiled_decode_step = torch.compile(_decode_step, dynamic=False)
+    return _compiled_decode_step
+
+
 class _CachedRunner(_Runner):
-    """Static KV cache; the decode step is eager, or replayed from a CUDA graph when `graph`."""
+    """Static KV cache; the decode step is eager, or replayed from CUDA graphs when `graph`.
+
+    With graphs, one graph is captured per attention window (the first W cache slots, W a multiple
+    of 256, or a power of two when compiling, to bound recompilations): a step only reads the slots
+    that can hold tokens yet, so early steps of a long cache do not pay for its empty end. The host
+    knows which window suffices without a sync: an upper bound of every row's position (`hi`)."""
 
     def __init__(self, model, rows: int, max_len: int, k_max: int, dtype: torch.dtype,
-                 graph: bool = False, compile: bool = False):
+                 graph: bool = False, compile: bool = False, window_step: int = 256):
         super().__init__(model, rows, max_len, k_max)
         c = model.config
         self.cache = KVCache.allocate(c.n_layer, rows, c.n_kv_head, max_len, c.head_dim, self.device, dtype)
         self.pos = self.cache.pos
-        self._fn = self._decode
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.hi = 0
+        self._fn = _compiled_step() if compile else _decode_step
+        self.graph: torch.cuda.CUDAGraph | None = None  # the widest window's graph (None: eager)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if compile:
-            # static shapes per bucket; no cudagraph trees of its own: we capture the graph ourselves
-            self._fn = torch.compile(self._decode, dynamic=False, fullgraph=False)
+            windows = {min(window_step << max(0, (w - 1) // window_step).bit_length(), max_len)
+                       for w in range(1, max_len + 1, window_step)}
+        else:
+            windows = set(range(window_step, max_len, window_step))
+        self.windows = sorted(windows | {max_len})
+        self._views = {w: KVCache(self.cache.k[:, :, :, :w], self.cache.v[:, :, :, :w], self.pos)
+                       for w in self.windows}
         if graph:
             try:
-                self._capture()
+                for w in self.windows:
+                    self._graphs[w] = self._capture(self._views[w])
+                self.graph = self._graphs[max_len][0]
             except Exception as e:  # a capture failure must cost speed, never the answer
                 log.warning(f"CUDA graph capture failed ({type(e).__name__}: {e}); decoding eagerly")
-                self.graph = None
+                self._graphs.clear()
+                self.windows = [max_len]
                 torch.cuda.synchronize(self.device)
 
-    def _decode(self) -> torch.Tensor:
-        return self.model(self.idx, kv_cache=self.cache)[:, -1]
-
     @torch.no_grad()
-    def _capture(self) -> None:
+    def _capture(self, view: KVCache) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # Warm up on a side stream (lazy inits, cuBLAS workspaces, compilation) so none of it lands
         # in the graph, then capture one step. Warm-up steps write junk into slots 0..2 and advance
         # pos: harmless, prefill rewrites positions before anything reads them.
+        self.pos.zero_()
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(3):
-                self._fn()
+                self._fn(self.model, self.idx, view)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         self.pos.zero_()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self.logits = self._fn()
+            logits = self._fn(self.model, self.idx, view)
         self.pos.zero_()
-        self.graph = graph
+        return graph, logits
 
     @torch.no_grad()
     def prefill(self, prompts: list[list[int]], n: int) -> torch.Tensor:
@@ -219,6 +253,7 @@ class _CachedRunner(_Runner):
         view = KVCache(self.cache.k[:, :B], self.cache.v[:, :B], self.cache.pos[:B])
         logits = self.model(ids, kv_cache=view, logits_at=lens - 1)[:, 0]
         self.cache.pos[:B] = lens
+        self.hi = T  # the first decode step writes at each row's length, at most T
         if n > 1:  # copy each prompt's rows n times; the gather copies first, so overlap is safe
             src = torch.arange(B * n, device=self.device) // n
             self.cache.k[:, :B * n, :, :T] = self.cache.k[:, src, :, :T]
@@ -229,10 +264,13 @@ class _CachedRunner(_Runner):
 
     @torch.no_grad()
     def step(self) -> torch.Tensor:
-        if self.graph is not None:
-            self.graph.replay()
-            return self.logits
-        return self._fn()
+        w = next((w for w in self.windows if w > self.hi), self.max_len)
+        self.hi = min(self.hi + 1, self.max_len - 1)
+        if self._graphs:
+            graph, logits = self._graphs[w]
+            graph.replay()
+            return logits
+        return self._fn(self.model, self.idx, self._views[w])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -278,6 +316,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.sync_every = sync_every or (16 if mode == "fast" else 1)
         self.compile = compile
+        self.window_step = 256  # attention reads the cache in windows of this granularity (see _CachedRunner)
         self.max_context = max_context or model.config.seq_len
         if self.max_context > model.rotary_len:
             raise ValueError(f"max_context {self.max_context} exceeds the model's {model.rotary_len} positions")
@@ -292,7 +331,7 @@ class Engine:
         if self.mode == "naive":
             return _NaiveRunner(model, rows, need + k - 1, k)
         if self.mode == "eager":
-            return _CachedRunner(model, rows, need + k - 1, k, self.dtype)
+            return _CachedRunner(model, rows, need + k - 1, k, self.dtype, window_step=self.window_step)
         # fast: reuse a captured graph per (batch bucket, 256-slot length bucket); a bucket's cache
         # length is what every step reads, so it is kept close to what this call needs
         bucket_rows = _bucket(rows)
@@ -303,7 +342,7 @@ class Engine:
             while len(self._runners) >= self._max_runners:
                 self._runners.popitem(last=False)
             runner = _CachedRunner(model, bucket_rows, length, self.sync_every, self.dtype, graph=True,
-                                   compile=self.compile)
+                                   compile=self.compile, window_step=self.window_step)
         self._runners[key] = runner
         return runner
 

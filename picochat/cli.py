@@ -15,8 +15,11 @@ import sys
 COMMANDS: dict[str, str] = {
     "tokenizer": "picochat.tokenizer_cli",
     "data": "picochat.data.cli",
-    "chat": "picochat.infer.chat_cli",
     "pretrain": "picochat.train.cli",
+    "sft": "picochat.train.sft",  # registers both `midtrain` and `sft`
+    "eval": "picochat.eval.chat_eval",
+    "chat": "picochat.infer.chat_cli",
+    "bench": "picochat.bench.cli",
     "demo": "picochat.demo",
 }
 

@@ -38,7 +38,8 @@ def add_sft_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sft", help="SFT useful tokens/s: packed vs padded, and pretraining at the same shape")
     p.add_argument("--depth", type=int, default=12)
     p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (device batch size)")
+    p.add_argument("--batch-size", default="32",
+                   help="rows per forward pass (device batch size), or 'auto' to let the finder pick it")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--vocab-size", type=int, default=32768)
     p.add_argument("--steps", type=int, default=20, help="measured steps per mode (after warm-up)")
@@ -182,6 +183,27 @@ def measure(mode: str, batches: list[dict], depth: int, B: int, T: int, vocab_si
     return rec
 
 
+def find_batch_size(args: argparse.Namespace, T: int, largest: int = 128) -> int:
+    """The autobatch finder on the real SFT step (compiled or not, document-masked) of this model."""
+    import gc
+
+    from ..config import ModelConfig, TrainConfig
+    from ..train.loop import Trainer
+
+    model_cfg = ModelConfig.from_depth(args.depth, vocab_size=args.vocab_size, seq_len=T)
+    cfg = TrainConfig(run="bench", stage="sft", depth=args.depth, seq_len=T, device_batch_size="auto",
+                      total_batch_tokens=largest * T, compile=args.compile, device=args.device)
+    trainer = Trainer(cfg, model_cfg, None, None)
+    trainer._setup()
+    B = trainer._choose_device_batch()
+    del trainer
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return B
+
+
 def run_bench(args: argparse.Namespace) -> list[dict]:
     from ..common import detect_device
 
@@ -190,7 +212,8 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
     for m in modes:
         if m not in MODES:
             raise ValueError(f"unknown mode {m!r}; pick from {', '.join(MODES)}")
-    B, T, ga = args.batch_size, args.seq_len, args.grad_accum
+    T, ga = args.seq_len, args.grad_accum
+    B = find_batch_size(args, T) if args.batch_size == "auto" else int(args.batch_size)
     n_batches = (args.warmup + args.steps) * ga
     # enough conversations that the padded mode (one per row) never repeats within the run
     docs = synthetic_conversations(max(4096, n_batches * B + 256), args.vocab_size, args.length_median,

@@ -56,7 +56,8 @@ def measure_train(depth: int, device_batch_size: int | str, seq_len: int, vocab_
     dev = detect_device(device)
     model_cfg = ModelConfig.from_depth(depth, vocab_size=vocab_size, seq_len=seq_len)
     dbs = device_batch_size if device_batch_size == "auto" else int(device_batch_size)
-    total = (dbs if isinstance(dbs, int) else 32) * seq_len * grad_accum
+    # auto: the default total batch (524,288 tokens at T=2048), so every power-of-two size up to 256 is exact
+    total = dbs * seq_len * grad_accum if isinstance(dbs, int) else 256 * seq_len
     cfg = TrainConfig(run="bench", depth=depth, seq_len=seq_len, device_batch_size=dbs, total_batch_tokens=total,
                       num_steps=warmup + steps, eval_every=0, sample_every=0, save_every=-1, compile=compile,
                       device=device)
@@ -98,10 +99,30 @@ def print_profile(trainer, num_steps: int, steps: int = 3) -> None:
 
 def cmd_train_bench(args: argparse.Namespace) -> int:
     sizes = [s.strip() for s in str(args.device_batch_size).split(",")]
-    records = [measure_train(args.depth, s, args.seq_len, args.vocab_size, args.steps, args.warmup, args.grad_accum,
-                             args.compile, args.device, args.profile) for s in sizes]
+    records = []
+    for size in sizes:
+        try:
+            records.append(measure_train(args.depth, size, args.seq_len, args.vocab_size, args.steps, args.warmup,
+                                         args.grad_accum, args.compile, args.device, args.profile))
+        except torch.OutOfMemoryError:
+            from ..common import detect_device
+
+            rec = base_record("train", detect_device(args.device), args.depth)
+            rec.update(device_batch_size=size, seq_len=args.seq_len, oom=True, tok_per_s=None, mfu=None,
+                       peak_mem_gib=None)
+            records.append(rec)
+        finally:  # one size's compiled graphs and buffers must not crowd the next
+            import gc
+
+            torch._dynamo.reset()
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     print(f"\n{'gpu':<28}{'depth':>6}{'batch':>7}{'seq':>6}{'tok/s':>12}{'MFU':>8}{'peak GiB':>10}")
     for r in records:
+        if r.get("oom"):
+            print(f"{r['gpu'][:27]:<28}{r['depth']:>6}{r['device_batch_size']:>7}{r['seq_len']:>6}  out of memory")
+            continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         print(f"{r['gpu'][:27]:<28}{r['depth']:>6}{r['device_batch_size']:>7}{r['seq_len']:>6}"
               f"{r['tok_per_s']:>12,}{mfu:>8}{r['peak_mem_gib']:>10}")

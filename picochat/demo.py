@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--pretrain-steps", type=int, default=400)
-    p.add_argument("--sft-steps", type=int, default=150)
+    p.add_argument("--sft-steps", type=int, default=150, help="steps of midtraining and of SFT")
+    p.add_argument("--synthetic-size", type=int, default=8000, help="synthetic conversations per epoch")
     p.add_argument("--device", default="auto")
     p.add_argument("--quick", action="store_true", help="a much smaller run (seconds), for smoke tests")
     p.set_defaults(func=cmd_demo)
@@ -52,7 +53,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t_start = time.time()
     run, paths = args.run, RunPaths.for_run(args.run)
     if args.quick:
-        args.depth, args.seq_len, args.pretrain_steps, args.sft_steps = 2, 128, 30, 10
+        args.depth, args.seq_len, args.pretrain_steps, args.sft_steps, args.synthetic_size = 2, 128, 30, 10, 500
     data = DataConfig()
 
     _banner("1/5  tokenizer: byte-level BPE on the embedded corpus")
@@ -74,26 +75,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"loss {losses[0]:.2f} → {losses[-1]:.2f}   {sparkline(losses)}")
     _show_samples(run, "base")
 
-    try:
-        from .train.sft import run_chat_stage
-    except ImportError:
-        run_chat_stage = None
-    if run_chat_stage is not None:
-        _banner("3/5  midtraining + SFT on the synthetic chat tasks")
-        for stage, steps in (("mid", args.sft_steps // 2), ("sft", args.sft_steps)):
-            run_chat_stage(run=run, stage=stage, num_steps=steps, seq_len=args.seq_len, device=args.device)
+    _banner("3/5  midtraining + SFT on the synthetic chat tasks (packed, document-masked)")
+    from dataclasses import replace
 
-        _banner("4/5  evaluation on held-out synthetic questions")
-        from .eval.chat_eval import evaluate_demo
+    from .train.sft import ChatDataConfig, chat_train, scale_lr
 
-        evaluate_demo(run, device=args.device, quick=args.quick)
+    chat_data = ChatDataConfig(synthetic_size=args.synthetic_size)
+    for stage, steps, lr_frac in (("mid", args.sft_steps, 1.0), ("sft", args.sft_steps, 0.5)):
+        stage_cfg = replace(cfg, stage=stage, num_steps=steps, eval_every=0, total_batch_tokens=batch * args.seq_len,
+                            optim=replace(cfg.optim, warmdown_frac=0.5))
+        result = chat_train(scale_lr(stage_cfg, lr_frac), chat_data)
+        print(f"{stage}: {steps} steps, final loss {result['final_loss']:.3f}, "
+              f"padding {100 * result.get('padding_frac', 0):.1f}% of positions")
+
+    _banner("4/5  accuracy on held-out synthetic questions (greedy) vs a trivial baseline")
+    from .eval.chat_eval import DEFAULT_TASKS, evaluate_run, format_table
+
+    rows = evaluate_run(run, "sft", DEFAULT_TASKS, max_examples=20 if args.quick else 60, device=args.device)
+    print(format_table(rows))
+    print("(trivial = the best single constant answer, chosen with hindsight on the same questions)")
 
     _banner("5/5  chatting with the model")
-    from .infer.chat_cli import one_shot
+    from .common import detect_device
+    from .config import SamplingConfig
+    from .infer.chat_cli import ChatSession
+    from .infer.engine import Engine
+    from .train.checkpoint import load_model
 
-    for question in ("Who are you?", "What is 12 plus 35?", "How do you spell the word apple?"):
-        print(f"\n> {question}")
-        one_shot(run, question, stage=None, max_tokens=48, temperature=0.0, device=args.device)
+    model, tok, _ = load_model(run, "sft", detect_device(args.device))
+    session = ChatSession(Engine(model, tok), tok, SamplingConfig(temperature=0.0, max_tokens=64))
+    for question in ("Who are you?", "What is 23 plus 19?", "Spell the word garden.",
+                     "What is the capital of France?"):
+        print(f"\nyou> {question}\nbot> ", end="", flush=True)
+        session.reply(question)
+        session.messages.clear()
     print(f"\ndemo finished in {time.time() - t_start:.0f}s. Talk to it: picochat chat --run {run}")
     return 0
 

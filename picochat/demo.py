@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 
 from .cli import add_run_arg
@@ -20,10 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline on the embedded corpus (CPU, minutes)")
     add_run_arg(p)
     p.set_defaults(run="demo")
-    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--depth", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=8, help="rows of --seq-len tokens per step")
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--pretrain-steps", type=int, default=400)
-    p.add_argument("--sft-steps", type=int, default=150, help="steps of midtraining and of SFT")
+    p.add_argument("--pretrain-steps", type=int, default=250)
+    p.add_argument("--sft-steps", type=int, default=100, help="steps of midtraining and of SFT")
     p.add_argument("--synthetic-size", type=int, default=8000, help="synthetic conversations per epoch")
     p.add_argument("--device", default="auto")
     p.add_argument("--quick", action="store_true", help="a much smaller run (seconds), for smoke tests")
@@ -40,6 +42,7 @@ def sparkline(values: list[float], width: int = 60) -> str:
         return ""
     step = max(1, len(values) // width)
     points = [sum(values[i:i + step]) / len(values[i:i + step]) for i in range(0, len(values), step)]
+    points = [math.log(max(p, 1e-9)) for p in points]  # log scale: the first steps would flatten the rest
     lo, hi = min(points), max(points)
     blocks = "▁▂▃▄▅▆▇█"
     return "".join(blocks[min(7, int((p - lo) / max(hi - lo, 1e-9) * 7.999))] for p in points)
@@ -65,7 +68,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _banner(f"2/5  pretraining a depth-{args.depth} GPT")
     from .train.cli import pretrain
 
-    batch = 16
+    batch = args.batch_size
     cfg = TrainConfig(run=run, stage="base", depth=args.depth, seq_len=args.seq_len, device_batch_size=batch,
                       total_batch_tokens=batch * args.seq_len, num_steps=args.pretrain_steps,
                       eval_every=max(1, args.pretrain_steps // 4), eval_tokens=64 * args.seq_len,

@@ -4,6 +4,7 @@ docs/benchmarks/results.jsonl, and the JSON last line every benchmark prints."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -13,6 +14,9 @@ import torch
 
 
 def git_commit() -> str:
+    """HEAD of the checkout, or $PICOCHAT_COMMIT where the tree was copied without its history."""
+    if os.environ.get("PICOCHAT_COMMIT"):
+        return os.environ["PICOCHAT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)

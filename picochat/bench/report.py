@@ -117,6 +117,8 @@ def _bench(args: list[str]) -> list[dict]:
     last = proc.stdout.strip().splitlines()[-1]
     out = json.loads(last)
     print(f"  done in {time.time() - t0:.0f}s", flush=True)
+    if isinstance(out, dict) and "records" in out:  # benchmarks that wrap their records with a summary
+        out = out["records"]
     return out if isinstance(out, list) else [out]
 
 

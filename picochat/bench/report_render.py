@@ -34,13 +34,19 @@ def _fmt(x, unit: str = "") -> str:
 def headline_rows(records: list[dict]) -> list[tuple[str, str, str, str, str, str]]:
     rows = []
     sft_base = _latest(records, "sft", label="seed default: batch 4, eager, padded")
-    for label in ("auto batch, eager, padded", "auto batch + compile, padded",
-                  "auto batch + compile, packed + document mask"):
-        r = _latest(records, "sft", label=label)
+    for label, mode in (("auto batch, eager, padded", "padded"), ("auto batch + compile, padded", "padded"),
+                        ("auto batch + compile, packed + document mask", "packed")):
+        r = _latest(records, "sft", label=label, mode=mode)
         if sft_base and r:
             b, o = sft_base["useful_tok_per_s"], r["useful_tok_per_s"]
-            rows.append((f"SFT useful tok/s: {label} (batch {r.get('batch_size', '?')})", *SEED_CLAIMS["sft"],
+            rows.append((f"SFT useful tok/s: {label} (batch {r['device_batch_size']})", *SEED_CLAIMS["sft"],
                          _fmt(b), _fmt(o), f"{o / b:.2f}×"))
+    packed = _latest(records, "sft", mode="packed")
+    pre = _latest(records, "sft", mode="pretrain")
+    if packed and pre:
+        rows.append((f"Packed SFT useful tok/s vs pretraining at the same shape (batch {packed['device_batch_size']})",
+                     "—", "—", _fmt(pre["useful_tok_per_s"]), _fmt(packed["useful_tok_per_s"]),
+                     f"{packed['useful_tok_per_s'] / pre['useful_tok_per_s']:.2f}×"))
     t32 = next((r for r in records if r.get("bench") == "train" and r.get("device_batch_size") == 32
                 and r.get("command", "").find("auto") >= 0), None) or _latest(records, "train", device_batch_size=32)
     tauto = [r for r in records if r.get("bench") == "train" and "auto" in r.get("command", "")]
@@ -53,7 +59,7 @@ def headline_rows(records: list[dict]) -> list[tuple[str, str, str, str, str, st
         eager = _latest(records, "decode", mode="eager", batch_size=bs)
         fast = _latest(records, "decode", mode="fast", batch_size=bs)
         base = naive or eager
-        if base and eager:
+        if base and eager and base is not eager:
             rows.append((f"Decode tok/s, batch {bs}: {base['mode']} → KV cache (eager)", *SEED_CLAIMS["decode"],
                          _fmt(base["tok_per_s_total"]), _fmt(eager["tok_per_s_total"]),
                          f"{eager['tok_per_s_total'] / base['tok_per_s_total']:.2f}×"))

@@ -65,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def add_run_arg(parser: argparse.ArgumentParser) -> None:
     """`--run NAME`: which run directory a stage reads and writes."""
-    parser.add_argument("--run", default="default", help="run name under $PICOCHAT_HOME/runs (default: default)")
+    # --run-name is the spelling to use under torchrun, whose own parser rejects "--run" as an
+    # ambiguous abbreviation of its --run-path option
+    parser.add_argument("--run", "--run-name", dest="run", default="default",
+                        help="run name under $PICOCHAT_HOME/runs (default: default); under torchrun write --run-name")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
 
 

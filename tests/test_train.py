@@ -135,3 +135,31 @@ def test_ddp_two_gloo_processes_match_single(home, tiny_run, tmp_path):
     two, one = json.loads(out2.read_text()), json.loads(out1.read_text())
     assert two[0]["checksum"] == two[1]["checksum"]
     assert two[0]["checksum"] == pytest.approx(one[0]["checksum"], rel=1e-6)
+
+
+def test_checkpoint_moves_between_world_sizes(home, tiny_run):
+    """A 2-process run's checkpoint resumes in 1 process and back (weights and optimizer exactly; the
+    data position continues from rank 0's), and chat fine-tuning runs under torchrun without hangs."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1"]
+    _run_worker("--run-name", "tiny", "--steps", "4", "--save-every", "4", env_home=home,
+                launcher=torchrun + [f"--master_port={_free_port()}"])
+    one = _run_worker("--run-name", "tiny", "--steps", "8", "--save-every", "4", "--resume", env_home=home)
+    assert "written by 2 rank(s), this run has 1" in one.stderr
+    _run_worker("--run-name", "tiny", "--steps", "12", "--save-every", "4", "--resume", env_home=home,
+                launcher=torchrun + [f"--master_port={_free_port()}"])
+    losses = _losses(home, "tiny")
+    assert sorted(losses) == list(range(12))
+    stage = home / "runs" / "tiny" / "base"
+    meta = ckpt.read_meta(ckpt.latest_checkpoint(stage))
+    assert meta["step"] == 12 and meta["world_size"] == 2
+
+    env = {**os.environ, "PICOCHAT_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    for command in ("midtrain", "sft"):
+        proc = subprocess.run(torchrun + [f"--master_port={_free_port()}", "-m", "picochat", command,
+                                          "--run-name", "tiny", "--seq-len", "64", "--device-batch-size", "2",
+                                          "--total-batch-tokens", "256", "--num-steps", "3", "--device", "cpu",
+                                          "--eval-every", "0", "--synthetic-size", "200"],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        stage_name = "mid" if command == "midtrain" else "sft"
+        assert ckpt.read_meta(ckpt.latest_checkpoint(home / "runs" / "tiny" / stage_name))["world_size"] == 2

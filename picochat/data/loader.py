@@ -200,6 +200,12 @@ class PretrainLoader:
                       "docs_in": self.docs_in},
         }
 
+    def continue_after(self, states: list[dict]) -> None:
+        """Resume from states saved under another world size: start past the furthest chunk any old
+        rank had reached, so no document is seen twice (the old ranks' pooled documents are skipped)."""
+        self._stop_prefetch()
+        self._reset(max(int(s["next_chunk"]) for s in states) if states else 0)
+
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"unsupported loader state version {state.get('version')!r}")

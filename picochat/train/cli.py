@@ -83,6 +83,9 @@ class PretrainBatches:
     def load_state_dict(self, state: dict) -> None:
         self.loader.load_state_dict(state)
 
+    def continue_after(self, states: list[dict]) -> None:
+        self.loader.continue_after(states)
+
     def close(self) -> None:
         self.loader.close()
 

@@ -382,9 +382,11 @@ class Trainer:
             if "cuda" in mine["rng"] and self.device.type == "cuda":
                 torch.cuda.set_rng_state(mine["rng"]["cuda"], self.device)
         else:
+            how = "the data order restarts from the beginning"
+            if hasattr(batches, "continue_after"):
+                batches.continue_after([r["loader"] for r in ranks])
+                how = "the data continues past the furthest position any rank had reached"
             log.warning(f"checkpoint was written by {len(ranks)} rank(s), this run has {self.dist.world_size}: "
-                        "weights and optimizer resume exactly, the data order restarts from rank 0's position")
-            if ranks:
-                batches.load_state_dict(ranks[0]["loader"])
+                        f"weights and optimizer resume exactly, {how}")
         log.info(f"resumed from {path} at step {state['step']}")
         return int(state["step"])

@@ -25,7 +25,8 @@ def _run_worker(*args: str, env_home: Path, check=True, launcher=None) -> subpro
     cmd = (launcher or [sys.executable]) + [WORKER, *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     if check and proc.returncode != 0:
-        raise AssertionError(f"worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        lines = [ln for ln in proc.stderr.splitlines() if "step/s" not in ln and "Warning" not in ln]
+        raise AssertionError(f"worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n" + "\n".join(lines[-80:]))
     return proc
 
 

@@ -73,7 +73,7 @@ class FixedBatches:
 
 # One more optimizer step on the same global batch: must give the same weights at any world size.
 trainer._train_step(0, 10, FixedBatches(), 2 // info.world_size, 0.0, None)
-checksum = float(sum(p.double().sum() * (i + 1) for i, p in enumerate(trainer.model.parameters())))
+checksum = float(sum(p.detach().double().sum() * (i + 1) for i, p in enumerate(trainer.model.parameters())))
 local = {"rank": info.rank, "checksum": checksum, "result": result}
 if info.world_size > 1:
     gathered = [None] * info.world_size

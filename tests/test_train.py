@@ -164,3 +164,21 @@ def test_checkpoint_moves_between_world_sizes(home, tiny_run):
         assert proc.returncode == 0, proc.stderr[-3000:]
         stage_name = "mid" if command == "midtrain" else "sft"
         assert ckpt.read_meta(ckpt.latest_checkpoint(home / "runs" / "tiny" / stage_name))["world_size"] == 2
+
+
+def test_run_command_chains_every_stage_and_resumes(home):
+    args = [sys.executable, "-m", "picochat", "run", "--run", "all", "--depth", "1", "--seq-len", "64",
+            "--device-batch-size", "4", "--total-batch-tokens", "256", "--num-steps", "4", "--mid-steps", "2",
+            "--sft-steps", "2", "--vocab-size", "300", "--embedded-docs", "500", "--eval-examples", "3",
+            "--eval-every", "0", "--device", "cpu"]
+    env = {**os.environ, "PICOCHAT_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "| spelling |" in first.stdout
+    root = home / "runs" / "all"
+    for stage, step in (("base", 4), ("mid", 2), ("sft", 2)):
+        assert ckpt.read_meta(ckpt.latest_checkpoint(root / stage))["step"] == step
+    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (again.stdout + again.stderr).count("resumed from") == 3  # each stage continued from its checkpoint
+    assert "Chat evaluation" in (root / "report.md").read_text()

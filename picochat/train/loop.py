@@ -201,7 +201,7 @@ class Trainer:
                  f"grad accum {grad_accum}, {cfg.total_batch_tokens} tokens/step, {num_steps} steps")
         writer = self._tensorboard() if dist.is_main else None
         bar = self._progress(num_steps, step)
-        last_val = None
+        last_val, stats = None, None
         result = {"steps": num_steps, "device_batch_size": B, "grad_accum": grad_accum}
         try:
             while step < num_steps:
@@ -216,7 +216,7 @@ class Trainer:
                     self._save(step, batches, stats.loss, last_val)
             if self.make_val_batches:
                 last_val = self._validate(step, writer)
-            result.update(final_loss=stats.loss if num_steps else None, val_bpb=last_val)
+            result.update(final_loss=stats.loss if stats is not None else None, val_bpb=last_val)
         finally:
             if bar is not None:
                 bar.close()

@@ -20,9 +20,12 @@ log = logging.getLogger("picochat")
 def setup_logging(level: int = logging.INFO) -> None:
     if not log.handlers:
         try:
+            from rich.console import Console
             from rich.logging import RichHandler
 
-            handler: logging.Handler = RichHandler(show_path=False, rich_tracebacks=False)
+            # logs on stderr, results on stdout: `picochat ... > out.json` stays clean
+            handler: logging.Handler = RichHandler(console=Console(stderr=True), show_path=False,
+                                                   rich_tracebacks=False)
             handler.setFormatter(logging.Formatter("%(message)s"))
         except ImportError:  # pragma: no cover - rich is a dependency
             handler = logging.StreamHandler()
@@ -200,7 +203,13 @@ def init_distributed(device: torch.device) -> DistInfo:
 
 
 def cleanup_distributed() -> None:
+    """Leave the process group together: a rank that tears gloo down while a peer is still inside a
+    collective can abort at exit ("terminate called without an active exception")."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        import gc
+
+        gc.collect()  # drop DDP reducers and pending work that hold the group before destroying it
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

@@ -235,10 +235,11 @@ class Trainer:
         micro = [next(batches) for _ in range(grad_accum)]
         # Exact token weighting: every loss-bearing token of the whole step (all micro-batches, all
         # ranks) weighs the same, however unevenly they fall into micro-batches.
-        counts = torch.tensor([float(sum(int((m["targets"] >= 0).sum()) for m in micro))], device=device)
+        # Counted on the device: no host sync before the forward passes are queued.
+        counts = sum((m["targets"].to(device, non_blocking=True) >= 0).sum() for m in micro).float()
         if self.dist.is_distributed:
             torch.distributed.all_reduce(counts)
-        n_loss = max(1.0, counts.item())
+        n_loss = counts.clamp(min=1.0)
         loss_sum = torch.zeros((), device=device)
         for i, m in enumerate(micro):
             x, y = m["inputs"].to(device, non_blocking=True), m["targets"].to(device, non_blocking=True)
@@ -255,7 +256,7 @@ class Trainer:
         self.model.zero_grad(set_to_none=True)
         if self.dist.is_distributed:
             torch.distributed.all_reduce(loss_sum)
-        loss_value = loss_sum.item() / n_loss  # the one host sync per step
+        loss_value, n_loss = (loss_sum / n_loss).item(), n_loss.item()  # the host syncs of the step
         if not math.isfinite(loss_value):
             last = ckpt.latest_checkpoint(self.stage_dir)
             raise TrainingDiverged(f"loss became {loss_value} at step {step}; stopping. Last good checkpoint: "

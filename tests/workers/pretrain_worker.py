@@ -10,7 +10,7 @@ import signal
 
 import torch
 
-from picochat.common import dist_info
+from picochat.common import cleanup_distributed, dist_info
 from picochat.config import DataConfig, TrainConfig
 from picochat.train.cli import pretrain
 
@@ -83,5 +83,5 @@ else:
 if info.rank == 0 and args.out:
     with open(args.out, "w") as f:
         json.dump(gathered, f)
-if torch.distributed.is_initialized():
-    torch.distributed.destroy_process_group()
+del trainer, seen["trainer"]
+cleanup_distributed()

@@ -76,3 +76,12 @@ def read_records(source: str | Path | list[str | Path]) -> list[dict[str, Any]]:
         for f in _files(path):
             rows.extend(_read_file(f))
     return rows
+
+
+def source_or_default(task: str, split: str, source: str | Path | None, urls: dict[str, str]) -> str | Path:
+    """The given source, else the split's default URL; a clear error names the splits there are."""
+    if source is not None:
+        return source
+    if split not in urls:
+        raise ValueError(f"{task} split must be one of {sorted(urls)}, got {split!r}")
+    return urls[split]

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from .base import Conversation, Task, numbers_equal
-from .files import read_records
+from .files import read_records, source_or_default
 
 # Hub "resolve" URLs are plain HTTPS files (no hub client needed); point them at a mirror if you must.
 GSM8K_BASE = "https://huggingface.co/datasets/openai/gsm8k/resolve/main/"
@@ -63,10 +63,7 @@ class GSM8K(Task):
     eval_type = "generative"
 
     def __init__(self, split: str = "train", source: str | Path | None = None):
-        if source is None:
-            if split not in GSM8K_URLS:
-                raise ValueError(f"GSM8K split must be one of {sorted(GSM8K_URLS)}, got {split!r}")
-            source = GSM8K_URLS[split]
+        source = source_or_default("GSM8K", split, source, GSM8K_URLS)
         self.rows = [r for r in read_records(source) if r.get("question") and r.get("answer")]
 
     def __len__(self) -> int:

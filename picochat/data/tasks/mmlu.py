@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .base import Conversation, Task
-from .files import read_records
+from .files import read_records, source_or_default
 
 # Hub "resolve" URLs are plain HTTPS files (no hub client needed); point them at a mirror if you must.
 MMLU_BASE = "https://huggingface.co/datasets/cais/mmlu/resolve/main/"
@@ -42,10 +42,7 @@ class MMLU(Task):
     eval_type = "categorical"
 
     def __init__(self, split: str = "auxiliary_train", source: str | Path | None = None):
-        if source is None:
-            if split not in MMLU_URLS:
-                raise ValueError(f"MMLU split must be one of {sorted(MMLU_URLS)}, got {split!r}")
-            source = MMLU_URLS[split]
+        source = source_or_default("MMLU", split, source, MMLU_URLS)
         rows = [_flat(r) for r in read_records(source)]
         self.rows = [r for r in rows if len(r.get("choices") or []) == len(LETTERS)
                      and int(r.get("answer", -1)) in range(len(LETTERS))]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import Conversation, Task
-from .files import read_records
+from .files import read_records, source_or_default
 
 # Hub "resolve" URLs are plain HTTPS files (no hub client needed); point them at a mirror if you must.
 SMOLTALK_BASE = "https://huggingface.co/datasets/HuggingFaceTB/smol-smoltalk/resolve/main/"
@@ -37,10 +37,7 @@ class SmolTalk(Task):
     eval_type = "generative"
 
     def __init__(self, split: str = "train", source: str | Path | None = None):
-        if source is None:
-            if split not in SMOLTALK_URLS:
-                raise ValueError(f"SmolTalk split must be one of {sorted(SMOLTALK_URLS)}, got {split!r}")
-            source = SMOLTALK_URLS[split]
+        source = source_or_default("SmolTalk", split, source, SMOLTALK_URLS)
         rows = read_records(source)
         # keep only the messages: other columns (source, etc.) are not needed for SFT
         self.conversations = [r["messages"] for r in rows if _well_formed(r.get("messages"))]

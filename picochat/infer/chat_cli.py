@@ -69,16 +69,19 @@ class ChatSession:
         from .engine import ContextOverflowError
 
         max_tokens, limit = self.sampling.max_tokens, self.engine.max_context
+        # a --max-tokens larger than the context is a cap, not a demand: keep room for a full reply
+        # or half the context, whichever is smaller, and say so only when a turn must go
+        wanted = min(max_tokens, limit // 2)
         while True:
             ids = self.tokenizer.render_for_completion(self.messages)
-            if len(ids) + max_tokens <= limit:
-                return ids, max_tokens
+            room = limit - len(ids)
+            if room >= wanted:
+                return ids, min(max_tokens, room)
             if len(self.messages) > 1:
                 del self.messages[:2]  # one user turn and its answer
-                print(f"[context full ({len(ids)} + {max_tokens} > {limit} tokens): dropped the oldest turn]",
+                print(f"[context full ({len(ids)} + {wanted} > {limit} tokens): dropped the oldest turn]",
                       file=self.err)
                 continue
-            room = limit - len(ids)
             if room >= MIN_REPLY_TOKENS:
                 print(f"[long message: the reply is limited to {room} tokens]", file=self.err)
                 return ids, room

@@ -324,3 +324,40 @@ def test_compiled_sft_does_not_recompile(home) -> None:
     assert trainer.compiled
     assert seen[1] > 0, "nothing was compiled"
     assert seen[-1] == seen[1], f"recompiled after warm-up: unique graphs per step {seen}"
+
+
+def test_sft_resume_is_exact(home, tiny_run) -> None:
+    """Interrupted after step 2 of 4 (its later checkpoint lost), SFT resumes to the same losses and
+    the same final weights: the packed-batch state (mixture position, pending conversations) resumes."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from picochat.common import RunPaths
+    from picochat.config import DataConfig
+    from picochat.train import checkpoint as ckpt
+    from picochat.train.cli import pretrain
+    from picochat.train.sft import ChatDataConfig, chat_train
+
+    pretrain(TrainConfig(run="tiny", depth=1, seq_len=64, device_batch_size=4, total_batch_tokens=256, num_steps=2,
+                         eval_every=0, sample_every=0, save_every=0, device="cpu"), DataConfig(embedded_docs=2000))
+    cfg = TrainConfig(run="tiny", stage="sft", depth=0, seq_len=64, device_batch_size=2, total_batch_tokens=256,
+                      num_steps=4, eval_every=0, sample_every=0, save_every=2, device="cpu")
+    data = ChatDataConfig(synthetic_size=80)
+    chat_train(cfg, data, start_from=("base",))
+    paths = RunPaths.for_run("tiny")
+    final = ckpt.latest_checkpoint(paths.stage("sft"))
+    assert final.name == "step_000004"
+    reference = load_file(str(final / "model.safetensors"))
+    log_lines = (paths.logs / "train_sft.jsonl").read_text().splitlines()
+    clean = {json.loads(l)["step"]: json.loads(l)["loss"] for l in log_lines}
+    shutil.rmtree(final)  # the crash came before step 4 was saved
+
+    cfg.resume = True
+    chat_train(cfg, data, start_from=("base",))
+    resumed_lines = (paths.logs / "train_sft.jsonl").read_text().splitlines()[len(log_lines):]
+    resumed = {json.loads(l)["step"]: json.loads(l)["loss"] for l in resumed_lines}
+    assert sorted(resumed) == [2, 3]
+    assert all(resumed[s] == clean[s] for s in (2, 3)), (resumed, clean)
+    again = load_file(str(ckpt.latest_checkpoint(paths.stage("sft")) / "model.safetensors"))
+    assert all(torch.equal(reference[k], again[k]) for k in reference)

@@ -8,6 +8,7 @@ import importlib
 # subcommand providers: module -> function adding its parser(s) to the bench group
 PROVIDERS = (
     ("picochat.bench.train", "add_train_parser"),
+    ("picochat.bench.loader", "add_loader_parser"),
     ("picochat.bench.decode", "add_decode_parser"),
     ("picochat.bench.sft", "add_sft_parser"),
     ("picochat.bench.autobatch", "add_autobatch_parser"),

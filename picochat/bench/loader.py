@@ -181,8 +181,8 @@ def print_table(record: dict) -> None:
         print(" | ".join(cells))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_loader_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("loader", help="tokenizer training/encoding MB/s and loader tokens/s on this CPU")
     p.add_argument("--corpus", nargs="+", default=["embedded", "synthetic"])
     p.add_argument("--vocab-size", type=int, default=16384)
     p.add_argument("--train-mb", type=float, default=8.0)
@@ -191,12 +191,13 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batches", type=int, default=60)
     p.add_argument("--threads", type=int, default=2)
-    a = p.parse_args()
+    p.set_defaults(func=cmd_loader_bench)
+
+
+def cmd_loader_bench(a: argparse.Namespace) -> int:
     record = run_loader_bench(tuple(a.corpus), a.vocab_size, a.train_mb, a.docs, a.batch_size, a.seq_len,
                               a.batches, a.threads)
     print_table(record)
     print(json.dumps(record))
+    return 0
 
-
-if __name__ == "__main__":
-    main()

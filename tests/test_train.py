@@ -182,3 +182,17 @@ def test_run_command_chains_every_stage_and_resumes(home):
     assert again.returncode == 0, again.stderr[-3000:]
     assert (again.stdout + again.stderr).count("resumed from") == 3  # each stage continued from its checkpoint
     assert "Chat evaluation" in (root / "report.md").read_text()
+
+
+def test_eval_bpb_reproduces_training_validation(home, tiny_run):
+    from picochat.cli import main
+    from picochat.train.cli import pretrain
+
+    cfg = TrainConfig(run="tiny", depth=1, seq_len=32, device_batch_size=4, total_batch_tokens=128, num_steps=3,
+                      eval_every=3, eval_tokens=1024, sample_every=0, save_every=0, device="cpu")
+    result = pretrain(cfg, DataConfig(embedded_docs=2000))
+    assert main(["eval", "--run", "tiny", "--stage", "base", "--bpb", "--bpb-tokens", "1024", "--tasks", "",
+                 "--embedded-docs", "2000", "--device", "cpu"]) == 0
+    report = (home / "runs" / "tiny" / "report.md").read_text()
+    assert "## Validation bits per byte (base)" in report
+    assert f"{result['val_bpb']:.4f} bits/byte" in report

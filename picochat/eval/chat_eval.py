@@ -220,12 +220,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=1, help="seed of the synthetic test questions")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-report", action="store_true", help="do not write report.md")
+    p.add_argument("--bpb", action="store_true",
+                   help="also measure bits per byte on the text source's held-out split (base models too)")
+    p.add_argument("--bpb-tokens", type=int, default=2**20, help="held-out tokens for --bpb")
+    from ..data.cli import add_source_args
+
+    add_source_args(p)
     p.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.bpb:
+        from ..data.cli import data_config_from_args
+        from .bpb import evaluate_run_bpb
+
+        r = evaluate_run_bpb(args.run, args.stage, data_config_from_args(args), args.bpb_tokens,
+                             device=args.device)
+        line = (f"{r['stage']} step {r['step']}: {r['val_bpb']:.4f} bits/byte on {r['max_tokens']:,} held-out "
+                f"tokens of the {r['source']} source")
+        print(line)
+        if not args.no_report:
+            write_report_section(args.run, f"Validation bits per byte ({r['stage']})",
+                                 f"{line}; checkpoint `{r['path']}`.")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    rows = evaluate_run(args.run, args.stage, tasks, args.max_examples, args.batch_size, args.max_tokens,
-                        args.device, args.seed, report=not args.no_report)
-    print(format_table(rows))
+    if tasks:
+        rows = evaluate_run(args.run, args.stage, tasks, args.max_examples, args.batch_size, args.max_tokens,
+                            args.device, args.seed, report=not args.no_report)
+        print(format_table(rows))
     return 0

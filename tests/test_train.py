@@ -114,7 +114,7 @@ def test_ddp_two_gloo_processes_match_single(home, tiny_run, tmp_path):
 
     shutil.copytree(home / "runs" / "tiny", home / "runs" / "ddp")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                f"--master_addr=127.0.0.1", f"--master_port={_free_port()}"]
+                "--master_addr=127.0.0.1", f"--master_port={_free_port()}"]
     out = tmp_path / "ddp.json"
     _run_worker("--run-name", "ddp", "--steps", "16", "--save-every", "0", "--out", str(out), env_home=home,
                 launcher=torchrun)

@@ -53,13 +53,8 @@ Memory is read through `MemoryProbe` so the very same code runs on CPU with a si
 from __future__ import annotations
 
 import contextlib
-import copy
 import datetime as _dt
-import gc
-import hashlib
-import json
 import math
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -69,7 +64,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..common import atomic_write_bytes, gpu_name, log, picochat_home
+from ..common import gpu_name, log
+from .autobatch_cache import cache_key_hash, default_cache_path, load_cache, mark_bad, update_cache
+from .snapshot import drop_grads, free_memory, restore_snapshot, take_snapshot
 
 GiB = 1024**3
 
@@ -222,97 +219,6 @@ def is_oom_error(exc: BaseException) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------
-# leaving no trace
-
-
-@dataclass
-class _Saved:
-    live: torch.Tensor  # the optimizer's own tensor, restored in place
-    value: torch.Tensor  # its CPU copy
-
-
-@dataclass
-class _Snapshot:
-    params: list[tuple[torch.Tensor, torch.Tensor]]  # (live tensor, CPU copy)
-    grads: list[tuple[nn.Parameter, torch.Tensor | None]]
-    opt_state: list[tuple[dict, dict]]  # per optimizer: (saved state by param, saved group hyperparams)
-    modes: list[tuple[nn.Module, bool]]
-    rng: dict[str, Any]
-
-
-def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu", copy=True)
-
-
-def _snapshot(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -> _Snapshot:
-    params = [(t, _cpu_copy(t)) for t in list(model.parameters()) + list(model.buffers())]
-    grads = [(p, None if p.grad is None else _cpu_copy(p.grad)) for p in model.parameters()]
-    opt_state = []
-    for opt in optimizers:
-        # Keep the live state tensors (restored in place, so anything holding them still sees them)
-        # and CPU copies of their values; a fresh optimizer has no state and is restored to none.
-        state = {p: {k: _Saved(v, _cpu_copy(v)) if torch.is_tensor(v) else copy.deepcopy(v) for k, v in s.items()}
-                 for p, s in opt.state.items()}
-        groups = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in opt.param_groups]
-        opt_state.append((state, groups))
-    rng: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    with contextlib.suppress(ImportError):
-        import numpy as np
-
-        rng["numpy"] = np.random.get_state()
-    return _Snapshot(params, grads, opt_state, [(m, m.training) for m in model.modules()], rng)
-
-
-@torch.no_grad()
-def _restore(snap: _Snapshot, optimizers: Sequence[torch.optim.Optimizer]) -> None:
-    for live, saved in snap.params:
-        live.copy_(saved)
-    for p, g in snap.grads:
-        p.grad = None if g is None else g.to(p.device)
-    for opt, (state, groups) in zip(optimizers, snap.opt_state):
-        restored = {}
-        for p, s in state.items():
-            restored[p] = {}
-            for k, v in s.items():
-                if isinstance(v, _Saved):
-                    v.live.copy_(v.value)
-                    restored[p][k] = v.live
-                else:
-                    restored[p][k] = copy.deepcopy(v)
-        opt.state.clear()  # drops state the probes created for params that had none
-        opt.state.update(restored)
-        for g, saved in zip(opt.param_groups, groups):
-            for k in [k for k in g if k != "params" and k not in saved]:
-                del g[k]
-            g.update(copy.deepcopy(saved))
-    for m, training in snap.modes:
-        m.training = training
-    random.setstate(snap.rng["python"])
-    torch.set_rng_state(snap.rng["torch"])
-    if "cuda" in snap.rng:
-        torch.cuda.set_rng_state_all(snap.rng["cuda"])
-    if "numpy" in snap.rng:
-        import numpy as np
-
-        np.random.set_state(snap.rng["numpy"])
-
-
-def _drop_grads(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -> None:
-    for p in model.parameters():
-        p.grad = None
-    for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
-
-
-def _free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
-
-
-# ---------------------------------------------------------------------------------------------------
 # ranks
 
 
@@ -324,50 +230,6 @@ def _max_over_ranks(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=dev)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
-
-
-# ---------------------------------------------------------------------------------------------------
-# cache
-
-
-def default_cache_path() -> Path:
-    return picochat_home() / "autobatch_cache.json"
-
-
-def _load_cache(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-        return data if isinstance(data.get("entries"), dict) else {"version": 1, "entries": {}}
-    except (FileNotFoundError, ValueError, AttributeError):
-        return {"version": 1, "entries": {}}
-
-
-def _update_cache(path: Path, key: str, update: Callable[[dict[str, Any]], None]) -> None:
-    from filelock import FileLock  # read-modify-write under a lock: ranks on one host share the file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock", timeout=30):
-        data = _load_cache(path)
-        entry = data["entries"].setdefault(key, {})
-        update(entry)
-        atomic_write_bytes(path, json.dumps(data, indent=1, sort_keys=True).encode())
-
-
-def cache_key_hash(fields: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def mark_bad(key: str, batch_size: int | None = None, path: Path | None = None) -> None:
-    """Mark a cache entry bad (its size ran out of memory in training): it is no longer a hit, and
-    later searches under this key only consider sizes below every size marked bad."""
-    def upd(entry: dict[str, Any]) -> None:
-        b = batch_size if batch_size is not None else entry.get("device_batch_size")
-        entry["bad"] = True
-        if b is not None and b not in entry.setdefault("bad_sizes", []):
-            entry["bad_sizes"].append(int(b))
-
-    _update_cache(Path(path) if path else default_cache_path(), key, upd)
-    log.warning("autobatch: cache entry %s marked bad (batch %s)", key[:12], batch_size)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -430,7 +292,7 @@ def find_device_batch_size(
     }
     key = cache_key_hash(identity)
     path = Path(cache_path) if cache_path else default_cache_path()
-    entry = _load_cache(path)["entries"].get(key, {}) if use_cache else {}
+    entry = load_cache(path)["entries"].get(key, {}) if use_cache else {}
     # A size that ran out of memory in training rules out it and anything larger (on any rank).
     min_bad = int(-_max_over_ranks([-float(min(entry.get("bad_sizes") or [2**52]))], device)[0])
     if min_bad < 2**52:
@@ -449,11 +311,11 @@ def find_device_batch_size(
         """Run the real step at b (warm-up, then measured) on every rank; agree on the outcome."""
         seen_shapes.add(b)
         peak, oom, err = 0, False, None
-        _drop_grads(model, optimizers)
+        drop_grads(model, optimizers)
         try:
             for _ in range(warmup_steps):  # optimizer state, compiled graph and autotuning exist after this
                 train_step(b)
-            _drop_grads(model, optimizers)
+            drop_grads(model, optimizers)
             probe.reset()
             train_step(b)
             peak = probe.peak_bytes()
@@ -464,8 +326,8 @@ def find_device_batch_size(
                 err = e
             del e  # the traceback pins activations: drop it before freeing
         if oom:
-            _drop_grads(model, optimizers)
-            _free_memory()
+            drop_grads(model, optimizers)
+            free_memory()
         not_fit, errored, peak_all = _max_over_ranks([float(oom), float(err is not None), float(peak)], device)
         if err is not None:
             raise err
@@ -477,12 +339,12 @@ def find_device_batch_size(
         return rec
 
     def leave_no_trace() -> None:
-        _drop_grads(model, optimizers)
-        _restore(snap, optimizers)
-        _free_memory()
+        drop_grads(model, optimizers)
+        restore_snapshot(snap, optimizers)
+        free_memory()
         probe.reset()  # the trainer's own peak-memory report starts from here
 
-    snap = _snapshot(model, optimizers)
+    snap = take_snapshot(model, optimizers)
     try:
         chosen = None
         cached = entry.get("device_batch_size") if (entry and not entry.get("bad")) else None
@@ -518,7 +380,7 @@ def find_device_batch_size(
         def upd(e: dict[str, Any]) -> None:
             e.update(device_batch_size=b, bad=False, measured_peak=res.measured_peak, identity=identity,
                      created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-        _update_cache(path, key, upd)
+        update_cache(path, key, upd)
     log.info("%s", res.table())
     return res
 

@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="rows of --seq-len tokens per step")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--pretrain-steps", type=int, default=300)
-    p.add_argument("--sft-steps", type=int, default=250, help="steps of midtraining and of SFT")
+    p.add_argument("--mid-steps", type=int, default=450, help="midtraining steps")
+    p.add_argument("--sft-steps", type=int, default=150, help="SFT steps")
     p.add_argument("--synthetic-size", type=int, default=8000, help="synthetic conversations per epoch")
     p.add_argument("--device", default="auto")
     p.add_argument("--quick", action="store_true", help="a much smaller run (seconds), for smoke tests")
@@ -56,7 +57,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t_start = time.time()
     run, paths = args.run, RunPaths.for_run(args.run)
     if args.quick:
-        args.depth, args.seq_len, args.pretrain_steps, args.sft_steps, args.synthetic_size = 2, 128, 30, 10, 500
+        args.depth, args.seq_len, args.pretrain_steps, args.synthetic_size = 2, 128, 30, 500
+        args.mid_steps = args.sft_steps = 10
     data = DataConfig()
 
     _banner("1/5  tokenizer: byte-level BPE on the embedded corpus")
@@ -84,7 +86,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .train.sft import ChatDataConfig, chat_train, scale_lr
 
     chat_data = ChatDataConfig(synthetic_size=args.synthetic_size)
-    for stage, steps, lr_frac in (("mid", args.sft_steps, 1.0), ("sft", args.sft_steps, 0.5)):
+    for stage, steps, lr_frac in (("mid", args.mid_steps, 1.0), ("sft", args.sft_steps, 0.3)):
         stage_cfg = replace(cfg, stage=stage, num_steps=steps, eval_every=0, total_batch_tokens=batch * args.seq_len,
                             optim=replace(cfg.optim, warmdown_frac=0.5))
         result = chat_train(scale_lr(stage_cfg, lr_frac), chat_data)

@@ -91,10 +91,10 @@ class PretrainBatches:
 
 
 def pretrain(cfg: TrainConfig, data: DataConfig, on_step=None) -> dict:
-    from ..data.loader import PretrainLoader, val_batches
+    from ..data.loader import PretrainLoader
     from ..data.sources import open_source
     from ..tokenizer_cli import load_run_tokenizer
-    from .loop import Trainer
+    from .loop import Trainer, bpb_batches
 
     tokenizer = load_run_tokenizer(cfg.run)
     model_cfg = ModelConfig.from_depth(cfg.depth, vocab_size=tokenizer.vocab_size, seq_len=cfg.seq_len)
@@ -105,10 +105,7 @@ def pretrain(cfg: TrainConfig, data: DataConfig, on_step=None) -> dict:
                                               dist.world_size, device))
 
     def make_val(T: int, dist: DistInfo, device: torch.device):
-        B = 8 if device.type == "cuda" else 4
-        n = max(1, cfg.eval_tokens // (B * T * dist.world_size))
-        for x, y in val_batches(source, tokenizer, B, T, n, dist.rank, dist.world_size, device):
-            yield {"inputs": x, "targets": y}
+        return bpb_batches(source, tokenizer, T, cfg.eval_tokens, device, dist.rank, dist.world_size)
 
     trainer = Trainer(cfg, model_cfg, tokenizer, make_batches, make_val, sample_prompts=SAMPLE_PROMPTS,
                       on_step=on_step)

@@ -87,6 +87,18 @@ def evaluate_bpb(model, batches: Iterator[dict], token_bytes: torch.Tensor, devi
     return (total_nats / (math.log(2) * total_bytes.clamp(min=1))).item()
 
 
+def bpb_batches(source, tokenizer, seq_len: int, max_tokens: int, device: torch.device, rank: int = 0,
+                world_size: int = 1) -> Iterator[dict]:
+    """The fixed held-out batches validation bits-per-byte is measured on (8 rows on CUDA, 4
+    elsewhere; `max_tokens` over all ranks): training's log and `picochat eval --bpb` share them."""
+    from ..data.loader import val_batches
+
+    B = 8 if device.type == "cuda" else 4
+    n = max(1, max_tokens // (B * seq_len * world_size))
+    for x, y in val_batches(source, tokenizer, B, seq_len, n, rank, world_size, device):
+        yield {"inputs": x, "targets": y}
+
+
 @torch.no_grad()
 def greedy_sample(model, tokenizer, prompt: str, max_tokens: int, device: torch.device) -> str:
     """A short greedy continuation without the engine (the loop must not depend on `infer`)."""

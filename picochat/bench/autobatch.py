@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from ..train.autobatch import is_oom_error
 from .record import append_records, base_record, print_json_last
 
 GiB = 1024**3
@@ -92,18 +93,11 @@ class _Bench:
         self.optimizer_step()
 
 
-def _is_oom(e: BaseException) -> bool:
-    from ..train.autobatch import is_oom_error
-
-    return is_oom_error(e)
-
-
 def _free(bench: _Bench) -> None:
-    import gc
+    from ..train.snapshot import free_memory
 
     bench.model.zero_grad(set_to_none=True)
-    gc.collect()
-    torch.cuda.empty_cache()
+    free_memory()
 
 
 def _tok_per_s(bench: _Bench, b: int, steps: int, warmup: int) -> tuple[float | None, float | None]:
@@ -120,7 +114,7 @@ def _tok_per_s(bench: _Bench, b: int, steps: int, warmup: int) -> tuple[float | 
             torch.cuda.synchronize(bench.device)
             times.append(time.perf_counter() - t0)
     except Exception as e:  # noqa: BLE001 - only OOM is a result here; anything else is a bug
-        if not _is_oom(e):
+        if not is_oom_error(e):
             raise
         del e
         _free(bench)
@@ -187,7 +181,7 @@ def measure_autobatch(args: argparse.Namespace) -> dict:
                       f"peak {torch.cuda.max_memory_allocated(device) / GiB:.2f} GiB")
         torch.cuda.synchronize(device)
     except Exception as e:  # noqa: BLE001
-        if not _is_oom(e):
+        if not is_oom_error(e):
             raise
         del e
         oom = True

@@ -185,10 +185,9 @@ def measure(mode: str, batches: list[dict], depth: int, B: int, T: int, vocab_si
 
 def find_batch_size(args: argparse.Namespace, T: int, largest: int = 128) -> int:
     """The autobatch finder on the real SFT step (compiled or not, document-masked) of this model."""
-    import gc
-
     from ..config import ModelConfig, TrainConfig
     from ..train.loop import Trainer
+    from ..train.snapshot import free_memory
 
     model_cfg = ModelConfig.from_depth(args.depth, vocab_size=args.vocab_size, seq_len=T)
     cfg = TrainConfig(run="bench", stage="sft", depth=args.depth, seq_len=T, device_batch_size="auto",
@@ -198,9 +197,7 @@ def find_batch_size(args: argparse.Namespace, T: int, largest: int = 128) -> int
     B = trainer._choose_device_batch()
     del trainer
     torch._dynamo.reset()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_memory()
     return B
 
 

@@ -8,6 +8,8 @@ import statistics
 
 import torch
 
+from ..train.autobatch import is_oom_error
+from ..train.snapshot import free_memory
 from .record import append_records, base_record, print_json_last
 
 
@@ -104,7 +106,9 @@ def cmd_train_bench(args: argparse.Namespace) -> int:
         try:
             records.append(measure_train(args.depth, size, args.seq_len, args.vocab_size, args.steps, args.warmup,
                                          args.grad_accum, args.compile, args.device, args.profile))
-        except torch.OutOfMemoryError:
+        except Exception as e:  # noqa: BLE001 - an OOM is a result (recorded); anything else is a bug
+            if not is_oom_error(e):
+                raise
             from ..common import detect_device
 
             rec = base_record("train", detect_device(args.device), args.depth)
@@ -112,12 +116,8 @@ def cmd_train_bench(args: argparse.Namespace) -> int:
                        peak_mem_gib=None)
             records.append(rec)
         finally:  # one size's compiled graphs and buffers must not crowd the next
-            import gc
-
             torch._dynamo.reset()
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            free_memory()
     print(f"\n{'gpu':<28}{'depth':>6}{'batch':>7}{'seq':>6}{'tok/s':>12}{'MFU':>8}{'peak GiB':>10}")
     for r in records:
         if r.get("oom"):

@@ -35,8 +35,10 @@ def _peak_bandwidth(gpu: str) -> float | None:
 def run_decode_bench(depth: int = 12, batch_sizes: list[int] = (1, 8, 64), prompt_len: int = 512,
                      new_tokens: int = 256, modes: list[str] = ("naive", "eager", "fast"),
                      device: torch.device | str = "cuda", vocab_size: int = 32768, naive_max_batch: int = 8,
-                     compile: bool = False, sync_every: int | None = None, seed: int = 0) -> list[dict]:
-    """One record per (mode, batch size) that was run; naive above `naive_max_batch` is skipped."""
+                     compile: bool = False, sync_every: int | None = None, seed: int = 0,
+                     profile: bool = False) -> list[dict]:
+    """One record per (mode, batch size) that was run; naive above `naive_max_batch` is skipped.
+    `profile` prints the top kernels of 64 further `fast` decode steps at each batch size."""
     from ..config import ModelConfig
     from ..infer.engine import Engine
     from ..model.gpt import build_model
@@ -82,6 +84,8 @@ def run_decode_bench(depth: int = 12, batch_sizes: list[int] = (1, 8, 64), promp
                 torch.cuda.synchronize(device)
             t_end = time.perf_counter()
             assert n_steps == new_tokens, f"{mode}: {n_steps} steps for {new_tokens} tokens"
+            if profile and engine.mode == "fast":
+                print_decode_profile(engine, prompts, {**kw, "max_tokens": 65})
             decode_s = max(t_end - t_first, 1e-9)
             per_row = (new_tokens - 1) / decode_s
             step_bytes = weight_bytes + B * kv_bytes_per_token * mean_context
@@ -105,6 +109,22 @@ def run_decode_bench(depth: int = 12, batch_sizes: list[int] = (1, 8, 64), promp
     return records
 
 
+def print_decode_profile(engine, prompts: list[list[int]], kw: dict) -> None:
+    """Kernels of one generate call (prefill + 64 decode steps), by device time, and their count:
+    at batch 1 the step is launch-bound, so kernels per step is the number to bring down."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in engine.generate(prompts, **kw):
+            pass
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    print(f"\nprofile: fast, batch {len(prompts)}, {kw['max_tokens'] - 1} decode steps: "
+          f"{kernels} device kernels/copies in all (~{kernels / (kw['max_tokens'] - 1):.0f} per step)")
+    print(events.table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=80))
+
+
 def add_decode_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("decode", help="decode tok/s, TTFT and MBU: naive vs eager (KV cache) vs fast (CUDA graphs)")
     p.add_argument("--depth", type=int, default=12)
@@ -118,6 +138,7 @@ def add_decode_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sync-every", type=int, default=None, help="fast mode: decode steps per host sync")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true", help="print the top kernels of the fast step per batch size")
     p.add_argument("--append", help="append JSON records to this file (e.g. docs/benchmarks/results.jsonl)")
     p.set_defaults(func=cmd_decode_bench)
 
@@ -133,7 +154,8 @@ def cmd_decode_bench(args: argparse.Namespace) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     sizes = [int(s) for s in args.batch_sizes.split(",") if s.strip()]
     records = run_decode_bench(args.depth, sizes, args.prompt_len, args.new_tokens, modes, device,
-                               args.vocab_size, args.naive_max_batch, args.compile, args.sync_every, args.seed)
+                               args.vocab_size, args.naive_max_batch, args.compile, args.sync_every, args.seed,
+                               args.profile)
     base = base_record("decode", device, args.depth)
     records = [{**base, **r, "commit": base["commit"], "command": base["command"]} for r in records]
     print(f"\ndecode · {base['gpu']} · d{args.depth} · prompt {args.prompt_len} random tokens · "

@@ -175,14 +175,14 @@ _compiled_decode_step = None
 
 
 def _compiled_step():
-    """One compiled wrapper for the process: each (rows, window) shape is one static compilation."""
+    """One compiled wrapper for the process: one compilation per batch bucket (and model)."""
     global _compiled_decode_step
     if _compiled_decode_step is None:
         import torch._dynamo
 
         limit = getattr(torch._dynamo.config, "recompile_limit", None)
-        if limit is not None and limit < 64:  # one entry per (bucket, window): more than the default 8
-            torch._dynamo.config.recompile_limit = 64
+        if limit is not None and limit < 32:  # one entry per bucket (1, 2, 4, ...): more than the default 8
+            torch._dynamo.config.recompile_limit = 32
         _compiled_decode_step = torch.compile(_decode_step, dynamic=False)
     return _compiled_decode_step
 
@@ -191,28 +191,31 @@ class _CachedRunner(_Runner):
     """Static KV cache; the decode step is eager, or replayed from CUDA graphs when `graph`.
 
     With graphs, one graph is captured per attention window (the first W cache slots, W a multiple
-    of 256, or a power of two when compiling, to bound recompilations): a step only reads the slots
-    that can hold tokens yet, so early steps of a long cache do not pay for its empty end. The host
-    knows which window suffices without a sync: an upper bound of every row's position (`hi`)."""
+    of `window_step`): a step only reads the slots that can hold tokens yet, so early steps of a
+    long cache do not pay for its empty end. The host knows which window suffices without a sync:
+    an upper bound of every row's position (`hi`). A compiled step is compiled once per batch
+    bucket: the window length is a dynamic dimension, and the cache has one spare slot so that every
+    window is a strided slice (a window equal to the whole cache would be contiguous: a recompile)."""
 
     def __init__(self, model, rows: int, max_len: int, k_max: int, dtype: torch.dtype,
                  graph: bool = False, compile: bool = False, window_step: int = 256):
         super().__init__(model, rows, max_len, k_max)
         c = model.config
-        self.cache = KVCache.allocate(c.n_layer, rows, c.n_kv_head, max_len, c.head_dim, self.device, dtype)
+        slots = max_len + 1 if compile else max_len
+        self.cache = KVCache.allocate(c.n_layer, rows, c.n_kv_head, slots, c.head_dim, self.device, dtype)
         self.pos = self.cache.pos
         self.hi = 0
         self._fn = _compiled_step() if compile else _decode_step
         self.graph: torch.cuda.CUDAGraph | None = None  # the widest window's graph (None: eager)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.windows = sorted(set(range(window_step, max_len, window_step)) | {max_len})
+        self._views = {w: self.cache.view(length=w) for w in self.windows}
         if compile:
-            windows = {min(window_step << max(0, (w - 1) // window_step).bit_length(), max_len)
-                       for w in range(1, max_len + 1, window_step)}
-        else:
-            windows = set(range(window_step, max_len, window_step))
-        self.windows = sorted(windows | {max_len})
-        self._views = {w: KVCache(self.cache.k[:, :, :, :w], self.cache.v[:, :, :, :w], self.pos)
-                       for w in self.windows}
+            import torch._dynamo
+
+            for view in self._views.values():
+                for t in (*view.k, *view.v):
+                    torch._dynamo.mark_dynamic(t, 2)
         if graph:
             try:
                 for w in self.windows:
@@ -249,14 +252,13 @@ class _CachedRunner(_Runner):
         B, T = ids.shape
         # prefill into the first B rows (views: writes land in the static cache)
         self.cache.pos.zero_()  # also parks bucket rows beyond this call's, left over from the last one
-        view = KVCache(self.cache.k[:, :B], self.cache.v[:, :B], self.cache.pos[:B])
-        logits = self.model(ids, kv_cache=view, logits_at=lens - 1)[:, 0]
+        logits = self.model(ids, kv_cache=self.cache.view(rows=B), logits_at=lens - 1)[:, 0]
         self.cache.pos[:B] = lens
         self.hi = T  # the first decode step writes at each row's length, at most T
         if n > 1:  # copy each prompt's rows n times; the gather copies first, so overlap is safe
             src = torch.arange(B * n, device=self.device) // n
-            self.cache.k[:, :B * n, :, :T] = self.cache.k[:, src, :, :T]
-            self.cache.v[:, :B * n, :, :T] = self.cache.v[:, src, :, :T]
+            for kv in (*self.cache.k, *self.cache.v):
+                kv[:B * n, :, :T] = kv[src, :, :T]
             self.cache.pos[:B * n] = lens.repeat_interleave(n)
             logits = logits.repeat_interleave(n, dim=0)
         return logits
@@ -295,7 +297,7 @@ class Engine:
 
     def __init__(self, model, tokenizer=None, *, mode: str | None = None, dtype: torch.dtype | None = None,
                  sync_every: int | None = None, compile: bool = False, max_context: int | None = None,
-                 max_runners: int = 4):
+                 max_runners: int = 4, fuse: bool | None = None):
         device = next(model.parameters()).device
         self.device = device
         if mode is None:
@@ -307,10 +309,15 @@ class Engine:
             mode = "eager"
         self.mode = mode
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        if next(model.parameters()).dtype != dtype:
+        if fuse is None:
+            fuse = mode == "fast" and hasattr(model, "fuse_for_inference")
+        if next(model.parameters()).dtype != dtype or fuse:
             # Inference reads every weight once per token: keeping them in bf16 halves the bytes and
             # avoids re-casting fp32 master weights every step (autocast would, inside the graph too).
+            # Fusing q/k/v rewrites modules, so it happens on a copy: the caller's model stays trainable.
             model = copy.deepcopy(model).to(dtype)
+            if fuse:
+                model.fuse_for_inference()
         self.model, self.dtype = model.eval(), dtype
         self.tokenizer = tokenizer
         self.sync_every = sync_every or (16 if mode == "fast" else 1)
@@ -330,7 +337,8 @@ class Engine:
         if self.mode == "naive":
             return _NaiveRunner(model, rows, need + k - 1, k)
         if self.mode == "eager":
-            return _CachedRunner(model, rows, need + k - 1, k, self.dtype, window_step=self.window_step)
+            return _CachedRunner(model, rows, need + k - 1, k, self.dtype, compile=self.compile,
+                                 window_step=self.window_step)
         # fast: reuse a captured graph per (batch bucket, 256-slot length bucket); a bucket's cache
         # length is what every step reads, so it is kept close to what this call needs
         bucket_rows = _bucket(rows)

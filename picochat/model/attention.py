@@ -51,30 +51,40 @@ def document_mask(doc_ids: torch.Tensor, use_flex: bool | None = None):
 
 @dataclass
 class KVCache:
-    """Preallocated keys/values for every layer: (n_layer, B, Hkv, L, D), plus each row's position.
+    """Preallocated keys/values, one (B, Hkv, L, D) tensor per layer, plus each row's position.
 
     `pos[b]` is how many tokens row b holds. A forward of T new tokens writes them at
     pos[b] .. pos[b]+T-1 and then advances `pos` by T; the engine may rewind or set `pos` per row
-    (e.g. after prefilling right-padded prompts of different lengths)."""
+    (e.g. after prefilling right-padded prompts of different lengths).
 
-    k: torch.Tensor
-    v: torch.Tensor
+    One tensor per layer, not one stacked tensor, so a compiled decode step mutates each layer's
+    cache in place: a write into a slice of a stacked graph input is functionalised into a copy of
+    the whole stack, which costs more than the step itself at large batch."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
     pos: torch.Tensor  # (B,) long, on the cache's device
 
     @classmethod
     def allocate(cls, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int,
                  device: torch.device, dtype: torch.dtype) -> "KVCache":
-        shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
-        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
+        shape = (batch_size, n_kv_head, max_len, head_dim)
+        return cls([torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)],
+                   [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)],
                    torch.zeros(batch_size, dtype=torch.long, device=device))
 
     @property
     def batch_size(self) -> int:
-        return self.k.size(1)
+        return self.k[0].size(0)
 
     @property
     def max_len(self) -> int:
-        return self.k.size(3)
+        return self.k[0].size(2)
+
+    def view(self, rows: int | None = None, length: int | None = None) -> "KVCache":
+        """The first `rows` rows and `length` slots, sharing storage (writes land in this cache)."""
+        r, n = slice(None, rows), slice(None, length)
+        return KVCache([k[r, :, n] for k in self.k], [v[r, :, n] for v in self.v], self.pos[r])
 
     def positions(self, T: int) -> torch.Tensor:
         """(B, T) absolute positions of the next T tokens of each row."""
@@ -82,10 +92,10 @@ class KVCache:
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         """Store new keys/values (B, Hkv, T, D) at `positions` (B, T), without a host sync."""
-        B, H, T, D = k.shape
-        index = positions[:, None, :, None].expand(B, H, T, D)
-        self.k[layer].scatter_(2, index, k.to(self.k.dtype))
-        self.v[layer].scatter_(2, index, v.to(self.v.dtype))
+        rows = torch.arange(k.size(0), device=positions.device)[:, None]
+        # advanced indices on dims 0 and 2 put their (B, T) shape first: values are (B, T, Hkv, D)
+        self.k[layer][rows, :, positions] = k.transpose(1, 2).to(self.k[layer].dtype)
+        self.v[layer][rows, :, positions] = v.transpose(1, 2).to(self.v[layer].dtype)
 
     def mask(self, positions: torch.Tensor) -> torch.Tensor:
         """(B, 1, T, L) boolean: query at position p sees cached slots 0..p."""
@@ -96,8 +106,3 @@ class KVCache:
         k, v = self.k[layer], self.v[layer]
         return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
                                               enable_gqa=k.size(1) != q.size(1))
-
-    def repeat_rows(self, n: int) -> "KVCache":
-        """A cache of B*n rows, each of the B rows copied n times (prefill once, sample n ways)."""
-        return KVCache(self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1),
-                       self.pos.repeat_interleave(n))

@@ -39,13 +39,32 @@ class Attention(nn.Module):
         self.c_k = nn.Linear(D, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(D, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(D, D, bias=False)
+        self.c_qkv: nn.Linear | None = None  # set by fuse_qkv() (inference copies only)
+
+    @torch.no_grad()
+    def fuse_qkv(self) -> None:
+        """Replace c_q, c_k, c_v by one projection: one matmul and one rotary/norm pass per layer
+        instead of three, which is what a launch-bound decode step pays for. Inference only: the
+        optimizer and checkpoints know the three separate matrices."""
+        if self.c_qkv is not None:
+            return
+        w = torch.cat([self.c_q.weight, self.c_k.weight, self.c_v.weight])
+        self.c_qkv = nn.Linear(w.size(1), w.size(0), bias=False, device=w.device, dtype=w.dtype)
+        self.c_qkv.weight.copy_(w)
+        del self.c_q, self.c_k, self.c_v
 
     def forward(self, x, cos, sin, attn_mask=None, kv_cache: KVCache | None = None, positions=None, cache_mask=None):
         B, T, _ = x.shape
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
+        H, Hkv = self.n_head, self.n_kv_head
+        if self.c_qkv is None:
+            q = self.c_q(x).view(B, T, H, self.head_dim).transpose(1, 2)
+            k = self.c_k(x).view(B, T, Hkv, self.head_dim).transpose(1, 2)
+            v = self.c_v(x).view(B, T, Hkv, self.head_dim).transpose(1, 2)
+            q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
+        else:
+            qkv = self.c_qkv(x).view(B, T, H + 2 * Hkv, self.head_dim).transpose(1, 2)
+            qk = rms_norm(apply_rotary(qkv[:, :H + Hkv], cos, sin))  # rotary and norm act per head
+            q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv:]
         if kv_cache is None:
             y = causal_attention(q, k, v, attn_mask)
         else:
@@ -111,6 +130,12 @@ class GPT(nn.Module):
         cos, sin = self._rotary_tables(self.rotary_len, device=self.cos.device)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
+
+    def fuse_for_inference(self) -> "GPT":
+        """Fuse each layer's q/k/v projections (see `Attention.fuse_qkv`); returns self."""
+        for block in self.blocks:
+            block.attn.fuse_qkv()
+        return self
 
     # -- accounting ----------------------------------------------------------------------------
     def num_params(self, matmul_only: bool = False) -> int:

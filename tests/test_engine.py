@@ -337,8 +337,8 @@ def test_chat_session_drops_oldest_turns(capsys):
 
 @gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("compile", [False, True])
-def test_fast_path_matches_eager_greedy(compile):
+@pytest.mark.parametrize("compile,attention", [(False, "sdpa"), (True, "sdpa"), (True, "flex")])
+def test_fast_path_matches_eager_greedy(compile, attention):
     dev = torch.device("cuda")
     model = random_model(n_layer=2, n_head=4, n_kv_head=2, n_embd=128, vocab=512, seq_len=256, device=dev)
     prompts = [[(7 * i + j) % 500 for j in range(5 + 3 * i)] for i in range(5)]
@@ -346,7 +346,7 @@ def test_fast_path_matches_eager_greedy(compile):
     # compiled kernels round differently from eager bf16 ones: compare in fp32 so greedy ties are moot
     dtype = torch.float32 if compile else torch.bfloat16
     eager = Engine(model, None, mode="eager", dtype=dtype).generate_batch(prompts, **kw)
-    fast = Engine(model, None, mode="fast", compile=compile, dtype=dtype)
+    fast = Engine(model, None, mode="fast", compile=compile, dtype=dtype, attention=attention, window_step=16)
     assert fast.generate_batch(prompts, **kw) == eager
     assert fast.last_runner.graph is not None  # really replayed a graph
     assert fast.generate_batch(prompts[:1], num_samples=3, **kw) == [eager[0]] * 3

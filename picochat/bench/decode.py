@@ -35,8 +35,8 @@ def _peak_bandwidth(gpu: str) -> float | None:
 def run_decode_bench(depth: int = 12, batch_sizes: list[int] = (1, 8, 64), prompt_len: int = 512,
                      new_tokens: int = 256, modes: list[str] = ("naive", "eager", "fast"),
                      device: torch.device | str = "cuda", vocab_size: int = 32768, naive_max_batch: int = 8,
-                     compile: bool = False, sync_every: int | None = None, seed: int = 0,
-                     profile: bool = False) -> list[dict]:
+                     compile: bool | str = False, sync_every: int | None = None, seed: int = 0,
+                     profile: bool = False, attention: str = "sdpa", window_step: int | None = None) -> list[dict]:
     """One record per (mode, batch size) that was run; naive above `naive_max_batch` is skipped.
     `profile` prints the top kernels of 64 further `fast` decode steps at each batch size."""
     from ..config import ModelConfig
@@ -59,7 +59,9 @@ def run_decode_bench(depth: int = 12, batch_sizes: list[int] = (1, 8, 64), promp
         if mode == "fast" and not cuda:
             print(f"skipping fast: it needs CUDA (device is {device.type})")
             continue
-        engine = Engine(model, None, mode=mode, compile=compile, sync_every=sync_every)
+        fast = mode == "fast"
+        engine = Engine(model, None, mode=mode, compile=compile if fast else False, sync_every=sync_every,
+                        attention=attention if fast else "sdpa", window_step=window_step)
         for B in batch_sizes:
             if mode == "naive" and B > naive_max_batch:
                 print(f"skipping naive at batch {B} (> --naive-max-batch {naive_max_batch})")
@@ -98,7 +100,9 @@ def run_decode_bench(depth: int = 12, batch_sizes: list[int] = (1, 8, 64), promp
                 "ttft_ms": round(1000 * (t_first - t0), 2), "tok_per_s_row": round(per_row, 1),
                 "tok_per_s_total": round(per_row * B, 1), "mbu": round(mbu, 4) if mbu is not None else None,
                 "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None,
-                "cuda_graph": bool(getattr(runner, "graph", None) is not None), "compile": bool(compile),
+                "cuda_graph": bool(getattr(runner, "graph", None) is not None),
+                "compile": engine.compile or False, "attention": engine.attention,
+                "window_step": engine.window_step, "fused_qkv": _fused(engine.model),
                 "sync_every": engine.sync_every,
                 "mbu_basis": "bf16 matmul weights + KV of tokens in context (mean) per step / "
                              f"{peak_bw:.3g} B/s" if peak_bw else None,
@@ -107,6 +111,11 @@ def run_decode_bench(depth: int = 12, batch_sizes: list[int] = (1, 8, 64), promp
         if cuda:
             torch.cuda.empty_cache()
     return records
+
+
+def _fused(model) -> bool:
+    blocks = getattr(model, "blocks", None)
+    return bool(blocks) and getattr(blocks[0].attn, "c_qkv", None) is not None
 
 
 def print_decode_profile(engine, prompts: list[list[int]], kw: dict) -> None:
@@ -134,7 +143,12 @@ def add_decode_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--modes", default="naive,eager,fast", help="comma list of naive, eager, fast")
     p.add_argument("--vocab-size", type=int, default=32768)
     p.add_argument("--naive-max-batch", type=int, default=8, help="skip naive above this batch size (slow)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the fast step before graph capture")
+    p.add_argument("--compile", nargs="?", const="default", default=False, metavar="MODE",
+                   help="torch.compile the fast step before graph capture (MODE: a torch.compile mode, "
+                        "e.g. max-autotune-no-cudagraphs; default 'default')")
+    p.add_argument("--attention", choices=["sdpa", "flex"], default="sdpa",
+                   help="decode attention of the fast step: SDPA, or FlexAttention (needs --compile)")
+    p.add_argument("--window-step", type=int, default=None, help="attention window granularity (cache slots)")
     p.add_argument("--sync-every", type=int, default=None, help="fast mode: decode steps per host sync")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -155,7 +169,7 @@ def cmd_decode_bench(args: argparse.Namespace) -> int:
     sizes = [int(s) for s in args.batch_sizes.split(",") if s.strip()]
     records = run_decode_bench(args.depth, sizes, args.prompt_len, args.new_tokens, modes, device,
                                args.vocab_size, args.naive_max_batch, args.compile, args.sync_every, args.seed,
-                               args.profile)
+                               args.profile, args.attention, args.window_step)
     base = base_record("decode", device, args.depth)
     records = [{**base, **r, "commit": base["commit"], "command": base["command"]} for r in records]
     print(f"\ndecode · {base['gpu']} · d{args.depth} · prompt {args.prompt_len} random tokens · "

@@ -171,20 +171,21 @@ def _decode_step(model, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
     return model(idx, kv_cache=cache)[:, -1]
 
 
-_compiled_decode_step = None
+_compiled_steps: dict[str, object] = {}
 
 
-def _compiled_step():
-    """One compiled wrapper for the process: one compilation per batch bucket (and model)."""
-    global _compiled_decode_step
-    if _compiled_decode_step is None:
+def _compiled_step(mode: str = "default"):
+    """One compiled wrapper per torch.compile mode for the process; each compiles once per batch
+    bucket (and model). "max-autotune-no-cudagraphs" lets Inductor time Triton matmul templates
+    against cuBLAS for the decode shapes (slow to compile; graphs are ours, hence no-cudagraphs)."""
+    if mode not in _compiled_steps:
         import torch._dynamo
 
         limit = getattr(torch._dynamo.config, "recompile_limit", None)
         if limit is not None and limit < 32:  # one entry per bucket (1, 2, 4, ...): more than the default 8
             torch._dynamo.config.recompile_limit = 32
-        _compiled_decode_step = torch.compile(_decode_step, dynamic=False)
-    return _compiled_decode_step
+        _compiled_steps[mode] = torch.compile(_decode_step, dynamic=False, mode=mode)
+    return _compiled_steps[mode]
 
 
 class _CachedRunner(_Runner):
@@ -198,14 +199,16 @@ class _CachedRunner(_Runner):
     window is a strided slice (a window equal to the whole cache would be contiguous: a recompile)."""
 
     def __init__(self, model, rows: int, max_len: int, k_max: int, dtype: torch.dtype,
-                 graph: bool = False, compile: bool = False, window_step: int = 256):
+                 graph: bool = False, compile: str | None = None, window_step: int = 256,
+                 attention: str = "sdpa"):
         super().__init__(model, rows, max_len, k_max)
         c = model.config
         slots = max_len + 1 if compile else max_len
-        self.cache = KVCache.allocate(c.n_layer, rows, c.n_kv_head, slots, c.head_dim, self.device, dtype)
+        self.cache = KVCache.allocate(c.n_layer, rows, c.n_kv_head, slots, c.head_dim, self.device, dtype,
+                                      attention=attention)
         self.pos = self.cache.pos
         self.hi = 0
-        self._fn = _compiled_step() if compile else _decode_step
+        self._fn = _compiled_step(compile) if compile else _decode_step
         self.graph: torch.cuda.CUDAGraph | None = None  # the widest window's graph (None: eager)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.windows = sorted(set(range(window_step, max_len, window_step)) | {max_len})
@@ -296,8 +299,13 @@ class Engine:
     """Batched generation over a GPT. See the module docstring for modes and semantics."""
 
     def __init__(self, model, tokenizer=None, *, mode: str | None = None, dtype: torch.dtype | None = None,
-                 sync_every: int | None = None, compile: bool = False, max_context: int | None = None,
-                 max_runners: int = 4, fuse: bool | None = None):
+                 sync_every: int | None = None, compile: bool | str = False, max_context: int | None = None,
+                 max_runners: int = 4, fuse: bool | None = None, attention: str = "sdpa",
+                 window_step: int | None = None):
+        """`compile`: torch.compile the decode step (True, or a torch.compile mode name such as
+        "max-autotune-no-cudagraphs"); `fuse`: one q/k/v projection (default on in fast mode);
+        `attention`: "sdpa", or "flex" (FlexAttention's decoding kernel; compiled CUDA steps only);
+        `window_step`: granularity of the attention windows over the cache (see `_CachedRunner`)."""
         device = next(model.parameters()).device
         self.device = device
         if mode is None:
@@ -321,8 +329,13 @@ class Engine:
         self.model, self.dtype = model.eval(), dtype
         self.tokenizer = tokenizer
         self.sync_every = sync_every or (16 if mode == "fast" else 1)
-        self.compile = compile
-        self.window_step = 256  # attention reads the cache in windows of this granularity (see _CachedRunner)
+        self.compile: str | None = ("default" if compile is True else compile) or None
+        if attention not in ("sdpa", "flex"):
+            raise ValueError(f"unknown attention {attention!r}; pick sdpa or flex")
+        if attention == "flex" and not (self.compile and device.type == "cuda"):
+            raise ValueError("attention='flex' needs a compiled step on CUDA (compile=True)")
+        self.attention = attention
+        self.window_step = window_step or 256
         self.max_context = max_context or model.config.seq_len
         if self.max_context > model.rotary_len:
             raise ValueError(f"max_context {self.max_context} exceeds the model's {model.rotary_len} positions")
@@ -338,7 +351,7 @@ class Engine:
             return _NaiveRunner(model, rows, need + k - 1, k)
         if self.mode == "eager":
             return _CachedRunner(model, rows, need + k - 1, k, self.dtype, compile=self.compile,
-                                 window_step=self.window_step)
+                                 window_step=self.window_step, attention=self.attention)
         # fast: reuse a captured graph per (batch bucket, 256-slot length bucket); a bucket's cache
         # length is what every step reads, so it is kept close to what this call needs
         bucket_rows = _bucket(rows)
@@ -349,7 +362,8 @@ class Engine:
             while len(self._runners) >= self._max_runners:
                 self._runners.popitem(last=False)
             runner = _CachedRunner(model, bucket_rows, length, self.sync_every, self.dtype, graph=True,
-                                   compile=self.compile, window_step=self.window_step)
+                                   compile=self.compile, window_step=self.window_step,
+                                   attention=self.attention)
         self._runners[key] = runner
         return runner
 

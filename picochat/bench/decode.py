@@ -87,7 +87,7 @@ def run_decode_bench(depth: int = 12, batch_sizes: list[int] = (1, 8, 64), promp
             t_end = time.perf_counter()
             assert n_steps == new_tokens, f"{mode}: {n_steps} steps for {new_tokens} tokens"
             if profile and engine.mode == "fast":
-                print_decode_profile(engine, prompts, {**kw, "max_tokens": 65})
+                print_decode_profile(engine, prompts, kw)
             decode_s = max(t_end - t_first, 1e-9)
             per_row = (new_tokens - 1) / decode_s
             step_bytes = weight_bytes + B * kv_bytes_per_token * mean_context
@@ -118,20 +118,23 @@ def _fused(model) -> bool:
     return bool(blocks) and getattr(blocks[0].attn, "c_qkv", None) is not None
 
 
-def print_decode_profile(engine, prompts: list[list[int]], kw: dict) -> None:
-    """Kernels of one generate call (prefill + 64 decode steps), by device time, and their count:
-    at batch 1 the step is launch-bound, so kernels per step is the number to bring down."""
+def print_decode_profile(engine, prompts: list[list[int]], kw: dict, steps: int = 64) -> None:
+    """Kernels of prefill + `steps` decode steps on the already captured runner, by device time,
+    with kernels per step and device-busy time per step: at batch 1 the step is launch-bound, so
+    these are the numbers to bring down."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in engine.generate(prompts, **kw):
-            pass
+        for i, _ in enumerate(engine.generate(prompts, **kw)):
+            if i >= steps:
+                break
         torch.cuda.synchronize()
     events = prof.key_averages()
-    kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-    print(f"\nprofile: fast, batch {len(prompts)}, {kw['max_tokens'] - 1} decode steps: "
-          f"{kernels} device kernels/copies in all (~{kernels / (kw['max_tokens'] - 1):.0f} per step)")
-    print(events.table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=80))
+    cuda = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels, busy_us = sum(e.count for e in cuda), sum(e.self_device_time_total for e in cuda)
+    print(f"\nprofile: fast, batch {len(prompts)}, prefill + {steps} decode steps: {kernels} device kernels "
+          f"(~{kernels / steps:.0f} per step), device busy {busy_us / steps:.0f} us per step")
+    print(events.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=80))
 
 
 def add_decode_parser(sub: argparse._SubParsersAction) -> None:
@@ -146,7 +149,7 @@ def add_decode_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", nargs="?", const="default", default=False, metavar="MODE",
                    help="torch.compile the fast step before graph capture (MODE: a torch.compile mode, "
                         "e.g. max-autotune-no-cudagraphs; default 'default')")
-    p.add_argument("--attention", choices=["sdpa", "flex"], default="sdpa",
+    p.add_argument("--attention", choices=["sdpa", "flex", "math"], default="sdpa",
                    help="decode attention of the fast step: SDPA, or FlexAttention (needs --compile)")
     p.add_argument("--window-step", type=int, default=None, help="attention window granularity (cache slots)")
     p.add_argument("--sync-every", type=int, default=None, help="fast mode: decode steps per host sync")

@@ -128,7 +128,8 @@ class _Runner:
     def prefill(self, prompts: list[list[int]], n: int) -> torch.Tensor:
         raise NotImplementedError
 
-    def step(self) -> torch.Tensor:
+    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed `idx` at `pos`: (rows, V) logits, and the greedy tokens, already written to `idx`."""
         raise NotImplementedError
 
     def _padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,16 +160,24 @@ class _NaiveRunner(_Runner):
         return self.model(ids, logits_at=lens - 1)[:, 0].repeat_interleave(n, dim=0)
 
     @torch.no_grad()
-    def step(self) -> torch.Tensor:
+    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
         self.seq.scatter_(1, self.pos[:, None], self.idx)
         self.pos += 1
         self.hi = min(self.hi + 1, self.max_len)
-        return self.model(self.seq[:, :self.hi], logits_at=self.pos - 1)[:, 0]
+        logits = self.model(self.seq[:, :self.hi], logits_at=self.pos - 1)[:, 0]
+        greedy = logits.argmax(dim=-1)
+        self.idx.copy_(greedy[:, None])
+        return logits, greedy
 
 
-def _decode_step(model, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """One token for every row: (rows, 1) ids -> (rows, V) logits; writes the cache, advances pos."""
-    return model(idx, kv_cache=cache)[:, -1]
+def _decode_step(model, idx: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token for every row: (rows, 1) ids -> (rows, V) logits and the greedy token, which also
+    becomes the next input (greedy decoding then needs nothing outside the graph but a copy out;
+    a sampled or forced token overwrites `idx` after the step). Writes the cache, advances pos."""
+    logits = model(idx, kv_cache=cache)[:, -1]
+    greedy = logits.argmax(dim=-1)
+    idx.copy_(greedy[:, None])
+    return logits, greedy
 
 
 _compiled_steps: dict[str, object] = {}
@@ -210,7 +219,7 @@ class _CachedRunner(_Runner):
         self.hi = 0
         self._fn = _compiled_step(compile) if compile else _decode_step
         self.graph: torch.cuda.CUDAGraph | None = None  # the widest window's graph (None: eager)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.windows = sorted(set(range(window_step, max_len, window_step)) | {max_len})
         self._views = {w: self.cache.view(length=w) for w in self.windows}
         if compile:
@@ -231,7 +240,7 @@ class _CachedRunner(_Runner):
                 torch.cuda.synchronize(self.device)
 
     @torch.no_grad()
-    def _capture(self, view: KVCache) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, view: KVCache) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]:
         # Warm up on a side stream (lazy inits, cuBLAS workspaces, compilation) so none of it lands
         # in the graph, then capture one step. Warm-up steps write junk into slots 0..2 and advance
         # pos: harmless, prefill rewrites positions before anything reads them.
@@ -245,9 +254,9 @@ class _CachedRunner(_Runner):
         self.pos.zero_()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            logits = self._fn(self.model, self.idx, view)
+            outputs = self._fn(self.model, self.idx, view)
         self.pos.zero_()
-        return graph, logits
+        return graph, outputs
 
     @torch.no_grad()
     def prefill(self, prompts: list[list[int]], n: int) -> torch.Tensor:
@@ -267,13 +276,13 @@ class _CachedRunner(_Runner):
         return logits
 
     @torch.no_grad()
-    def step(self) -> torch.Tensor:
+    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
         w = next((w for w in self.windows if w > self.hi), self.max_len)
         self.hi = min(self.hi + 1, self.max_len - 1)
         if self._graphs:
-            graph, logits = self._graphs[w]
+            graph, outputs = self._graphs[w]
             graph.replay()
-            return logits
+            return outputs
         return self._fn(self.model, self.idx, self._views[w])
 
 
@@ -330,8 +339,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.sync_every = sync_every or (16 if mode == "fast" else 1)
         self.compile: str | None = ("default" if compile is True else compile) or None
-        if attention not in ("sdpa", "flex"):
-            raise ValueError(f"unknown attention {attention!r}; pick sdpa or flex")
+        if attention not in ("sdpa", "flex", "math"):
+            raise ValueError(f"unknown attention {attention!r}; pick sdpa, flex or math")
         if attention == "flex" and not (self.compile and device.type == "cuda"):
             raise ValueError("attention='flex' needs a compiled step on CUDA (compile=True)")
         self.attention = attention
@@ -466,11 +475,14 @@ class Engine:
             k = min(k_max, max(max_tokens - rows[r].emitted for r in running))
             forcing = self._prepare_chunk(runner, rows, k, R)
             for j in range(k):
-                tok = sample(runner.step())
+                logits, tok = runner.step()  # tok: greedy, already the next step's input
+                if temperature > 0:
+                    tok = sample(logits)
                 if forcing:
                     tok = torch.where(runner.fmask[j], runner.ftok[j], tok)
+                if temperature > 0 or forcing:
+                    runner.idx[:, 0].copy_(tok)  # the next step's input, without visiting the host
                 runner.out[j].copy_(tok)
-                runner.idx[:, 0].copy_(tok)  # the next step's input, without visiting the host
             chunk = runner.out[:k].tolist()  # the one host sync of the chunk
             for j in range(k):
                 tokens: list[int | None] = [None] * R

@@ -64,7 +64,7 @@ class KVCache:
     k: list[torch.Tensor]
     v: list[torch.Tensor]
     pos: torch.Tensor  # (B,) long, on the cache's device
-    attention: str = "sdpa"  # or "flex": FlexAttention, only inside a compiled CUDA step
+    attention: str = "sdpa"  # "flex": FlexAttention, only inside a compiled CUDA step; "math": plain ops
 
     @classmethod
     def allocate(cls, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int,
@@ -109,8 +109,14 @@ class KVCache:
         if self.attention == "flex" and q.size(2) == 1:  # decode: Flex's split-KV decoding kernel
             from torch.nn.attention.flex_attention import flex_attention
 
+            last = positions[:, 0]
+
             def visible(score, b, h, q_idx, kv_idx):
-                return torch.where(kv_idx <= positions[b, q_idx], score, float("-inf"))
+                return torch.where(kv_idx <= last[b], score, float("-inf"))
 
             return flex_attention(q, k, v, score_mod=visible, enable_gqa=gqa)
+        if self.attention == "math" and q.size(2) == 1 and not gqa:  # decode: plain ops Inductor may fuse
+            scores = (q * k).sum(-1, keepdim=True).transpose(-1, -2) * q.size(-1) ** -0.5  # (B, H, 1, W)
+            p = scores.float().masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype)
+            return (p.transpose(-1, -2) * v).sum(-2, keepdim=True)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)

@@ -338,7 +338,8 @@ def test_chat_session_drops_oldest_turns(capsys):
 
 @gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("compile,attention", [(False, "sdpa"), (True, "sdpa"), (True, "flex"), (True, "math")])
+@pytest.mark.parametrize("compile,attention", [(False, "sdpa"), (False, "triton"), (True, "sdpa"),
+                                                      (True, "triton"), (True, "math")])
 def test_fast_path_matches_eager_greedy(compile, attention):
     dev = torch.device("cuda")
     model = random_model(n_layer=2, n_head=4, n_kv_head=2, n_embd=128, vocab=512, seq_len=256, device=dev)

@@ -36,7 +36,7 @@ def run_decode_bench(depth: int = 12, batch_sizes: list[int] = (1, 8, 64), promp
                      new_tokens: int = 256, modes: list[str] = ("naive", "eager", "fast"),
                      device: torch.device | str = "cuda", vocab_size: int = 32768, naive_max_batch: int = 8,
                      compile: bool | str = False, sync_every: int | None = None, seed: int = 0,
-                     profile: bool = False, attention: str = "sdpa", window_step: int | None = None) -> list[dict]:
+                     profile: bool = False, attention: str | None = None, window_step: int | None = None) -> list[dict]:
     """One record per (mode, batch size) that was run; naive above `naive_max_batch` is skipped.
     `profile` prints the top kernels of 64 further `fast` decode steps at each batch size."""
     from ..config import ModelConfig
@@ -61,7 +61,7 @@ def run_decode_bench(depth: int = 12, batch_sizes: list[int] = (1, 8, 64), promp
             continue
         fast = mode == "fast"
         engine = Engine(model, None, mode=mode, compile=compile if fast else False, sync_every=sync_every,
-                        attention=attention if fast else "sdpa", window_step=window_step)
+                        attention=attention if fast else None, window_step=window_step)
         for B in batch_sizes:
             if mode == "naive" and B > naive_max_batch:
                 print(f"skipping naive at batch {B} (> --naive-max-batch {naive_max_batch})")
@@ -149,8 +149,9 @@ def add_decode_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", nargs="?", const="default", default=False, metavar="MODE",
                    help="torch.compile the fast step before graph capture (MODE: a torch.compile mode, "
                         "e.g. max-autotune-no-cudagraphs; default 'default')")
-    p.add_argument("--attention", choices=["sdpa", "flex", "math"], default="sdpa",
-                   help="decode attention of the fast step: SDPA, or FlexAttention (needs --compile)")
+    p.add_argument("--attention", choices=["triton", "sdpa", "flex", "math"], default=None,
+                   help="decode attention of the fast step (default: triton where installed, else sdpa; "
+                        "flex needs --compile)")
     p.add_argument("--window-step", type=int, default=None, help="attention window granularity (cache slots)")
     p.add_argument("--sync-every", type=int, default=None, help="fast mode: decode steps per host sync")
     p.add_argument("--device", default="auto")

@@ -197,6 +197,14 @@ def _compiled_step(mode: str = "default"):
     return _compiled_steps[mode]
 
 
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 class _CachedRunner(_Runner):
     """Static KV cache; the decode step is eager, or replayed from CUDA graphs when `graph`.
 
@@ -221,6 +229,8 @@ class _CachedRunner(_Runner):
         self.graph: torch.cuda.CUDAGraph | None = None  # the widest window's graph (None: eager)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.windows = sorted(set(range(window_step, max_len, window_step)) | {max_len})
+        if attention == "triton":  # the kernel reads each row's own length: windows buy nothing
+            self.windows = [max_len]
         self._views = {w: self.cache.view(length=w) for w in self.windows}
         if compile:
             import torch._dynamo
@@ -309,11 +319,12 @@ class Engine:
 
     def __init__(self, model, tokenizer=None, *, mode: str | None = None, dtype: torch.dtype | None = None,
                  sync_every: int | None = None, compile: bool | str = False, max_context: int | None = None,
-                 max_runners: int = 4, fuse: bool | None = None, attention: str = "sdpa",
+                 max_runners: int = 4, fuse: bool | None = None, attention: str | None = None,
                  window_step: int | None = None):
         """`compile`: torch.compile the decode step (True, or a torch.compile mode name such as
         "max-autotune-no-cudagraphs"); `fuse`: one q/k/v projection (default on in fast mode);
-        `attention`: "sdpa", or "flex" (FlexAttention's decoding kernel; compiled CUDA steps only);
+        `attention`: "triton" (split-KV decode kernel; the default in fast mode), "sdpa" (masked SDPA
+        over a window of the cache; the default elsewhere), or the experiments "flex" / "math";
         `window_step`: granularity of the attention windows over the cache (see `_CachedRunner`)."""
         device = next(model.parameters()).device
         self.device = device
@@ -339,10 +350,14 @@ class Engine:
         self.tokenizer = tokenizer
         self.sync_every = sync_every or (16 if mode == "fast" else 1)
         self.compile: str | None = ("default" if compile is True else compile) or None
-        if attention not in ("sdpa", "flex", "math"):
-            raise ValueError(f"unknown attention {attention!r}; pick sdpa, flex or math")
+        if attention is None:
+            attention = "triton" if mode == "fast" and _has_triton() else "sdpa"
+        if attention not in ("sdpa", "triton", "flex", "math"):
+            raise ValueError(f"unknown attention {attention!r}; pick sdpa, triton, flex or math")
         if attention == "flex" and not (self.compile and device.type == "cuda"):
             raise ValueError("attention='flex' needs a compiled step on CUDA (compile=True)")
+        if attention == "triton" and not (device.type == "cuda" and _has_triton()):
+            raise ValueError("attention='triton' needs CUDA and the triton package")
         self.attention = attention
         self.window_step = window_step or 256
         self.max_context = max_context or model.config.seq_len

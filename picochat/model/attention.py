@@ -64,7 +64,9 @@ class KVCache:
     k: list[torch.Tensor]
     v: list[torch.Tensor]
     pos: torch.Tensor  # (B,) long, on the cache's device
-    attention: str = "sdpa"  # "flex": FlexAttention, only inside a compiled CUDA step; "math": plain ops
+    # "sdpa"; "triton": split-KV decode kernel (decode_attention.py); "flex": FlexAttention, inside a
+    # compiled CUDA step only; "math": plain ops. The last two are experiments kept for the benchmark.
+    attention: str = "sdpa"
 
     @classmethod
     def allocate(cls, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int,
@@ -115,6 +117,10 @@ class KVCache:
                 return torch.where(kv_idx <= last[b], score, float("-inf"))
 
             return flex_attention(q, k, v, score_mod=visible, enable_gqa=gqa)
+        if self.attention == "triton" and q.size(2) == 1:  # decode: split-KV Triton kernel (CUDA)
+            from .decode_attention import decode_attention
+
+            return decode_attention(q, k, v, positions[:, 0])
         if self.attention == "math" and q.size(2) == 1 and not gqa:  # decode: plain ops Inductor may fuse
             scores = (q * k).sum(-1, keepdim=True).transpose(-1, -2) * q.size(-1) ** -0.5  # (B, H, 1, W)
             p = scores.float().masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype)

@@ -345,8 +345,9 @@ def test_fast_path_matches_eager_greedy(compile, attention):
     model = random_model(n_layer=2, n_head=4, n_kv_head=2, n_embd=128, vocab=512, seq_len=256, device=dev)
     prompts = [[(7 * i + j) % 500 for j in range(5 + 3 * i)] for i in range(5)]
     kw = dict(max_tokens=40, temperature=0)
-    # compiled kernels round differently from eager bf16 ones: compare in fp32 so greedy ties are moot
-    dtype = torch.float32 if compile else torch.bfloat16
+    # compiled or Triton kernels round differently from eager bf16 ones: compare in fp32 so greedy
+    # near-ties of a random model are moot
+    dtype = torch.float32 if compile or attention != "sdpa" else torch.bfloat16
     eager = Engine(model, None, mode="eager", dtype=dtype).generate_batch(prompts, **kw)
     fast = Engine(model, None, mode="fast", compile=compile, dtype=dtype, attention=attention, window_step=16)
     assert fast.generate_batch(prompts, **kw) == eager

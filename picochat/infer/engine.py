@@ -198,11 +198,9 @@ def _compiled_step(mode: str = "default"):
 
 
 def _has_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 class _CachedRunner(_Runner):

@@ -25,7 +25,7 @@ LOG2E = 1.4426950408889634
 def _partial_kernel(Q, K, V, Last, Out, Lse,
                     sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, so_b, so_h, so_s, sl_b, sl_h,
                     H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
-                    BLOCK_N: tl.constexpr, scale_log2):
+                    BLOCK_N: tl.constexpr, SCALE_LOG2: tl.constexpr):
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // H
@@ -35,7 +35,7 @@ def _partial_kernel(Q, K, V, Last, Out, Lse,
     lo = split * CHUNK
     hi = tl.minimum(lo + CHUNK, n_valid)
     d = tl.arange(0, D)
-    q = tl.load(Q + b * sq_b + h * sq_h + d).to(tl.float32) * scale_log2
+    q = tl.load(Q + b * sq_b + h * sq_h + d).to(tl.float32) * SCALE_LOG2
     m = tl.full([1], float("-inf"), tl.float32)
     l = tl.zeros([1], tl.float32)
     acc = tl.zeros([D], tl.float32)
@@ -76,8 +76,9 @@ def _merge_kernel(Part, Lse, Y, sp_b, sp_h, sp_s, sl_b, sl_h, sy_b, sy_h,
 
 
 def _splits(rows_heads: int, length: int, block_n: int, sm_count: int) -> int:
-    """Enough chunks to give every SM ~2 blocks, never a chunk shorter than one block."""
-    want = max(1, -(-2 * sm_count // rows_heads))
+    """Enough chunks to give every SM ~4 blocks, and chunks of at most 4 cache blocks (a block's
+    loads are serial within a program), but never a chunk shorter than one block."""
+    want = max(-(-4 * sm_count // rows_heads), -(-length // (4 * block_n)))
     return max(1, min(want, -(-length // block_n)))
 
 
@@ -109,7 +110,7 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, last: t
         q, k, v, last, part, lse,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
-        H=H, GROUP=H // Hkv, D=D, CHUNK=chunk, BLOCK_N=block_n, scale_log2=D ** -0.5 * LOG2E)
+        H=H, GROUP=H // Hkv, D=D, CHUNK=chunk, BLOCK_N=block_n, SCALE_LOG2=D ** -0.5 * LOG2E)
     wrap(_merge_kernel)[(B * H,)](
         part, lse, y, part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
         y.stride(0), y.stride(2), H=H, D=D, SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits))
@@ -117,7 +118,7 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, last: t
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, last: torch.Tensor,
-                     block_n: int = 64) -> torch.Tensor:
+                     block_n: int = 32) -> torch.Tensor:
     """q (B, H, 1, D); k, v (B, Hkv, L, D); last (B,) long: the query's own slot. -> (B, H, 1, D).
     A custom op (torch.library.triton_op), so torch.compile traces it and CUDA graphs capture it."""
     if q.size(2) != 1 or q.size(-1) & (q.size(-1) - 1):

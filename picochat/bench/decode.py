@@ -36,7 +36,7 @@ def run_decode_bench(depth: int = 12, batch_sizes: list[int] = (1, 8, 64), promp
                      new_tokens: int = 256, modes: list[str] = ("naive", "eager", "fast"),
                      device: torch.device | str = "cuda", vocab_size: int = 32768, naive_max_batch: int = 8,
                      compile: bool | str = False, sync_every: int | None = None, seed: int = 0,
-                     profile: bool = False, attention: str | None = None, window_step: int | None = None) -> list[dict]:
+                     profile: bool = False, window_step: int | None = None) -> list[dict]:
     """One record per (mode, batch size) that was run; naive above `naive_max_batch` is skipped.
     `profile` prints the top kernels of 64 further `fast` decode steps at each batch size."""
     from ..config import ModelConfig
@@ -61,7 +61,7 @@ def run_decode_bench(depth: int = 12, batch_sizes: list[int] = (1, 8, 64), promp
             continue
         fast = mode == "fast"
         engine = Engine(model, None, mode=mode, compile=compile if fast else False, sync_every=sync_every,
-                        attention=attention if fast else None, window_step=window_step)
+                        window_step=window_step if fast else None)
         for B in batch_sizes:
             if mode == "naive" and B > naive_max_batch:
                 print(f"skipping naive at batch {B} (> --naive-max-batch {naive_max_batch})")
@@ -101,7 +101,7 @@ def run_decode_bench(depth: int = 12, batch_sizes: list[int] = (1, 8, 64), promp
                 "tok_per_s_total": round(per_row * B, 1), "mbu": round(mbu, 4) if mbu is not None else None,
                 "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None,
                 "cuda_graph": bool(getattr(runner, "graph", None) is not None),
-                "compile": engine.compile or False, "attention": engine.attention,
+                "compile": engine.compile or False,
                 "window_step": engine.window_step, "fused_qkv": _fused(engine.model),
                 "sync_every": engine.sync_every,
                 "mbu_basis": "bf16 matmul weights + KV of tokens in context (mean) per step / "
@@ -149,9 +149,6 @@ def add_decode_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", nargs="?", const="default", default=False, metavar="MODE",
                    help="torch.compile the fast step before graph capture (MODE: a torch.compile mode, "
                         "e.g. max-autotune-no-cudagraphs; default 'default')")
-    p.add_argument("--attention", choices=["triton", "sdpa", "flex", "math"], default=None,
-                   help="decode attention of the fast step (default: triton where installed, else sdpa; "
-                        "flex needs --compile)")
     p.add_argument("--window-step", type=int, default=None, help="attention window granularity (cache slots)")
     p.add_argument("--sync-every", type=int, default=None, help="fast mode: decode steps per host sync")
     p.add_argument("--device", default="auto")
@@ -173,7 +170,7 @@ def cmd_decode_bench(args: argparse.Namespace) -> int:
     sizes = [int(s) for s in args.batch_sizes.split(",") if s.strip()]
     records = run_decode_bench(args.depth, sizes, args.prompt_len, args.new_tokens, modes, device,
                                args.vocab_size, args.naive_max_batch, args.compile, args.sync_every, args.seed,
-                               args.profile, args.attention, args.window_step)
+                               args.profile, args.window_step)
     base = base_record("decode", device, args.depth)
     records = [{**base, **r, "commit": base["commit"], "command": base["command"]} for r in records]
     print(f"\ndecode · {base['gpu']} · d{args.depth} · prompt {args.prompt_len} random tokens · "

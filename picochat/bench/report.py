@@ -138,8 +138,9 @@ def run_parts(parts: list[str], depth: int) -> list[dict]:
         records += _tag(_bench(common + ["--batch-size", "auto", "--modes", "packed"]),
                         "auto batch + compile, packed + document mask")
     if "decode" in parts:
-        records += _bench(["decode", "--depth", d, "--batch-sizes", "1,8,64", "--prompt-len", "512",
-                           "--new-tokens", "256", "--modes", "naive,eager,fast"])
+        decode = ["decode", "--depth", d, "--batch-sizes", "1,8,64", "--prompt-len", "512", "--new-tokens", "256"]
+        records += _bench(decode + ["--modes", "naive,eager,fast"])
+        records += _bench(decode + ["--modes", "fast", "--compile"])
     if "diversity" in parts:
         records += _bench(["diversity", "--depth", d])
     if "autobatch" in parts:

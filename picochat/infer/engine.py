@@ -11,9 +11,11 @@ Three decode modes, selectable so the benchmark can compare them side by side:
 - `eager`: static KV cache, one eager forward per token and one host sync per token;
 - `fast` (default on CUDA): the one-token decode step runs on a static batch-size bucket
   (1, 2, 4, ...) and cache length, captured once in a CUDA graph (optionally torch.compiled first)
-  and replayed per token. The sampled token is fed back on the device, and the host reads the new
-  tokens once every `sync_every` steps. Rows that stopped or started a tool call in the middle of a
-  chunk are rewound afterwards: the cache is indexed by position, so rewinding is setting `pos`.
+  and replayed per token, on a private bf16 copy of the model whose q/k/v projections are fused.
+  The step itself computes the greedy token and feeds it back as the next input; a sampled token
+  is fed back on the device too, and the host reads the new tokens once every `sync_every` steps.
+  Rows that stopped or started a tool call in the middle of a chunk are rewound afterwards: the
+  cache is indexed by position, so rewinding is setting `pos`.
 
 Tool use: `<|python_start|> expr <|python_end|>` runs `run_python_tool(expr)` on a worker thread;
 that row pauses (other rows go on) and then has `<|output_start|> result <|output_end|>` forced in,
@@ -197,12 +199,6 @@ def _compiled_step(mode: str = "default"):
     return _compiled_steps[mode]
 
 
-def _has_triton() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("triton") is not None
-
-
 class _CachedRunner(_Runner):
     """Static KV cache; the decode step is eager, or replayed from CUDA graphs when `graph`.
 
@@ -214,21 +210,17 @@ class _CachedRunner(_Runner):
     window is a strided slice (a window equal to the whole cache would be contiguous: a recompile)."""
 
     def __init__(self, model, rows: int, max_len: int, k_max: int, dtype: torch.dtype,
-                 graph: bool = False, compile: str | None = None, window_step: int = 256,
-                 attention: str = "sdpa"):
+                 graph: bool = False, compile: str | None = None, window_step: int = 256):
         super().__init__(model, rows, max_len, k_max)
         c = model.config
         slots = max_len + 1 if compile else max_len
-        self.cache = KVCache.allocate(c.n_layer, rows, c.n_kv_head, slots, c.head_dim, self.device, dtype,
-                                      attention=attention)
+        self.cache = KVCache.allocate(c.n_layer, rows, c.n_kv_head, slots, c.head_dim, self.device, dtype)
         self.pos = self.cache.pos
         self.hi = 0
         self._fn = _compiled_step(compile) if compile else _decode_step
         self.graph: torch.cuda.CUDAGraph | None = None  # the widest window's graph (None: eager)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.windows = sorted(set(range(window_step, max_len, window_step)) | {max_len})
-        if attention == "triton":  # the kernel reads each row's own length: windows buy nothing
-            self.windows = [max_len]
         self._views = {w: self.cache.view(length=w) for w in self.windows}
         if compile:
             import torch._dynamo
@@ -317,12 +309,10 @@ class Engine:
 
     def __init__(self, model, tokenizer=None, *, mode: str | None = None, dtype: torch.dtype | None = None,
                  sync_every: int | None = None, compile: bool | str = False, max_context: int | None = None,
-                 max_runners: int = 4, fuse: bool | None = None, attention: str | None = None,
+                 max_runners: int = 4, fuse: bool | None = None,
                  window_step: int | None = None):
         """`compile`: torch.compile the decode step (True, or a torch.compile mode name such as
         "max-autotune-no-cudagraphs"); `fuse`: one q/k/v projection (default on in fast mode);
-        `attention`: "triton" (split-KV decode kernel; the default in fast mode), "sdpa" (masked SDPA
-        over a window of the cache; the default elsewhere), or the experiments "flex" / "math";
         `window_step`: granularity of the attention windows over the cache (see `_CachedRunner`)."""
         device = next(model.parameters()).device
         self.device = device
@@ -348,16 +338,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.sync_every = sync_every or (16 if mode == "fast" else 1)
         self.compile: str | None = ("default" if compile is True else compile) or None
-        if attention is None:
-            attention = "triton" if mode == "fast" and _has_triton() else "sdpa"
-        if attention not in ("sdpa", "triton", "flex", "math"):
-            raise ValueError(f"unknown attention {attention!r}; pick sdpa, triton, flex or math")
-        if attention == "flex" and not (self.compile and device.type == "cuda"):
-            raise ValueError("attention='flex' needs a compiled step on CUDA (compile=True)")
-        if attention == "triton" and not (device.type == "cuda" and _has_triton()):
-            raise ValueError("attention='triton' needs CUDA and the triton package")
-        self.attention = attention
-        self.window_step = window_step or 256
+        # fast mode replays one captured graph per window, so finer windows cost only captures
+        self.window_step = window_step or (64 if mode == "fast" else 256)
         self.max_context = max_context or model.config.seq_len
         if self.max_context > model.rotary_len:
             raise ValueError(f"max_context {self.max_context} exceeds the model's {model.rotary_len} positions")
@@ -373,7 +355,7 @@ class Engine:
             return _NaiveRunner(model, rows, need + k - 1, k)
         if self.mode == "eager":
             return _CachedRunner(model, rows, need + k - 1, k, self.dtype, compile=self.compile,
-                                 window_step=self.window_step, attention=self.attention)
+                                 window_step=self.window_step)
         # fast: reuse a captured graph per (batch bucket, 256-slot length bucket); a bucket's cache
         # length is what every step reads, so it is kept close to what this call needs
         bucket_rows = _bucket(rows)
@@ -384,8 +366,7 @@ class Engine:
             while len(self._runners) >= self._max_runners:
                 self._runners.popitem(last=False)
             runner = _CachedRunner(model, bucket_rows, length, self.sync_every, self.dtype, graph=True,
-                                   compile=self.compile, window_step=self.window_step,
-                                   attention=self.attention)
+                                   compile=self.compile, window_step=self.window_step)
         self._runners[key] = runner
         return runner
 

@@ -64,17 +64,14 @@ class KVCache:
     k: list[torch.Tensor]
     v: list[torch.Tensor]
     pos: torch.Tensor  # (B,) long, on the cache's device
-    # "sdpa"; "triton": split-KV decode kernel (decode_attention.py); "flex": FlexAttention, inside a
-    # compiled CUDA step only; "math": plain ops. The last two are experiments kept for the benchmark.
-    attention: str = "sdpa"
 
     @classmethod
     def allocate(cls, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int,
-                 device: torch.device, dtype: torch.dtype, attention: str = "sdpa") -> "KVCache":
+                 device: torch.device, dtype: torch.dtype) -> "KVCache":
         shape = (batch_size, n_kv_head, max_len, head_dim)
         return cls([torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)],
                    [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)],
-                   torch.zeros(batch_size, dtype=torch.long, device=device), attention)
+                   torch.zeros(batch_size, dtype=torch.long, device=device))
 
     @property
     def batch_size(self) -> int:
@@ -87,7 +84,7 @@ class KVCache:
     def view(self, rows: int | None = None, length: int | None = None) -> "KVCache":
         """The first `rows` rows and `length` slots, sharing storage (writes land in this cache)."""
         r, n = slice(None, rows), slice(None, length)
-        return KVCache([k[r, :, n] for k in self.k], [v[r, :, n] for v in self.v], self.pos[r], self.attention)
+        return KVCache([k[r, :, n] for k in self.k], [v[r, :, n] for v in self.v], self.pos[r])
 
     def positions(self, T: int) -> torch.Tensor:
         """(B, T) absolute positions of the next T tokens of each row."""
@@ -105,24 +102,6 @@ class KVCache:
         slots = torch.arange(self.max_len, device=positions.device)
         return slots[None, None, None, :] <= positions[:, None, :, None]
 
-    def attend(self, layer: int, q: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         k, v = self.k[layer].to(q.dtype), self.v[layer].to(q.dtype)
-        gqa = k.size(1) != q.size(1)
-        if self.attention == "flex" and q.size(2) == 1:  # decode: Flex's split-KV decoding kernel
-            from torch.nn.attention.flex_attention import flex_attention
-
-            last = positions[:, 0]
-
-            def visible(score, b, h, q_idx, kv_idx):
-                return torch.where(kv_idx <= last[b], score, float("-inf"))
-
-            return flex_attention(q, k, v, score_mod=visible, enable_gqa=gqa)
-        if self.attention == "triton" and q.size(2) == 1:  # decode: split-KV Triton kernel (CUDA)
-            from .decode_attention import decode_attention
-
-            return decode_attention(q, k, v, positions[:, 0])
-        if self.attention == "math" and q.size(2) == 1 and not gqa:  # decode: plain ops Inductor may fuse
-            scores = (q * k).sum(-1, keepdim=True).transpose(-1, -2) * q.size(-1) ** -0.5  # (B, H, 1, W)
-            p = scores.float().masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype)
-            return (p.transpose(-1, -2) * v).sum(-2, keepdim=True)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.size(1) != q.size(1))

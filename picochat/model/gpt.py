@@ -69,7 +69,7 @@ class Attention(nn.Module):
             y = causal_attention(q, k, v, attn_mask)
         else:
             kv_cache.write(self.layer_idx, k, v, positions)
-            y = kv_cache.attend(self.layer_idx, q, cache_mask, positions)
+            y = kv_cache.attend(self.layer_idx, q, cache_mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -131,6 +131,24 @@ def test_compiled_decode_step_matches_eager():
         torch.testing.assert_close(b.v[layer], a.v[layer], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("sync_every", [2, 3, 5])
+def test_chunked_speculative_decode_matches_step_by_step(sync_every):
+    """Rows stop at different steps (stop tokens, max tokens) while the next chunk already runs:
+    the tokens are those of one-step-at-a-time decoding, and no row writes past its cache."""
+    model = random_model(seed=11)
+    prompts = [[(5 * i + j) % 265 for j in range(3 + 4 * i)] for i in range(6)]
+    kw = dict(max_tokens=23, temperature=0)
+    ref = Engine(model, None, mode="eager").generate_batch(prompts, **kw)
+    stops = [ref[i][2 + 3 * i] for i in range(5)]  # each row meets one of these at its own step
+    ref = Engine(model, None, mode="eager").generate_batch(prompts, stop_tokens=stops, **kw)
+    assert len({len(r) for r in ref}) > 2
+    chunked = Engine(model, None, mode="eager", sync_every=sync_every)
+    chunked.window_step = 8
+    assert chunked.generate_batch(prompts, stop_tokens=stops, **kw) == ref
+    assert chunked.generate_batch(prompts[:2], num_samples=3, stop_tokens=stops, **kw) == [
+        ref[0], ref[0], ref[0], ref[1], ref[1], ref[1]]
+
+
 def test_greedy_is_argmax_of_full_forward():
     model = random_model(seed=5)
     prompt = [10, 20, 30, 40]

@@ -124,8 +124,24 @@ class _Runner:
         self.fmask = torch.zeros(k_max, rows, dtype=torch.bool, device=self.device)
         self.ftok = torch.zeros(k_max, rows, dtype=torch.long, device=self.device)
         self.out = torch.zeros(k_max, rows, dtype=torch.long, device=self.device)
+        # two host buffers: a chunk's tokens are copied out while the next chunk already runs
+        pin = self.device.type == "cuda"
+        self.host = [torch.zeros(k_max, rows, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self._next_host = 0
 
     pos: torch.Tensor
+
+    def read_out(self, k: int) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Start copying the first k rows of `out` to a host buffer; returns it and an event to wait on."""
+        host = self.host[self._next_host][:k]
+        self._next_host ^= 1
+        if self.device.type != "cuda":
+            host.copy_(self.out[:k])
+            return host, None
+        host.copy_(self.out[:k], non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
 
     def prefill(self, prompts: list[list[int]], n: int) -> torch.Tensor:
         raise NotImplementedError
@@ -465,17 +481,7 @@ class Engine:
         tokens = [accept(r, rows[r], t) for r, t in enumerate(first.tolist())]
         yield Step(tokens, [row.state == "done" for row in rows], [row.reason for row in rows])
 
-        while True:
-            live = [r for r, row in enumerate(rows) if row.state != "done"]
-            if not live:
-                break
-            self._resolve_tools(rows)
-            running = [r for r in live if rows[r].state != "waiting"]
-            if not running:  # every live row waits on a tool: nothing to decode until one returns
-                wait_futures([rows[r].future for r in live], return_when="FIRST_COMPLETED")
-                continue
-            k = min(k_max, max(max_tokens - rows[r].emitted for r in running))
-            forcing = self._prepare_chunk(runner, rows, k, R)
+        def launch(k: int, forcing: bool, running: list[int]) -> tuple:
             for j in range(k):
                 logits, tok = runner.step()  # tok: greedy, already the next step's input
                 if temperature > 0:
@@ -485,17 +491,44 @@ class Engine:
                 if temperature > 0 or forcing:
                     runner.idx[:, 0].copy_(tok)  # the next step's input, without visiting the host
                 runner.out[j].copy_(tok)
-            chunk = runner.out[:k].tolist()  # the one host sync of the chunk
+            return (k, running, *runner.read_out(k))
+
+        pending = None  # a launched chunk whose tokens the host has not read yet
+        while True:
+            if pending is None:
+                live = [r for r, row in enumerate(rows) if row.state != "done"]
+                if not live:
+                    break
+                self._resolve_tools(rows)
+                running = [r for r in live if rows[r].state != "waiting"]
+                if not running:  # every live row waits on a tool: nothing to decode until one returns
+                    wait_futures([rows[r].future for r in live], return_when="FIRST_COMPLETED")
+                    continue
+                k = min(k_max, max(max_tokens - rows[r].emitted for r in running))
+                pending = launch(k, self._prepare_chunk(runner, rows, k, R), running)
+            k, running, host, event = pending
+            pending = None
+            # While the host reads this chunk, the device runs the next one, launched on the guess
+            # that no row needs the host in between (no tool call, forced tokens or rewind pending).
+            # Rows that stop or call a tool during this chunk run on in the next one; their extra
+            # tokens are discarded and their positions rewound before the chunk after it.
+            if all(row.state in ("text", "python", "done") and not row.resync for row in rows):
+                left = max((max_tokens - rows[r].emitted - k for r in running if rows[r].state != "done"), default=0)
+                if left > 0:
+                    pending = launch(min(k_max, left), False, running)
+            if event is not None:
+                event.synchronize()
+            chunk = host.tolist()  # the one host sync of the chunk
             for j in range(k):
                 tokens: list[int | None] = [None] * R
                 for r in running:
                     row = rows[r]
                     if row.state in ("done", "waiting"):
-                        continue  # stopped or paused earlier in this chunk: the rest is discarded
+                        continue  # stopped or paused earlier: the rest of its tokens are discarded
                     row.pos += 1  # the pending token was fed at row.pos during step j
                     tokens[r] = accept(r, row, chunk[j][r])
-                    if row.state == "done" and j < k - 1:
-                        row.resync = True  # it ran on speculatively; park it (see _prepare_chunk)
+                    if row.state == "done" and (j < k - 1 or pending is not None):
+                        row.resync = True  # it runs on speculatively; park it (see _prepare_chunk)
                 yield Step(tokens, [row.state == "done" for row in rows], [row.reason for row in rows])
 
     def _tool_pool(self) -> ThreadPoolExecutor:

@@ -10,7 +10,8 @@ import pytest
 
 from picochat.config import ModelConfig
 from picochat.infer import engine as engine_mod
-from picochat.infer.engine import ContextOverflowError, Engine, StreamDecoder, sample_next
+from picochat.infer.engine import ContextOverflowError, Engine
+from picochat.infer.sampling import StreamDecoder, sample_next
 from picochat.model.gpt import build_model
 from picochat.tokenizer import Tokenizer
 

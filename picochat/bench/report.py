@@ -62,7 +62,8 @@ def first_token_diversity(depth: int, num_samples: int, n_prompts: int, temperat
     distribution has real spread, as a trained chat model's does for open questions."""
     from ..common import detect_device
     from ..config import ModelConfig
-    from ..infer.engine import Engine, sample_next
+    from ..infer.engine import Engine
+    from ..infer.sampling import sample_next
     from ..model.gpt import build_model
 
     dev = detect_device(device)

@@ -93,7 +93,7 @@ class ChatSession:
 
     def reply(self, text: str) -> str:
         """Stream the assistant's answer to `text`; returns the answer's text."""
-        from .engine import StreamDecoder
+        from .sampling import StreamDecoder
 
         tok = self.tokenizer
         self.messages.append({"role": "user", "content": text})

@@ -292,6 +292,10 @@ def test_context_overflow_error_names_the_counts():
     msg = str(info.value)
     assert "60" in msg and "10" in msg and "70" in msg and "64" in msg
     eng.generate_batch([[1] * 54], max_tokens=10, temperature=0)  # exactly fits
+    # no max_tokens: as many as fit (at most 256); a prompt that fills the context still raises
+    assert [len(r) for r in eng.generate_batch([[1] * 50, [1] * 3], temperature=0, stop_tokens=())] == [14, 14]
+    with pytest.raises(ContextOverflowError):
+        eng.generate_batch([[1] * 64])
 
 
 def test_stream_decoder_holds_back_split_characters():

@@ -152,15 +152,19 @@ class Engine:
             raise ContextOverflowError(prompt_len, max_tokens, self.max_context)
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[int]], *, num_samples: int = 1, max_tokens: int = 256,
+    def generate(self, prompts: Sequence[Sequence[int]], *, num_samples: int = 1, max_tokens: int | None = None,
                  temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, stop_strings: Sequence[str] | None = None,
                  stop_tokens: Sequence[int] | None = None, tools: bool = True) -> Iterator[Step]:
         """Yield one `Step` per decode step for len(prompts) * num_samples rows (prompt-major:
-        row = prompt * num_samples + sample). `stop_tokens` defaults to <|assistant_end|> and <|bos|>."""
+        row = prompt * num_samples + sample). `stop_tokens` defaults to <|assistant_end|> and <|bos|>.
+        `max_tokens` defaults to 256 or what fits in the context after the longest prompt, if less;
+        an explicit value that does not fit raises `ContextOverflowError`."""
         prompts = [list(map(int, p)) for p in prompts]
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs at least one prompt, and no empty prompt")
+        if max_tokens is None:
+            max_tokens = max(1, min(256, self.max_context - max(len(p) for p in prompts)))
         if num_samples < 1 or max_tokens < 0:
             raise ValueError(f"num_samples must be >= 1 and max_tokens >= 0 (got {num_samples}, {max_tokens})")
         vocab = self.model.config.vocab_size

@@ -2,8 +2,9 @@
 
 Random weights (bf16 on CUDA), random prompt tokens, greedy decoding with stops and tools off, so
 every row decodes exactly `new_tokens` tokens. Modes: `naive` (no cache, the prefix recomputed per
-token), `eager` (static KV cache, eager step, one host sync per token) and `fast` (the same step
-replayed from a CUDA graph per batch bucket, host sync every few steps). Each (mode, batch) is
+token), `eager` (static KV cache, eager step, one host sync per token) and `fast` (the same step,
+q/k/v fused, replayed from a CUDA graph per batch bucket; the host reads tokens every 16 steps while
+the device runs the next 16; `--compile` compiles the step first). Each (mode, batch) is
 warmed up first (graph capture and compilation are not timed), then timed once:
   ttft_ms          prefill + first token, until the host has it;
   tok_per_s_row    decode tokens after the first per second, per row; ×batch = tok_per_s_total;
@@ -147,8 +148,9 @@ def add_decode_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vocab-size", type=int, default=32768)
     p.add_argument("--naive-max-batch", type=int, default=8, help="skip naive above this batch size (slow)")
     p.add_argument("--compile", nargs="?", const="default", default=False, metavar="MODE",
-                   help="torch.compile the fast step before graph capture (MODE: a torch.compile mode, "
-                        "e.g. max-autotune-no-cudagraphs; default 'default')")
+                   help="torch.compile the fast step before graph capture (without MODE: Inductor's "
+                        "defaults plus coordinate-descent tuning; or a torch.compile mode such as "
+                        "max-autotune-no-cudagraphs)")
     p.add_argument("--window-step", type=int, default=None, help="attention window granularity (cache slots)")
     p.add_argument("--sync-every", type=int, default=None, help="fast mode: decode steps per host sync")
     p.add_argument("--device", default="auto")

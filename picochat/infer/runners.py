@@ -152,6 +152,7 @@ class CachedRunner(Runner):
         self._fn = compiled_step(compile) if compile else decode_step
         self.graph: torch.cuda.CUDAGraph | None = None  # the widest window's graph (None: eager)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.window_step = window_step
         self.windows = sorted(set(range(window_step, max_len, window_step)) | {max_len})
         self._views = {w: self.cache.view(length=w) for w in self.windows}
         if compile:
@@ -168,7 +169,6 @@ class CachedRunner(Runner):
             except Exception as e:  # a capture failure must cost speed, never the answer
                 log.warning(f"CUDA graph capture failed ({type(e).__name__}: {e}); decoding eagerly")
                 self._graphs.clear()
-                self.windows = [max_len]
                 torch.cuda.synchronize(self.device)
 
     @torch.no_grad()
@@ -209,7 +209,7 @@ class CachedRunner(Runner):
 
     @torch.no_grad()
     def step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        w = next((w for w in self.windows if w > self.hi), self.max_len)
+        w = min((self.hi // self.window_step + 1) * self.window_step, self.max_len)  # smallest window > hi
         self.hi = min(self.hi + 1, self.max_len - 1)
         if self._graphs:
             graph, outputs = self._graphs[w]

@@ -10,7 +10,7 @@ Three shapes of attention, each picked once from what the call site has:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +64,10 @@ class KVCache:
     k: list[torch.Tensor]
     v: list[torch.Tensor]
     pos: torch.Tensor  # (B,) long, on the cache's device
+    rows: torch.Tensor = field(init=False)  # (B, 1) row index for writes: made once, not per layer per step
+
+    def __post_init__(self):
+        self.rows = torch.arange(self.pos.numel(), device=self.pos.device)[:, None]
 
     @classmethod
     def allocate(cls, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int,
@@ -92,10 +96,9 @@ class KVCache:
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         """Store new keys/values (B, Hkv, T, D) at `positions` (B, T), without a host sync."""
-        rows = torch.arange(k.size(0), device=positions.device)[:, None]
         # advanced indices on dims 0 and 2 put their (B, T) shape first: values are (B, T, Hkv, D)
-        self.k[layer][rows, :, positions] = k.transpose(1, 2).to(self.k[layer].dtype)
-        self.v[layer][rows, :, positions] = v.transpose(1, 2).to(self.v[layer].dtype)
+        self.k[layer][self.rows, :, positions] = k.transpose(1, 2).to(self.k[layer].dtype)
+        self.v[layer][self.rows, :, positions] = v.transpose(1, 2).to(self.v[layer].dtype)
 
     def mask(self, positions: torch.Tensor) -> torch.Tensor:
         """(B, 1, T, L) boolean: query at position p sees cached slots 0..p."""

@@ -103,7 +103,7 @@ def run_decode_bench(depth: int = 12, batch_sizes: list[int] = (1, 8, 64), promp
                 "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None,
                 "cuda_graph": bool(getattr(runner, "graph", None) is not None),
                 "compile": engine.compile or False,
-                "window_step": engine.window_step, "fused_qkv": _fused(engine.model),
+                "window_step": engine.window_step, "fused_qkv": engine.fused,
                 "sync_every": engine.sync_every,
                 "mbu_basis": "bf16 matmul weights + KV of tokens in context (mean) per step / "
                              f"{peak_bw:.3g} B/s" if peak_bw else None,
@@ -112,11 +112,6 @@ def run_decode_bench(depth: int = 12, batch_sizes: list[int] = (1, 8, 64), promp
         if cuda:
             torch.cuda.empty_cache()
     return records
-
-
-def _fused(model) -> bool:
-    blocks = getattr(model, "blocks", None)
-    return bool(blocks) and getattr(blocks[0].attn, "c_qkv", None) is not None
 
 
 def print_decode_profile(engine, prompts: list[list[int]], kw: dict, steps: int = 64) -> None:

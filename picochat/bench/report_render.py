@@ -25,6 +25,11 @@ def _latest(records: list[dict], bench: str, **match) -> dict | None:
     return found[-1] if found else None
 
 
+def _default_compile(record: dict) -> bool:
+    """Compiled with the default settings (older records say True, newer the mode's name)."""
+    return record.get("compile") in (True, "default")
+
+
 def _fmt(x, unit: str = "") -> str:
     if x is None:
         return "—"
@@ -58,8 +63,7 @@ def headline_rows(records: list[dict]) -> list[tuple[str, str, str, str, str, st
         naive = _latest(records, "decode", mode="naive", batch_size=bs)
         eager = _latest(records, "decode", mode="eager", batch_size=bs)
         fast = _latest(records, "decode", mode="fast", batch_size=bs, compile=False)
-        compiled = _latest([r for r in records if r.get("compile") in (True, "default")], "decode",
-                           mode="fast", batch_size=bs)
+        compiled = _latest([r for r in records if _default_compile(r)], "decode", mode="fast", batch_size=bs)
         base = naive or eager
         if base and eager and base is not eager:
             rows.append((f"Decode tok/s, batch {bs}: {base['mode']} → KV cache (eager)", *SEED_CLAIMS["decode"],
@@ -102,7 +106,7 @@ def plots(records: list[dict], out_dir: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for label, pick in (("naive", lambda r: r["mode"] == "naive"), ("eager", lambda r: r["mode"] == "eager"),
                             ("fast", lambda r: r["mode"] == "fast" and not r.get("compile")),
-                            ("fast + compile", lambda r: r["mode"] == "fast" and r.get("compile") in (True, "default"))):
+                            ("fast + compile", lambda r: r["mode"] == "fast" and _default_compile(r))):
             pts = sorted({r["batch_size"]: r["tok_per_s_total"] for r in decode if pick(r)}.items())
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)

@@ -107,7 +107,7 @@ class Engine:
             model = copy.deepcopy(model).to(dtype)
             if fuse:
                 model.fuse_for_inference()
-        self.model, self.dtype = model.eval(), dtype
+        self.model, self.dtype, self.fused = model.eval(), dtype, bool(fuse)
         self.tokenizer = tokenizer
         self.sync_every = sync_every or (16 if mode == "fast" else 1)
         self.compile: str | None = ("default" if compile is True else compile) or None

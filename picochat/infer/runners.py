@@ -90,17 +90,18 @@ class NaiveRunner(Runner):
         self.seq.scatter_(1, self.pos[:, None], self.idx)
         self.pos += 1
         self.hi = min(self.hi + 1, self.max_len)
-        logits = self.model(self.seq[:, :self.hi], logits_at=self.pos - 1)[:, 0]
-        greedy = logits.argmax(dim=-1)
-        self.idx.copy_(greedy[:, None])
-        return logits, greedy
+        return _with_greedy(self.model(self.seq[:, :self.hi], logits_at=self.pos - 1)[:, 0], self.idx)
 
 
 def decode_step(model, idx: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
     """One token for every row: (rows, 1) ids -> (rows, V) logits and the greedy token, which also
     becomes the next input (greedy decoding then needs nothing outside the graph but a copy out;
     a sampled or forced token overwrites `idx` after the step). Writes the cache, advances pos."""
-    logits = model(idx, kv_cache=cache)[:, -1]
+    return _with_greedy(model(idx, kv_cache=cache)[:, -1], idx)
+
+
+def _with_greedy(logits: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, greedy tokens), the greedy tokens written to `idx` as the next step's input."""
     greedy = logits.argmax(dim=-1)
     idx.copy_(greedy[:, None])
     return logits, greedy

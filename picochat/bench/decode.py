@@ -4,7 +4,8 @@ Random weights (bf16 on CUDA), random prompt tokens, greedy decoding with stops 
 every row decodes exactly `new_tokens` tokens. Modes: `naive` (no cache, the prefix recomputed per
 token), `eager` (static KV cache, eager step, one host sync per token) and `fast` (the same step,
 q/k/v fused, replayed from a CUDA graph per batch bucket; the host reads tokens every 16 steps while
-the device runs the next 16; `--compile` compiles the step first). Each (mode, batch) is
+the device runs the next 16; `--compile` compiles the step first; `--kernels triton` runs it as
+hand-fused Triton kernels instead, which `auto` picks up to batch 8). Each (mode, batch) is
 warmed up first (graph capture and compilation are not timed), then timed once:
   ttft_ms          prefill + first token, until the host has it;
   tok_per_s_row    decode tokens after the first per second, per row; ×batch = tok_per_s_total;
@@ -37,7 +38,7 @@ def run_decode_bench(depth: int = 12, batch_sizes: list[int] = (1, 8, 64), promp
                      new_tokens: int = 256, modes: list[str] = ("naive", "eager", "fast"),
                      device: torch.device | str = "cuda", vocab_size: int = 32768, naive_max_batch: int = 8,
                      compile: bool | str = False, sync_every: int | None = None, seed: int = 0,
-                     profile: bool = False, window_step: int | None = None) -> list[dict]:
+                     profile: bool = False, window_step: int | None = None, kernels: str = "auto") -> list[dict]:
     """One record per (mode, batch size) that was run; naive above `naive_max_batch` is skipped.
     `profile` prints the top kernels of 64 further `fast` decode steps at each batch size."""
     from ..config import ModelConfig
@@ -62,7 +63,7 @@ def run_decode_bench(depth: int = 12, batch_sizes: list[int] = (1, 8, 64), promp
             continue
         fast = mode == "fast"
         engine = Engine(model, None, mode=mode, compile=compile if fast else False, sync_every=sync_every,
-                        window_step=window_step if fast else None)
+                        window_step=window_step if fast else None, kernels=kernels if fast else "auto")
         for B in batch_sizes:
             if mode == "naive" and B > naive_max_batch:
                 print(f"skipping naive at batch {B} (> --naive-max-batch {naive_max_batch})")
@@ -102,7 +103,7 @@ def run_decode_bench(depth: int = 12, batch_sizes: list[int] = (1, 8, 64), promp
                 "tok_per_s_total": round(per_row * B, 1), "mbu": round(mbu, 4) if mbu is not None else None,
                 "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None,
                 "cuda_graph": bool(getattr(runner, "graph", None) is not None),
-                "compile": engine.compile or False,
+                "compile": engine.compile or False, "kernels": getattr(runner, "kernels", "torch"),
                 "window_step": engine.window_step, "fused_qkv": engine.fused,
                 "sync_every": engine.sync_every,
                 "mbu_basis": "bf16 matmul weights + KV of tokens in context (mean) per step / "
@@ -146,6 +147,9 @@ def add_decode_parser(sub: argparse._SubParsersAction) -> None:
                    help="torch.compile the fast step before graph capture (without MODE: Inductor's "
                         "defaults plus coordinate-descent tuning; or a torch.compile mode such as "
                         "max-autotune-no-cudagraphs)")
+    p.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton"),
+                   help="fast mode's step: hand-fused Triton kernels, the model's torch forward (graphed, "
+                        "compiled with --compile), or auto (Triton up to batch 8)")
     p.add_argument("--window-step", type=int, default=None, help="attention window granularity (cache slots)")
     p.add_argument("--sync-every", type=int, default=None, help="fast mode: decode steps per host sync")
     p.add_argument("--device", default="auto")
@@ -167,16 +171,18 @@ def cmd_decode_bench(args: argparse.Namespace) -> int:
     sizes = [int(s) for s in args.batch_sizes.split(",") if s.strip()]
     records = run_decode_bench(args.depth, sizes, args.prompt_len, args.new_tokens, modes, device,
                                args.vocab_size, args.naive_max_batch, args.compile, args.sync_every, args.seed,
-                               args.profile, args.window_step)
+                               args.profile, args.window_step, args.kernels)
     base = base_record("decode", device, args.depth)
     records = [{**base, **r, "commit": base["commit"], "command": base["command"]} for r in records]
     print(f"\ndecode · {base['gpu']} · d{args.depth} · prompt {args.prompt_len} random tokens · "
           f"{args.new_tokens} new tokens · greedy · torch {base['torch']}")
-    print(f"{'mode':<7}{'batch':>6}{'TTFT ms':>10}{'tok/s row':>11}{'tok/s total':>13}{'MBU':>8}{'peak GiB':>10}")
+    print(f"{'mode':<7}{'step':>8}{'batch':>6}{'TTFT ms':>10}{'tok/s row':>11}{'tok/s total':>13}{'MBU':>8}{'peak GiB':>10}")
     for r in records:
         mbu = f"{100 * r['mbu']:.1f}%" if r["mbu"] is not None else "n/a"
         peak = f"{r['peak_mem_gib']:.2f}" if r["peak_mem_gib"] is not None else "n/a"
-        print(f"{r['mode']:<7}{r['batch_size']:>6}{r['ttft_ms']:>10.1f}{r['tok_per_s_row']:>11,.0f}"
+        step = r["kernels"] if r["mode"] == "fast" else "torch"
+        step += "+c" if r["compile"] and step == "torch" else ""
+        print(f"{r['mode']:<7}{step:>8}{r['batch_size']:>6}{r['ttft_ms']:>10.1f}{r['tok_per_s_row']:>11,.0f}"
               f"{r['tok_per_s_total']:>13,.0f}{mbu:>8}{peak:>10}")
     if records and records[0]["mbu_basis"]:
         print(f"MBU basis: {records[0]['mbu_basis']}")

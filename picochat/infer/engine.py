@@ -42,6 +42,10 @@ from .sampling import sample_next
 log = logging.getLogger("picochat")
 
 MODES = ("naive", "eager", "fast")
+KERNELS = ("auto", "torch", "triton")
+# Batch buckets up to this size use the Triton kernels when kernels="auto": they win where the step
+# is bound by kernel count (small batches); larger batches are matrix products for cuBLAS/Inductor.
+TRITON_MAX_ROWS = 8
 
 
 class ContextOverflowError(ValueError):
@@ -57,6 +61,15 @@ class Step(NamedTuple):
     tokens: list[int | None]  # the token each row appended this step, None if it appended nothing
     finished: list[bool]  # True from the step a row stops on
     reasons: list[str | None]  # "stop" | "length" once finished
+
+
+def _triton_unusable(model) -> str | None:
+    """Why the Triton decode kernels cannot serve `model` here, or None."""
+    try:
+        from .triton_decode import supported
+    except ImportError as e:
+        return f"triton is not importable ({e})"
+    return supported(model)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -83,10 +96,13 @@ class Engine:
     def __init__(self, model, tokenizer=None, *, mode: str | None = None, dtype: torch.dtype | None = None,
                  sync_every: int | None = None, compile: bool | str = False, max_context: int | None = None,
                  max_runners: int = 4, fuse: bool | None = None,
-                 window_step: int | None = None):
+                 window_step: int | None = None, kernels: str = "auto"):
         """`compile`: torch.compile the decode step (True, or a torch.compile mode name such as
         "max-autotune-no-cudagraphs"); `fuse`: one q/k/v projection (default on in fast mode);
-        `window_step`: granularity of the attention windows over the cache (see `CachedRunner`)."""
+        `window_step`: granularity of the attention windows over the cache (see `CachedRunner`);
+        `kernels` (fast mode): "triton" runs the step as hand-fused Triton kernels, "torch" as the
+        model's forward (compiled if `compile`), "auto" Triton for batch buckets up to
+        TRITON_MAX_ROWS where Triton and the model allow it, torch otherwise."""
         device = next(model.parameters()).device
         self.device = device
         if mode is None:
@@ -96,6 +112,10 @@ class Engine:
         if mode == "fast" and device.type != "cuda":
             log.warning(f"fast decode needs CUDA; using eager on {device.type}")
             mode = "eager"
+        if kernels not in KERNELS:
+            raise ValueError(f"unknown kernels {kernels!r}; pick one of {KERNELS}")
+        if kernels == "triton" and mode != "fast":
+            raise ValueError(f"kernels='triton' needs mode 'fast' (CUDA); mode is {mode!r}")
         self.mode = mode
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         if fuse is None:
@@ -116,6 +136,10 @@ class Engine:
         self.max_context = max_context or model.config.seq_len
         if self.max_context > model.rotary_len:
             raise ValueError(f"max_context {self.max_context} exceeds the model's {model.rotary_len} positions")
+        self.kernels = kernels
+        self._triton_unusable = _triton_unusable(model) if mode == "fast" else "not fast mode"
+        if kernels == "triton" and self._triton_unusable:
+            raise ValueError(f"kernels='triton' cannot run here: {self._triton_unusable}")
         self._runners: OrderedDict[tuple[int, int], Runner] = OrderedDict()
         self._max_runners = max_runners
         self._pool: ThreadPoolExecutor | None = None
@@ -139,9 +163,16 @@ class Engine:
             while len(self._runners) >= self._max_runners:
                 self._runners.popitem(last=False)
             runner = CachedRunner(model, bucket_rows, length, self.sync_every, self.dtype, graph=True,
-                                   compile=self.compile, window_step=self.window_step)
+                                  compile=self.compile, window_step=self.window_step,
+                                  kernels=self.kernels_for(bucket_rows))
         self._runners[key] = runner
         return runner
+
+    def kernels_for(self, bucket_rows: int) -> str:
+        """"triton" or "torch": what a fast-mode runner of this many rows steps with."""
+        if self.kernels == "auto":
+            return "torch" if self._triton_unusable or bucket_rows > TRITON_MAX_ROWS else "triton"
+        return self.kernels
 
     def _special(self, name: str) -> int | None:
         return self.tokenizer.special(name) if self.tokenizer is not None else None

@@ -135,6 +135,10 @@ def compiled_step(mode: str = "default"):
 class CachedRunner(Runner):
     """Static KV cache; the decode step is eager, or replayed from CUDA graphs when `graph`.
 
+    `kernels="triton"` runs the step as hand-fused Triton kernels (`triton_decode.py`, CUDA and a
+    fused model only) instead of the model's torch forward; each row then reads just its own part
+    of the cache, so one graph over the whole cache serves every step (no windows, no compile).
+
     With graphs, one graph is captured per attention window (the first W cache slots, W a multiple
     of `window_step`): a step only reads the slots that can hold tokens yet, so early steps of a
     long cache do not pay for its empty end. The host knows which window suffices without a sync:
@@ -143,14 +147,22 @@ class CachedRunner(Runner):
     window is a strided slice (a window equal to the whole cache would be contiguous: a recompile)."""
 
     def __init__(self, model, rows: int, max_len: int, k_max: int, dtype: torch.dtype,
-                 graph: bool = False, compile: str | None = None, window_step: int = 256):
+                 graph: bool = False, compile: str | None = None, window_step: int = 256,
+                 kernels: str = "torch"):
         super().__init__(model, rows, max_len, k_max)
         c = model.config
+        self.kernels = kernels
+        if kernels == "triton":
+            from .triton_decode import TritonDecoder
+
+            compile, window_step = None, max_len
+            self._fn = TritonDecoder(model, rows, max_len)
+        else:
+            self._fn = compiled_step(compile) if compile else decode_step
         slots = max_len + 1 if compile else max_len
         self.cache = KVCache.allocate(c.n_layer, rows, c.n_kv_head, slots, c.head_dim, self.device, dtype)
         self.pos = self.cache.pos
         self.hi = 0
-        self._fn = compiled_step(compile) if compile else decode_step
         self.graph: torch.cuda.CUDAGraph | None = None  # the widest window's graph (None: eager)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.window_step = window_step

@@ -169,11 +169,11 @@ class CachedRunner(Runner):
         self.windows = sorted(set(range(window_step, max_len, window_step)) | {max_len})
         self._views = {w: self.cache.view(length=w) for w in self.windows}
         if compile:
-            import torch._dynamo
+            from torch._dynamo import mark_dynamic  # (a plain `import torch._dynamo` would make torch local)
 
             for view in self._views.values():
                 for t in (*view.k, *view.v):
-                    torch._dynamo.mark_dynamic(t, 2)
+                    mark_dynamic(t, 2)
         if graph:
             try:
                 for w in self.windows:

@@ -1,16 +1,23 @@
 """The one-token decode step as a few hand-fused Triton kernels, for small batches on CUDA.
 
 Why: at batch 1 a d12 decode step reads ~170 MB of weights (~50 µs at H100 bandwidth), but the
-torch.compiled step launches ~190 kernels of a few µs each, so kernel count, not bytes, sets the
-pace. Here one layer is five launches:
-  1. RMSNorm + the fused q/k/v matrix-vector product            (`_matvec_kernel`, NORM)
+torch.compiled step launches ~190 kernels of a few µs each, so kernel count and launch latency, not
+bytes, set the pace. Here one layer is five launches:
+  1. RMSNorm + the fused q/k/v matrix-vector product                      (`_matvec_kernel`)
   2. rotary + QK-norm of the new q and k, the new k/v written into the cache, and split-KV
-     attention over the cache: each (row, head) is split along the cache into chunks that separate
-     programs read, so a batch-1 step still spreads over the GPU (`_attention_kernel`)
-  3. merge of the chunks' partial softmaxes + output projection + residual add (`_merge_proj_kernel`)
-  4. RMSNorm + MLP up-projection + ReLU²                           (`_matvec_kernel`, NORM, RELU2)
-  5. MLP down-projection + residual add                            (`_matvec_kernel`, RESIDUAL)
-plus one embedding + RMSNorm kernel and one RMSNorm + lm_head + soft-cap kernel per step.
+     attention: each (row, head) is split along the cache into chunks that separate programs read,
+     so a batch-1 step still spreads over the GPU; the last chunk program of a (row, head) to
+     finish merges the chunks (log-sum-exp weights)                       (`_attention_kernel`)
+  3. output projection + residual add                                      (`_matvec_kernel`)
+  4. RMSNorm + MLP up-projection + ReLU²                                   (`_matvec_kernel`)
+  5. MLP down-projection + residual add                                    (`_matvec_kernel`)
+plus one embedding + RMSNorm kernel and one RMSNorm + lm_head + soft-cap + argmax kernel per step
+(the greedy token is fed back as the next input and every row's position advanced there too).
+
+On Hopper and later every launch is a programmatic dependent launch: a kernel starts while the one
+before it finishes, reads its weight tile (weights never change) and only then waits for the
+previous kernel's output (`gdc_wait`), so the weight reads of one kernel overlap the tail of the
+last. Every kernel waits before it reads or writes anything another kernel writes.
 
 Each row reads only its own `pos + 1` cache slots (chunks past it exit at once), so the step needs
 no attention windows. Numerics follow the eager model: fp32 accumulation, and intermediates are
@@ -29,56 +36,93 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+INDEX_BITS = tl.constexpr(31)  # argmax keys: (orderable fp32 value) << 31 | (2^31 - 1 - index), one int64 atomic max
 
 
 @triton.jit
-def _rms_scale(x_row, K: tl.constexpr, BLOCK_K: tl.constexpr, eps):
-    """1 / RMS of the K values at x_row (fp32)."""
-    kk = tl.arange(0, BLOCK_K)
-    sq = tl.zeros([BLOCK_K], tl.float32)
-    for k0 in tl.static_range(0, K, BLOCK_K):
-        xk = tl.load(x_row + k0 + kk, mask=k0 + kk < K, other=0.0).to(tl.float32)
-        sq += xk * xk
-    return tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
+def _pdl_start(PDL: tl.constexpr):
+    if PDL:  # let the next kernel launch now; it waits for this one's completion itself
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
-def _matvec_kernel(X, W, Out, Res, sx, sw, so, sr, N, eps,
-                   B: tl.constexpr, BP: tl.constexpr, K: tl.constexpr, NORM: tl.constexpr, RELU2: tl.constexpr,
-                   RESIDUAL: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Out[b, n] = epilogue(sum_k W[n, k] · prologue(X[b])[k]) for a block of BLOCK_N outputs and
-    all B rows (the weight tile is read once for every row). Prologue: RMSNorm (NORM). Epilogue:
-    ReLU² (RELU2), soft-cap (SOFTCAP > 0), + Res[b, n] (RESIDUAL; Res may be Out: each program
-    reads and writes only its own columns)."""
-    wdt = W.dtype.element_ty
+def _pdl_wait(PDL: tl.constexpr):
+    if PDL:  # wait until the previous kernel has finished and its writes are visible
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def _matvec_rows(X, sx, w, k, B: tl.constexpr, BP: tl.constexpr, K: tl.constexpr, NORM: tl.constexpr, eps):
+    """(BP, BLOCK_N) fp32: w (BLOCK_N, KP) times each of the B rows of X (RMS-normed first if NORM;
+    eager rounds the normed input to the weights' dtype, so this does too)."""
+    rows = tl.arange(0, BP)
+    acc = tl.zeros([BP, w.shape[0]], tl.float32)
+    for b in range(B):
+        x = tl.load(X + b * sx + k, mask=k < K, other=0.0).to(tl.float32)
+        if NORM:
+            x = (x * tl.rsqrt(tl.sum(x * x, axis=0) / K + eps)).to(w.dtype).to(tl.float32)
+        acc = tl.where(rows[:, None] == b, acc + tl.sum(w.to(tl.float32) * x[None, :], axis=1)[None, :], acc)
+    return acc
+
+
+@triton.jit
+def _matvec_kernel(X, W, Out, sx, sw, so, N, eps,
+                   B: tl.constexpr, BP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, NORM: tl.constexpr,
+                   RELU2: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+    """Out[b, n] (+)= epilogue(sum_k W[n, k] · prologue(X[b])[k]) for a block of BLOCK_N outputs and
+    all B rows; the weight tile is read once, before the wait. Prologue: RMSNorm (NORM). Epilogue:
+    ReLU² (RELU2); RESIDUAL adds into Out (each program reads and writes only its own columns)."""
+    _pdl_start(PDL)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
-    kk = tl.arange(0, BLOCK_K)
-    rows = tl.arange(0, BP)
-    scales = tl.full([BP], 1.0, tl.float32)
-    if NORM:
-        for b in tl.static_range(B):
-            scales = tl.where(rows == b, _rms_scale(X + b * sx, K, BLOCK_K, eps), scales)
-    acc = tl.zeros([BP, BLOCK_N], tl.float32)
-    for k0 in tl.static_range(0, K, BLOCK_K):
-        k_ok = k0 + kk < K
-        w = tl.load(W + n[:, None] * sw + (k0 + kk)[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        w = w.to(tl.float32)
-        for b in tl.static_range(B):
-            xk = tl.load(X + b * sx + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)
-            if NORM:  # eager rounds the normed input to the weights' dtype
-                xk = (xk * tl.sum(tl.where(rows == b, scales, 0.0), axis=0)).to(wdt).to(tl.float32)
-            acc = tl.where(rows[:, None] == b, acc + tl.sum(w * xk[None, :], axis=1)[None, :], acc)
-    acc = acc.to(wdt).to(tl.float32)  # the eager matmul's output dtype
+    k = tl.arange(0, KP)
+    w = tl.load(W + n[:, None] * sw + k[None, :], mask=n_ok[:, None] & (k < K)[None, :], other=0.0)
+    _pdl_wait(PDL)
+    acc = _matvec_rows(X, sx, w, k, B, BP, K, NORM, eps).to(w.dtype).to(tl.float32)  # eager's matmul dtype
     if RELU2:
         acc = tl.maximum(acc, 0.0)
         acc = acc * acc
+    rows = tl.arange(0, BP)
+    mask = (rows < B)[:, None] & n_ok[None, :]
+    ptr = Out + rows[:, None] * so + n[None, :]
+    if RESIDUAL:
+        acc += tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ptr, acc.to(Out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _head_kernel(X, W, Logits, Best, Count, Idx, Greedy, Pos, sx, sw, sl, s_idx, N, eps, n_programs,
+                 B: tl.constexpr, BP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, SOFTCAP: tl.constexpr,
+                 BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+    """Logits = softcap(lm_head(RMSNorm(X))) for a block of the vocabulary; each program folds its
+    block's argmax into Best[b] with one atomic max, and the last program to finish writes the
+    greedy tokens to Greedy and Idx (the next input), advances Pos and resets Count."""
+    _pdl_start(PDL)
+    pid = tl.program_id(0)
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    k = tl.arange(0, KP)
+    w = tl.load(W + n[:, None] * sw + k[None, :], mask=n_ok[:, None] & (k < K)[None, :], other=0.0)
+    _pdl_wait(PDL)
+    acc = _matvec_rows(X, sx, w, k, B, BP, K, True, eps).to(w.dtype).to(tl.float32)
     if SOFTCAP > 0:  # cap · tanh(x / cap), tanh written with exp (the interpreter has no tanh)
         acc = SOFTCAP * (1.0 - 2.0 / (tl.exp(2.0 * acc / SOFTCAP) + 1.0))
-    mask = (rows < B)[:, None] & n_ok[None, :]
-    if RESIDUAL:
-        acc += tl.load(Res + rows[:, None] * sr + n[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(Out + rows[:, None] * so + n[None, :], acc.to(Out.dtype.element_ty), mask=mask)
+    rows = tl.arange(0, BP)
+    tl.store(Logits + rows[:, None] * sl + n[None, :], acc, mask=(rows < B)[:, None] & n_ok[None, :])
+    acc = tl.where(n_ok[None, :], acc, float("-inf"))
+    top = tl.max(acc, axis=1)
+    arg = pid * BLOCK_N + tl.argmax(acc, axis=1)  # first index of the max, as torch.argmax
+    bits = top.to(tl.int32, bitcast=True).to(tl.int64)
+    order = tl.where(bits >= 0, bits + 2147483648, -1 - bits)  # float order as non-negative ints
+    tl.atomic_max(Best + rows, (order << INDEX_BITS) | (2147483647 - arg.to(tl.int64)), mask=rows < B)
+    tl.debug_barrier()  # every thread's atomics issued before this program counts itself done
+    if tl.atomic_add(Count, 1) == n_programs - 1:
+        key = tl.atomic_max(Best + rows, tl.zeros([BP], tl.int64), mask=rows < B)  # an atomic read of the final maxima
+        tok = 2147483647 - (key & 2147483647)
+        tl.store(Greedy + rows, tok, mask=rows < B)
+        tl.store(Idx + rows * s_idx, tok, mask=rows < B)
+        tl.store(Pos + rows, tl.load(Pos + rows, mask=rows < B) + 1, mask=rows < B)
+        tl.store(Count, 0)
 
 
 @triton.jit
@@ -93,112 +137,99 @@ def _rope_norm(ptr, half, cos, sin, eps, D: tl.constexpr, dt: tl.constexpr):
 
 
 @triton.jit
-def _attention_kernel(QKV, Kc, Vc, Pos, Cos, Sin, Part, Lse,
-                      s_qkv, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, s_rot, sp_b, sp_h, sp_s, sl_b, sl_h,
+def _attention_kernel(QKV, Kc, Vc, Pos, Cos, Sin, Part, Lse, Count, Y,
+                      s_qkv, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, s_rot, sp_b, sp_h, sp_s, sl_b, sl_h, sy,
                       L, eps, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
-                      BLOCK_L: tl.constexpr, SCALE_LOG2: tl.constexpr):
-    """Program (row b · head h, chunk c): this chunk's share of head h's attention for row b's new
-    token at slot pos[b]: normalised output and log2-sum-exp of its scores. The new k/v come from
-    the q/k/v buffer (rotary + norm applied here) and are written to the cache by one program."""
+                      BLOCK_L: tl.constexpr, SPLITS: tl.constexpr, SCALE_LOG2: tl.constexpr, PDL: tl.constexpr):
+    """Program (row b · head h, chunk c): chunk c's share of head h's attention for row b's new
+    token at slot pos[b] (normalised output and log2-sum-exp of its scores). The new k/v come from
+    the q/k/v buffer (rotary + norm applied here) and are written to the cache by one program; the
+    last chunk program of (b, h) to finish merges all chunks into Y[b, h·D : (h+1)·D]."""
+    _pdl_start(PDL)
     bh = tl.program_id(0)
     chunk = tl.program_id(1)
     b = bh // H
     h = bh % H
     g = h // (H // HKV)
     dt = Kc.dtype.element_ty
+    _pdl_wait(PDL)
     pos = tl.load(Pos + b)
     lo = chunk * CHUNK
-    half = tl.arange(0, D // 2)
-    d = tl.arange(0, D)
-    cos = tl.load(Cos + pos * s_rot + half).to(tl.float32)
-    sin = tl.load(Sin + pos * s_rot + half).to(tl.float32)
-    row = QKV + b * s_qkv
-    q1, q2 = _rope_norm(row + h * D, half, cos, sin, eps, D, QKV.dtype.element_ty)
-    k1, k2 = _rope_norm(row + (H + g) * D, half, cos, sin, eps, D, dt)
-    v_new = tl.load(row + (H + HKV + g) * D + d).to(dt)
-    mine = (lo <= pos) & (pos < lo + CHUNK)  # the new token's slot falls in this chunk
-    k_base = Kc + b * sk_b + g * sk_h
-    v_base = Vc + b * sv_b + g * sv_h
-    writer = mine & (h % (H // HKV) == 0) & (pos < L)
-    tl.store(k_base + pos * sk_l + half, k1, mask=(half >= 0) & writer)
-    tl.store(k_base + pos * sk_l + D // 2 + half, k2, mask=(half >= 0) & writer)
-    tl.store(v_base + pos * sv_l + d, v_new, mask=(d >= 0) & writer)
+    if lo <= pos:  # chunks past the row's position have nothing to read
+        half = tl.arange(0, D // 2)
+        d = tl.arange(0, D)
+        cos = tl.load(Cos + pos * s_rot + half).to(tl.float32)
+        sin = tl.load(Sin + pos * s_rot + half).to(tl.float32)
+        row = QKV + b * s_qkv
+        q1, q2 = _rope_norm(row + h * D, half, cos, sin, eps, D, QKV.dtype.element_ty)
+        k1, k2 = _rope_norm(row + (H + g) * D, half, cos, sin, eps, D, dt)
+        v_new = tl.load(row + (H + HKV + g) * D + d).to(dt)
+        mine = pos < lo + CHUNK  # the new token's slot falls in this chunk
+        k_base = Kc + b * sk_b + g * sk_h
+        v_base = Vc + b * sv_b + g * sv_h
+        writer = mine & (h % (H // HKV) == 0) & (pos < L)
+        tl.store(k_base + pos * sk_l + half, k1, mask=(half >= 0) & writer)
+        tl.store(k_base + pos * sk_l + D // 2 + half, k2, mask=(half >= 0) & writer)
+        tl.store(v_base + pos * sv_l + d, v_new, mask=(d >= 0) & writer)
 
-    q1 = q1.to(tl.float32) * SCALE_LOG2
-    q2 = q2.to(tl.float32) * SCALE_LOG2
-    m = tl.full([1], float("-inf"), tl.float32)
-    l = tl.zeros([1], tl.float32)
-    acc = tl.zeros([D], tl.float32)
-    hi = tl.minimum(lo + CHUNK, pos)  # cached slots [lo, hi): earlier tokens (the new one is in registers)
-    # a fixed trip count (masked blocks past `hi` read nothing) lets the compiler issue every
-    # block's loads up front; an all-masked block leaves m at -inf, hence the finite stand-in
-    for i in tl.static_range(CHUNK // BLOCK_L):
-        n = lo + i * BLOCK_L + tl.arange(0, BLOCK_L)
-        valid = n < hi
-        ka = tl.load(k_base + n[:, None] * sk_l + half[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-        kb = tl.load(k_base + n[:, None] * sk_l + D // 2 + half[None, :], mask=valid[:, None], other=0.0)
-        s = tl.sum(ka * q1[None, :], axis=1) + tl.sum(kb.to(tl.float32) * q2[None, :], axis=1)
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=0))
-        m_finite = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_finite)
-        p = tl.exp2(s - m_finite)
-        v = tl.load(v_base + n[:, None] * sv_l + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-        l = l * alpha + tl.sum(p, axis=0)
-        m = m_new
-    if mine:
-        s_new = tl.sum(k1.to(tl.float32) * q1, axis=0) + tl.sum(k2.to(tl.float32) * q2, axis=0)
-        m_new = tl.maximum(m, s_new)
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s_new - m_new)
-        acc = acc * alpha + p * v_new.to(tl.float32)
-        l = l * alpha + p
-        m = m_new
-    tl.store(Part + b * sp_b + h * sp_h + chunk * sp_s + d, acc / tl.maximum(l, 1e-30))
-    lse = tl.where(l > 0, m + tl.log2(tl.maximum(l, 1e-30)), float("-inf"))
-    tl.store(Lse + b * sl_b + h * sl_h + chunk + tl.arange(0, 1), lse)
-
-
-@triton.jit
-def _merge_proj_kernel(Part, Lse, Pos, W, X, sp_b, sp_h, sp_s, sl_b, sl_h, sw, sx, N,
-                       B: tl.constexpr, BP: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
-                       CHUNK: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """X[b, n] += sum_k W[n, k] · y[b, k] for a block of outputs, where y (all heads) is the merge
-    of the attention chunks (log-sum-exp weights), recomputed by every program from L2."""
-    wdt = W.dtype.element_ty
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < N
-    d = tl.arange(0, D)
-    s = tl.arange(0, SPLITS)
-    rows = tl.arange(0, BP)
-    acc = tl.zeros([BP, BLOCK_N], tl.float32)
-    for h in tl.static_range(H):
-        wt = tl.load(W + n[:, None] * sw + h * D + d[None, :], mask=n_ok[:, None], other=0.0).to(tl.float32)
-        for b in tl.static_range(B):
-            used = s <= tl.load(Pos + b) // CHUNK  # chunks past the row's position hold nothing
-            lse = tl.load(Lse + b * sl_b + h * sl_h + s, mask=used, other=float("-inf"))
+        q1 = q1.to(tl.float32) * SCALE_LOG2
+        q2 = q2.to(tl.float32) * SCALE_LOG2
+        m = tl.full([1], float("-inf"), tl.float32)
+        l = tl.zeros([1], tl.float32)
+        acc = tl.zeros([D], tl.float32)
+        hi = tl.minimum(lo + CHUNK, pos)  # cached slots [lo, hi): earlier tokens (the new one is in registers)
+        # a fixed trip count (masked blocks past `hi` read nothing) lets the compiler issue every
+        # block's loads up front; an all-masked block leaves m at -inf, hence the finite stand-in
+        for i in tl.static_range(CHUNK // BLOCK_L):
+            n = lo + i * BLOCK_L + tl.arange(0, BLOCK_L)
+            valid = n < hi
+            ka = tl.load(k_base + n[:, None] * sk_l + half[None, :], mask=valid[:, None], other=0.0)
+            kb = tl.load(k_base + n[:, None] * sk_l + D // 2 + half[None, :], mask=valid[:, None], other=0.0)
+            s = tl.sum(ka.to(tl.float32) * q1[None, :], axis=1) + tl.sum(kb.to(tl.float32) * q2[None, :], axis=1)
+            s = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=0))
+            m_finite = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m - m_finite)
+            p = tl.exp2(s - m_finite)
+            v = tl.load(v_base + n[:, None] * sv_l + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            l = l * alpha + tl.sum(p, axis=0)
+            m = m_new
+        if mine:  # (fresh names: a branch may not change the type of a variable defined before it)
+            s_mine = tl.sum(k1.to(tl.float32) * q1, axis=0) + tl.sum(k2.to(tl.float32) * q2, axis=0)
+            m_mine = tl.maximum(m, s_mine)
+            a_mine = tl.exp2(m - m_mine)
+            p_mine = tl.exp2(s_mine - m_mine)
+            acc = acc * a_mine + p_mine * v_new.to(tl.float32)
+            l = l * a_mine + p_mine
+            m = m_mine
+        tl.store(Part + b * sp_b + h * sp_h + chunk * sp_s + d, acc / l)  # every used chunk has l > 0
+        tl.store(Lse + b * sl_b + h * sl_h + chunk + tl.arange(0, 1), m + tl.log2(l))
+        tl.debug_barrier()  # all of this program's stores issued before it counts itself done
+        last = pos // CHUNK  # chunks 0..last are used
+        if tl.atomic_add(Count + bh, 1) == last:  # (acq_rel: the other chunks' stores are visible)
+            c = tl.arange(0, SPLITS)
+            used = c <= last
+            lse = tl.load(Lse + b * sl_b + h * sl_h + c, mask=used, other=float("-inf"), cache_modifier=".cg")
             w = tl.exp2(lse - tl.max(lse, axis=0))
-            part = tl.load(Part + b * sp_b + h * sp_h + s[:, None] * sp_s + d[None, :], mask=used[:, None], other=0.0)
-            y = (tl.sum(w[:, None] * part, axis=0) / tl.sum(w, axis=0)).to(wdt).to(tl.float32)
-            acc = tl.where(rows[:, None] == b, acc + tl.sum(wt * y[None, :], axis=1)[None, :], acc)
-    mask = (rows < B)[:, None] & n_ok[None, :]
-    ptr = X + rows[:, None] * sx + n[None, :]
-    x = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-    tl.store(ptr, (x + acc.to(wdt).to(tl.float32)).to(X.dtype.element_ty), mask=mask)
+            part = tl.load(Part + b * sp_b + h * sp_h + c[:, None] * sp_s + d[None, :], mask=used[:, None],
+                           other=0.0, cache_modifier=".cg")
+            y = tl.sum(w[:, None] * part, axis=0) / tl.sum(w, axis=0)
+            tl.store(Y + b * sy + h * D + d, y.to(Y.dtype.element_ty))
+            tl.store(Count + bh, 0)
 
 
 @triton.jit
-def _embed_kernel(Idx, Wte, X, s_idx, sw, sx, eps, K: tl.constexpr, BLOCK_K: tl.constexpr):
-    """X[b] = RMSNorm(Wte[Idx[b]])."""
+def _embed_kernel(Idx, Wte, X, Best, s_idx, sw, sx, eps, K: tl.constexpr, KP: tl.constexpr, PDL: tl.constexpr):
+    """X[b] = RMSNorm(Wte[Idx[b]]); also clears row b's argmax slot for this step's head kernel."""
+    _pdl_start(PDL)
     b = tl.program_id(0)
-    row = Wte + tl.load(Idx + b * s_idx) * sw
-    scale = _rms_scale(row, K, BLOCK_K, eps)
-    kk = tl.arange(0, BLOCK_K)
-    for k0 in tl.static_range(0, K, BLOCK_K):
-        k_ok = k0 + kk < K
-        x = tl.load(row + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)
-        tl.store(X + b * sx + k0 + kk, (x * scale).to(X.dtype.element_ty), mask=k_ok)
+    k = tl.arange(0, KP)
+    _pdl_wait(PDL)
+    x = tl.load(Wte + tl.load(Idx + b * s_idx) * sw + k, mask=k < K, other=0.0).to(tl.float32)
+    x = x * tl.rsqrt(tl.sum(x * x, axis=0) / K + eps)
+    tl.store(X + b * sx + k, x.to(X.dtype.element_ty), mask=k < K)
+    tl.store(Best + b + tl.arange(0, 1), tl.zeros([1], tl.int64))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -207,15 +238,16 @@ def _embed_kernel(Idx, Wte, X, s_idx, sw, sx, eps, K: tl.constexpr, BLOCK_K: tl.
 
 @dataclass(frozen=True)
 class DecodeTiles:
-    """Launch shapes; the defaults were picked on an H100 at d12 (see docs/benchmarks.md)."""
+    """Launch shapes: output columns per program for each matrix-vector product, cache slots per
+    attention program (`chunk`) and per step inside it (`block_l`). Defaults picked on an H100 at
+    d12 (see docs/benchmarks.md)."""
     qkv_block_n: int = 16
+    out_block_n: int = 8
     fc_block_n: int = 16
     proj_block_n: int = 4
-    out_block_n: int = 8
-    head_block_n: int = 32
-    block_k: int = 256
-    chunk: int = 64  # cache slots per attention program
-    block_l: int = 32  # cache slots per loop iteration inside it
+    head_block_n: int = 16
+    chunk: int = 64
+    block_l: int = 64
     num_warps: int = 4
 
 
@@ -233,6 +265,11 @@ def supported(model) -> str | None:
     return None
 
 
+def _pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch: Hopper (sm_90) and later."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 class TritonDecoder:
     """Runs `decode_step`'s contract with the kernels above: (rows, 1) ids -> (rows, V) fp32
     logits and the greedy tokens, written to `idx`; writes the cache and advances its pos.
@@ -244,56 +281,62 @@ class TritonDecoder:
             raise ValueError(f"Triton decode kernels cannot run this model: {why}")
         self.model, self.rows, self.max_len = model, rows, max_len
         self.tiles = t = tiles or DecodeTiles()
+        if t.chunk % t.block_l:
+            raise ValueError(f"chunk {t.chunk} is not a multiple of block_l {t.block_l}")
         c = model.config
         p = model.lm_head.weight
         dev, dt = p.device, p.dtype
         self.eps = torch.finfo(dt).eps  # F.rms_norm's default for the model's dtype
         self.splits = -(-max_len // t.chunk)
+        self.launch = {"num_warps": t.num_warps, **({"launch_pdl": True} if _pdl(dev) else {})}
+        self.pdl = _pdl(dev)
         self.x = torch.empty(rows, c.n_embd, device=dev, dtype=dt)
         self.qkv = torch.empty(rows, (c.n_head + 2 * c.n_kv_head) * c.head_dim, device=dev, dtype=dt)
+        self.y = torch.empty(rows, c.n_head * c.head_dim, device=dev, dtype=dt)
         self.h = torch.empty(rows, 4 * c.n_embd, device=dev, dtype=dt)
         self.part = torch.empty(rows, c.n_head, self.splits, c.head_dim, device=dev, dtype=torch.float32)
         self.lse = torch.empty(rows, c.n_head, self.splits, device=dev, dtype=torch.float32)
+        self.chunks_done = torch.zeros(rows * c.n_head, device=dev, dtype=torch.int32)
         self.logits = torch.empty(rows, c.vocab_size, device=dev, dtype=torch.float32)
+        self.best = torch.zeros(rows, device=dev, dtype=torch.int64)
+        self.head_done = torch.zeros(1, device=dev, dtype=torch.int32)
+        self.greedy = torch.zeros(rows, device=dev, dtype=torch.long)
 
-    def _matvec(self, x, w, out, block_n, norm=False, relu2=False, residual=False, softcap=0.0):
+    def _matvec(self, x, w, out, block_n, norm=False, relu2=False, residual=False):
         N, K = w.shape
         _matvec_kernel[(triton.cdiv(N, block_n),)](
-            x, w, out, out, x.stride(0), w.stride(0), out.stride(0), out.stride(0), N, self.eps,
-            B=self.rows, BP=triton.next_power_of_2(self.rows), K=K, NORM=norm, RELU2=relu2, RESIDUAL=residual, SOFTCAP=float(softcap),
-            BLOCK_N=block_n, BLOCK_K=min(self.tiles.block_k, triton.next_power_of_2(K)),
-            num_warps=self.tiles.num_warps)
+            x, w, out, x.stride(0), w.stride(0), out.stride(0), N, self.eps,
+            B=self.rows, BP=triton.next_power_of_2(self.rows), K=K, KP=triton.next_power_of_2(K), NORM=norm,
+            RELU2=relu2, RESIDUAL=residual, BLOCK_N=block_n, PDL=self.pdl, **self.launch)
 
     @torch.no_grad()
     def __call__(self, model, idx: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:
         c, t, B = self.model.config, self.tiles, self.rows
-        H, Hkv, D = c.n_head, c.n_kv_head, c.head_dim
-        x, qkv, part, lse = self.x, self.qkv, self.part, self.lse
+        H, Hkv, D, E = c.n_head, c.n_kv_head, c.head_dim, c.n_embd
+        x, qkv, y, part, lse = self.x, self.qkv, self.y, self.part, self.lse
         wte = self.model.wte.weight
-        _embed_kernel[(B,)](idx, wte, x, idx.stride(0), wte.stride(0), x.stride(0), self.eps,
-                            K=c.n_embd, BLOCK_K=min(t.block_k * 4, triton.next_power_of_2(c.n_embd)))
+        _embed_kernel[(B,)](idx, wte, x, self.best, idx.stride(0), wte.stride(0), x.stride(0), self.eps,
+                            K=E, KP=triton.next_power_of_2(E), PDL=self.pdl, **self.launch)
         cos, sin = self.model.cos, self.model.sin
         for i, block in enumerate(self.model.blocks):
             attn, mlp = block.attn, block.mlp
             self._matvec(x, attn.c_qkv.weight, qkv, t.qkv_block_n, norm=True)
             k, v = cache.k[i], cache.v[i]
             _attention_kernel[(B * H, self.splits)](
-                qkv, k, v, cache.pos, cos, sin, part, lse,
+                qkv, k, v, cache.pos, cos, sin, part, lse, self.chunks_done, y,
                 qkv.stride(0), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
                 cos.stride(0), part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
-                k.size(2), self.eps, H=H, HKV=Hkv, D=D, CHUNK=t.chunk, BLOCK_L=t.block_l,
-                SCALE_LOG2=D ** -0.5 * LOG2E, num_warps=t.num_warps)
-            w = attn.c_proj.weight
-            _merge_proj_kernel[(triton.cdiv(w.size(0), t.out_block_n),)](
-                part, lse, cache.pos, w, x, part.stride(0), part.stride(1), part.stride(2),
-                lse.stride(0), lse.stride(1), w.stride(0), x.stride(0), w.size(0),
-                B=B, BP=triton.next_power_of_2(B), H=H, D=D, CHUNK=t.chunk, SPLITS=triton.next_power_of_2(self.splits),
-                BLOCK_N=t.out_block_n, num_warps=t.num_warps)
+                y.stride(0), k.size(2), self.eps, H=H, HKV=Hkv, D=D, CHUNK=t.chunk, BLOCK_L=t.block_l,
+                SPLITS=triton.next_power_of_2(self.splits), SCALE_LOG2=D ** -0.5 * LOG2E, PDL=self.pdl,
+                **self.launch)
+            self._matvec(y, attn.c_proj.weight, x, t.out_block_n, residual=True)
             self._matvec(x, mlp.c_fc.weight, self.h, t.fc_block_n, norm=True, relu2=True)
             self._matvec(self.h, mlp.c_proj.weight, x, t.proj_block_n, residual=True)
-        self._matvec(x, self.model.lm_head.weight, self.logits, t.head_block_n, norm=True,
-                     softcap=c.logit_softcap or 0.0)
-        cache.pos += 1
-        greedy = self.logits.argmax(dim=-1)
-        idx.copy_(greedy[:, None])
-        return self.logits, greedy
+        w = self.model.lm_head.weight
+        n_programs = triton.cdiv(w.size(0), t.head_block_n)
+        _head_kernel[(n_programs,)](
+            x, w, self.logits, self.best, self.head_done, idx, self.greedy, cache.pos,
+            x.stride(0), w.stride(0), self.logits.stride(0), idx.stride(0), w.size(0), self.eps, n_programs,
+            B=B, BP=triton.next_power_of_2(B), K=E, KP=triton.next_power_of_2(E),
+            SOFTCAP=float(c.logit_softcap or 0.0), BLOCK_N=t.head_block_n, PDL=self.pdl, **self.launch)
+        return self.logits, self.greedy

@@ -47,8 +47,8 @@ def run_case(device, lens, max_len, steps, tiles):
 
 if __name__ == "__main__":
     device = torch.device(sys.argv[1] if len(sys.argv) > 1 else "cpu")
-    small = DecodeTiles(chunk=8, block_l=4, block_k=64, qkv_block_n=16, fc_block_n=32, proj_block_n=8,
-                        out_block_n=16, head_block_n=64)
+    small = DecodeTiles(chunk=8, block_l=4, qkv_block_n=16, fc_block_n=32, proj_block_n=8, out_block_n=16,
+                        head_block_n=64)
     print(json.dumps({
         # three rows of different lengths crossing chunk and block boundaries, several splits
         "rows3_small_tiles": run_case(device, [5, 17, 9], 40, 4, small),

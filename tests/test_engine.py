@@ -360,20 +360,39 @@ def test_chat_session_drops_oldest_turns(capsys):
 
 @gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("compile", [False, True])
-def test_fast_path_matches_eager_greedy(compile):
+@pytest.mark.parametrize("compile,kernels", [(False, "torch"), (True, "torch"), (False, "triton")])
+def test_fast_path_matches_eager_greedy(compile, kernels):
     dev = torch.device("cuda")
     model = random_model(n_layer=2, n_head=4, n_kv_head=2, n_embd=128, vocab=512, seq_len=256, device=dev)
     prompts = [[(7 * i + j) % 500 for j in range(5 + 3 * i)] for i in range(5)]
     kw = dict(max_tokens=40, temperature=0)
-    # compiled kernels round differently from eager bf16 ones: compare in fp32 so greedy near-ties
-    # of a random model are moot
-    dtype = torch.float32 if compile else torch.bfloat16
+    # compiled and Triton kernels round differently from eager bf16 ones: compare in fp32 so greedy
+    # near-ties of a random model are moot
+    dtype = torch.bfloat16 if kernels == "torch" and not compile else torch.float32
     eager = Engine(model, None, mode="eager", dtype=dtype).generate_batch(prompts, **kw)
-    fast = Engine(model, None, mode="fast", compile=compile, dtype=dtype, window_step=16)
+    fast = Engine(model, None, mode="fast", compile=compile, dtype=dtype, window_step=16, kernels=kernels)
     assert fast.generate_batch(prompts, **kw) == eager
     assert fast.last_runner.graph is not None  # really replayed a graph
+    assert fast.last_runner.kernels == kernels
     assert fast.generate_batch(prompts[:1], num_samples=3, **kw) == [eager[0]] * 3
+
+
+@gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fast_auto_kernels_by_batch_and_sampling_on_triton():
+    """auto: Triton up to TRITON_MAX_ROWS rows, torch above; sampling (temperature, top-k, seeds)
+    works on the Triton step exactly as on the torch step, from the same logits."""
+    from picochat.infer.engine import TRITON_MAX_ROWS
+
+    dev = torch.device("cuda")
+    model = random_model(n_layer=2, n_head=4, n_kv_head=2, n_embd=128, vocab=512, seq_len=256, device=dev)
+    eng = Engine(model, None, mode="fast", dtype=torch.float32)
+    assert eng.kernels_for(1) == "triton" and eng.kernels_for(2 * TRITON_MAX_ROWS) == "torch"
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    kw = dict(max_tokens=24, temperature=1.0, top_k=50, seed=3)
+    torch_rows = Engine(model, None, mode="fast", dtype=torch.float32, kernels="torch").generate_batch(prompts, **kw)
+    assert eng.generate_batch(prompts, **kw) == torch_rows
+    assert eng.last_runner.kernels == "triton"
 
 
 @gpu

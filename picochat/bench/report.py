@@ -140,8 +140,9 @@ def run_parts(parts: list[str], depth: int) -> list[dict]:
                         "auto batch + compile, packed + document mask")
     if "decode" in parts:
         decode = ["decode", "--depth", d, "--batch-sizes", "1,8,64", "--prompt-len", "512", "--new-tokens", "256"]
-        records += _bench(decode + ["--modes", "naive,eager,fast"])
-        records += _bench(decode + ["--modes", "fast", "--compile"])
+        records += _bench(decode + ["--modes", "naive,eager,fast", "--kernels", "torch"])
+        records += _bench(decode + ["--modes", "fast", "--kernels", "torch", "--compile"])
+        records += _bench(decode + ["--modes", "fast"])  # auto: the Triton step up to batch 8
     if "diversity" in parts:
         records += _bench(["diversity", "--depth", d])
     if "autobatch" in parts:

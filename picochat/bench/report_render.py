@@ -30,6 +30,11 @@ def _default_compile(record: dict) -> bool:
     return record.get("compile") in (True, "default")
 
 
+def _kernels(record: dict) -> str:
+    """What a fast-mode step ran as: "triton" or "torch" (records before the Triton kernels: torch)."""
+    return record.get("kernels", "torch")
+
+
 def _fmt(x, unit: str = "") -> str:
     if x is None:
         return "—"
@@ -62,14 +67,17 @@ def headline_rows(records: list[dict]) -> list[tuple[str, str, str, str, str, st
     for bs in (1, 8, 64):
         naive = _latest(records, "decode", mode="naive", batch_size=bs)
         eager = _latest(records, "decode", mode="eager", batch_size=bs)
-        fast = _latest(records, "decode", mode="fast", batch_size=bs, compile=False)
-        compiled = _latest([r for r in records if _default_compile(r)], "decode", mode="fast", batch_size=bs)
+        torch_step = [r for r in records if _kernels(r) == "torch"]
+        fast = _latest(torch_step, "decode", mode="fast", batch_size=bs, compile=False)
+        compiled = _latest([r for r in torch_step if _default_compile(r)], "decode", mode="fast", batch_size=bs)
+        triton = _latest([r for r in records if _kernels(r) == "triton"], "decode", mode="fast", batch_size=bs)
         base = naive or eager
         if base and eager and base is not eager:
             rows.append((f"Decode tok/s, batch {bs}: {base['mode']} → KV cache (eager)", *SEED_CLAIMS["decode"],
                          _fmt(base["tok_per_s_total"]), _fmt(eager["tok_per_s_total"]),
                          f"{eager['tok_per_s_total'] / base['tok_per_s_total']:.2f}×"))
-        for label, r in (("fast (graphs)", fast), ("fast (compiled + graphs)", compiled)):
+        for label, r in (("fast (graphs)", fast), ("fast (compiled + graphs)", compiled),
+                         ("fast (Triton kernels + graphs)", triton)):
             if base and r:
                 rows.append((f"Decode tok/s, batch {bs}: {base['mode']} → {label}", *SEED_CLAIMS["decode"],
                              _fmt(base["tok_per_s_total"]), _fmt(r["tok_per_s_total"]),
@@ -105,8 +113,10 @@ def plots(records: list[dict], out_dir: Path) -> list[str]:
     if decode:
         fig, ax = plt.subplots(figsize=(6, 4))
         for label, pick in (("naive", lambda r: r["mode"] == "naive"), ("eager", lambda r: r["mode"] == "eager"),
-                            ("fast", lambda r: r["mode"] == "fast" and not r.get("compile")),
-                            ("fast + compile", lambda r: r["mode"] == "fast" and _default_compile(r))):
+                            ("fast", lambda r: r["mode"] == "fast" and not r.get("compile") and _kernels(r) == "torch"),
+                            ("fast + compile", lambda r: r["mode"] == "fast" and _default_compile(r)
+                             and _kernels(r) == "torch"),
+                            ("fast, Triton kernels", lambda r: r["mode"] == "fast" and _kernels(r) == "triton")):
             pts = sorted({r["batch_size"]: r["tok_per_s_total"] for r in decode if pick(r)}.items())
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)

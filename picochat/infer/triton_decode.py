@@ -239,16 +239,24 @@ def _embed_kernel(Idx, Wte, X, Best, s_idx, sw, sx, eps, K: tl.constexpr, KP: tl
 @dataclass(frozen=True)
 class DecodeTiles:
     """Launch shapes: output columns per program for each matrix-vector product, cache slots per
-    attention program (`chunk`) and per step inside it (`block_l`). Defaults picked on an H100 at
-    d12 (see docs/benchmarks.md)."""
-    qkv_block_n: int = 16
-    out_block_n: int = 8
-    fc_block_n: int = 16
+    attention program (`chunk`) and per step inside it (`block_l`), warps per program. `for_rows`
+    holds what a coordinate-descent search picked on an H100 at d12 (docs/benchmarks.md)."""
+    qkv_block_n: int = 8
+    out_block_n: int = 4
+    fc_block_n: int = 8
     proj_block_n: int = 4
-    head_block_n: int = 16
+    head_block_n: int = 8
     chunk: int = 64
     block_l: int = 64
-    num_warps: int = 4
+    num_warps: int = 2  # matrix-vector products
+    attn_warps: int = 2
+    head_warps: int = 1
+
+    @classmethod
+    def for_rows(cls, rows: int) -> "DecodeTiles":
+        if rows == 1:  # 228 us per step vs 252 with the batch>1 tiles
+            return cls(head_block_n=16, num_warps=4, head_warps=2)
+        return cls()
 
 
 def supported(model) -> str | None:
@@ -280,7 +288,7 @@ class TritonDecoder:
         if why:
             raise ValueError(f"Triton decode kernels cannot run this model: {why}")
         self.model, self.rows, self.max_len = model, rows, max_len
-        self.tiles = t = tiles or DecodeTiles()
+        self.tiles = t = tiles or DecodeTiles.for_rows(rows)
         if t.chunk % t.block_l:
             raise ValueError(f"chunk {t.chunk} is not a multiple of block_l {t.block_l}")
         c = model.config
@@ -288,8 +296,8 @@ class TritonDecoder:
         dev, dt = p.device, p.dtype
         self.eps = torch.finfo(dt).eps  # F.rms_norm's default for the model's dtype
         self.splits = -(-max_len // t.chunk)
-        self.launch = {"num_warps": t.num_warps, **({"launch_pdl": True} if _pdl(dev) else {})}
         self.pdl = _pdl(dev)
+        self.launch = {"launch_pdl": True} if self.pdl else {}
         self.x = torch.empty(rows, c.n_embd, device=dev, dtype=dt)
         self.qkv = torch.empty(rows, (c.n_head + 2 * c.n_kv_head) * c.head_dim, device=dev, dtype=dt)
         self.y = torch.empty(rows, c.n_head * c.head_dim, device=dev, dtype=dt)
@@ -307,7 +315,8 @@ class TritonDecoder:
         _matvec_kernel[(triton.cdiv(N, block_n),)](
             x, w, out, x.stride(0), w.stride(0), out.stride(0), N, self.eps,
             B=self.rows, BP=triton.next_power_of_2(self.rows), K=K, KP=triton.next_power_of_2(K), NORM=norm,
-            RELU2=relu2, RESIDUAL=residual, BLOCK_N=block_n, PDL=self.pdl, **self.launch)
+            RELU2=relu2, RESIDUAL=residual, BLOCK_N=block_n, PDL=self.pdl, num_warps=self.tiles.num_warps,
+            **self.launch)
 
     @torch.no_grad()
     def __call__(self, model, idx: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -316,7 +325,7 @@ class TritonDecoder:
         x, qkv, y, part, lse = self.x, self.qkv, self.y, self.part, self.lse
         wte = self.model.wte.weight
         _embed_kernel[(B,)](idx, wte, x, self.best, idx.stride(0), wte.stride(0), x.stride(0), self.eps,
-                            K=E, KP=triton.next_power_of_2(E), PDL=self.pdl, **self.launch)
+                            K=E, KP=triton.next_power_of_2(E), PDL=self.pdl, num_warps=t.num_warps, **self.launch)
         cos, sin = self.model.cos, self.model.sin
         for i, block in enumerate(self.model.blocks):
             attn, mlp = block.attn, block.mlp
@@ -328,7 +337,7 @@ class TritonDecoder:
                 cos.stride(0), part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
                 y.stride(0), k.size(2), self.eps, H=H, HKV=Hkv, D=D, CHUNK=t.chunk, BLOCK_L=t.block_l,
                 SPLITS=triton.next_power_of_2(self.splits), SCALE_LOG2=D ** -0.5 * LOG2E, PDL=self.pdl,
-                **self.launch)
+                num_warps=t.attn_warps, **self.launch)
             self._matvec(y, attn.c_proj.weight, x, t.out_block_n, residual=True)
             self._matvec(x, mlp.c_fc.weight, self.h, t.fc_block_n, norm=True, relu2=True)
             self._matvec(self.h, mlp.c_proj.weight, x, t.proj_block_n, residual=True)
@@ -338,5 +347,6 @@ class TritonDecoder:
             x, w, self.logits, self.best, self.head_done, idx, self.greedy, cache.pos,
             x.stride(0), w.stride(0), self.logits.stride(0), idx.stride(0), w.size(0), self.eps, n_programs,
             B=B, BP=triton.next_power_of_2(B), K=E, KP=triton.next_power_of_2(E),
-            SOFTCAP=float(c.logit_softcap or 0.0), BLOCK_N=t.head_block_n, PDL=self.pdl, **self.launch)
+            SOFTCAP=float(c.logit_softcap or 0.0), BLOCK_N=t.head_block_n, PDL=self.pdl, num_warps=t.head_warps,
+            **self.launch)
         return self.logits, self.greedy

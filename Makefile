@@ -5,6 +5,9 @@ STAMP := $(VENV)/.installed
 # CPU machines get the CPU build of torch (served from a local wheel where one exists);
 # a machine with an NVIDIA driver keeps whatever torch>=2.11 pip resolves.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.11" || echo "torch==2.13.0")
+# CUDA builds of torch bring their own Triton; on CPU machines Triton is installed for its interpreter,
+# which runs the Triton decode kernels' tests (skipped where it cannot be installed).
+TRITON_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "" || echo "triton==3.6.0")
 
 .PHONY: install demo test test-all clean-demo
 
@@ -12,6 +15,7 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev,serve]"
+	$(if $(TRITON_SPEC),$(PY) -m pip install -q "$(TRITON_SPEC)" || echo "triton not installed: its interpreter tests will be skipped")
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -3,10 +3,12 @@ UTF-8 streaming, the chat CLI's one-shot mode, and (CUDA only) the fast path aga
 
 from __future__ import annotations
 
+import logging
+
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import pytest
 
 from picochat.config import ModelConfig
 from picochat.infer import engine as engine_mod
@@ -408,6 +410,31 @@ def test_fast_path_tools_and_stops(monkeypatch):
     assert out[1] == b("yx" * 7)
 
 
+@gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fast_auto_falls_back_to_torch_when_triton_fails(monkeypatch, caplog):
+    from picochat.infer import triton_decode
+
+    def broken(self, *args):
+        raise RuntimeError("kernel does not build on this GPU")
+
+    monkeypatch.setattr(triton_decode.TritonDecoder, "__call__", broken)
+    model = random_model(n_layer=2, n_head=4, n_kv_head=2, n_embd=128, vocab=512, seq_len=256,
+                         device=torch.device("cuda"))
+    kw = dict(max_tokens=12, temperature=0)
+    eng = Engine(model, None, mode="fast", dtype=torch.float32)
+    logger = logging.getLogger("picochat")
+    logger.addHandler(caplog.handler)  # picochat's logger may not propagate to the root
+    try:
+        out = eng.generate_batch([[1, 2, 3]], **kw)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert eng.last_runner.kernels == "torch" and "using the torch step" in caplog.text
+    assert out == Engine(model, None, mode="eager", dtype=torch.float32).generate_batch([[1, 2, 3]], **kw)
+    with pytest.raises(RuntimeError, match="does not build"):  # asked for Triton explicitly: no silent swap
+        Engine(model, None, mode="fast", dtype=torch.float32, kernels="triton").generate_batch([[1, 2, 3]], **kw)
+
+
 # ---------------------------------------------------------------------------------------------------
 # decode benchmark (CPU smoke test; the real run is on a GPU)
 
@@ -468,3 +495,16 @@ def test_triton_decode_step_matches_torch_step_interpreted():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_triton_decode_step_matches_torch_step_cuda():
     _check_triton_cases(_run_triton_worker("cuda", {}), tol=1e-3)
+
+
+def test_bench_tiles_needs_cuda(monkeypatch):
+    import argparse
+
+    from picochat.bench.tiles import add_tiles_parser
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    parser = argparse.ArgumentParser()
+    add_tiles_parser(parser.add_subparsers())
+    args = parser.parse_args(["tiles", "--batch-sizes", "1"])
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        args.func(args)

@@ -162,9 +162,19 @@ class Engine:
         if runner is None:
             while len(self._runners) >= self._max_runners:
                 self._runners.popitem(last=False)
-            runner = CachedRunner(model, bucket_rows, length, self.sync_every, self.dtype, graph=True,
-                                  compile=self.compile, window_step=self.window_step,
-                                  kernels=self.kernels_for(bucket_rows))
+            kernels = self.kernels_for(bucket_rows)
+            try:
+                runner = CachedRunner(model, bucket_rows, length, self.sync_every, self.dtype, graph=True,
+                                      compile=self.compile, window_step=self.window_step, kernels=kernels)
+            except Exception as e:
+                if kernels != "triton" or self.kernels == "triton":
+                    raise
+                # auto: Triton kernels that do not build or run on this GPU cost speed, never the answer
+                log.warning(f"Triton decode step failed ({type(e).__name__}: {e}); using the torch step")
+                self._triton_unusable = f"failed on this device: {type(e).__name__}"
+                torch.cuda.synchronize(self.device)
+                runner = CachedRunner(model, bucket_rows, length, self.sync_every, self.dtype, graph=True,
+                                      compile=self.compile, window_step=self.window_step, kernels="torch")
         self._runners[key] = runner
         return runner
 

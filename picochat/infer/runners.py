@@ -180,6 +180,8 @@ class CachedRunner(Runner):
                     self._graphs[w] = self._capture(self._views[w])
                 self.graph = self._graphs[max_len][0]
             except Exception as e:  # a capture failure must cost speed, never the answer
+                if kernels == "triton":  # its first (compiling) call failed: the engine falls back to torch
+                    raise
                 log.warning(f"CUDA graph capture failed ({type(e).__name__}: {e}); decoding eagerly")
                 self._graphs.clear()
                 torch.cuda.synchronize(self.device)

@@ -176,7 +176,8 @@ def cmd_decode_bench(args: argparse.Namespace) -> int:
     records = [{**base, **r, "commit": base["commit"], "command": base["command"]} for r in records]
     print(f"\ndecode · {base['gpu']} · d{args.depth} · prompt {args.prompt_len} random tokens · "
           f"{args.new_tokens} new tokens · greedy · torch {base['torch']}")
-    print(f"{'mode':<7}{'step':>8}{'batch':>6}{'TTFT ms':>10}{'tok/s row':>11}{'tok/s total':>13}{'MBU':>8}{'peak GiB':>10}")
+    print(f"{'mode':<7}{'step':>8}{'batch':>6}{'TTFT ms':>10}{'tok/s row':>11}{'tok/s total':>13}{'MBU':>8}"
+          f"{'peak GiB':>10}")
     for r in records:
         mbu = f"{100 * r['mbu']:.1f}%" if r["mbu"] is not None else "n/a"
         peak = f"{r['peak_mem_gib']:.2f}" if r["peak_mem_gib"] is not None else "n/a"

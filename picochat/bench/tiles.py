@@ -18,7 +18,7 @@ import time
 import torch
 
 SPACE = dict(qkv_block_n=[8, 16, 32], out_block_n=[4, 8, 16, 32], fc_block_n=[8, 16, 32], proj_block_n=[2, 4, 8],
-             head_block_n=[8, 16, 32], chunk=[16, 32, 64, 128], block_l=[16, 32, 64], num_warps=[1, 2, 4],
+             head_block_n=[8, 16, 32], chunk=[16, 32, 64, 128], num_warps=[1, 2, 4],
              attn_warps=[1, 2, 4, 8], head_warps=[1, 2, 4, 8])
 
 
@@ -69,7 +69,6 @@ def search(model, rows: int, cache_len: int, start: int, steps: int, passes: int
                 if getattr(tiles, name) == value:
                     continue
                 cand = dataclasses.replace(tiles, **{name: value})
-                cand = dataclasses.replace(cand, block_l=min(cand.block_l, cand.chunk))
                 t = time_step(model, rows, cand, cache_len, start, steps)
                 log(f"  {name}={value}: {t:.1f}")
                 if t < 0.99 * best:

@@ -6,7 +6,8 @@ bytes, set the pace. Here one layer is five launches:
   1. RMSNorm + the fused q/k/v matrix-vector product                      (`_matvec_kernel`)
   2. rotary + QK-norm of the new q and k, the new k/v written into the cache, and split-KV
      attention: each (row, head) is split along the cache into chunks that separate programs read,
-     so a batch-1 step still spreads over the GPU; the last chunk program of a (row, head) to
+     so a batch-1 step still spreads over the GPU (a chunk's cached keys and values are read before
+     waiting on the previous kernel); the last chunk program of a (row, head) to
      finish merges the chunks (log-sum-exp weights)                       (`_attention_kernel`)
   3. output projection + residual add                                      (`_matvec_kernel`)
   4. RMSNorm + MLP up-projection + ReLU²                                   (`_matvec_kernel`)
@@ -140,11 +141,15 @@ def _rope_norm(ptr, half, cos, sin, eps, D: tl.constexpr, dt: tl.constexpr):
 def _attention_kernel(QKV, Kc, Vc, Pos, Cos, Sin, Part, Lse, Count, Y,
                       s_qkv, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, s_rot, sp_b, sp_h, sp_s, sl_b, sl_h, sy,
                       L, eps, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
-                      BLOCK_L: tl.constexpr, SPLITS: tl.constexpr, SCALE_LOG2: tl.constexpr, PDL: tl.constexpr):
+                      SPLITS: tl.constexpr, SCALE_LOG2: tl.constexpr, PDL: tl.constexpr):
     """Program (row b · head h, chunk c): chunk c's share of head h's attention for row b's new
     token at slot pos[b] (normalised output and log2-sum-exp of its scores). The new k/v come from
     the q/k/v buffer (rotary + norm applied here) and are written to the cache by one program; the
-    last chunk program of (b, h) to finish merges all chunks into Y[b, h·D : (h+1)·D]."""
+    last chunk program of (b, h) to finish merges all chunks into Y[b, h·D : (h+1)·D].
+
+    Before waiting on the previous kernel it already reads its cached keys and values: positions
+    change only in the step's last kernel and slots below pos were written by earlier steps, so
+    neither can be in flight; only the q/k/v buffer needs the wait."""
     _pdl_start(PDL)
     bh = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -152,21 +157,26 @@ def _attention_kernel(QKV, Kc, Vc, Pos, Cos, Sin, Part, Lse, Count, Y,
     h = bh % H
     g = h // (H // HKV)
     dt = Kc.dtype.element_ty
-    _pdl_wait(PDL)
     pos = tl.load(Pos + b)
     lo = chunk * CHUNK
     if lo <= pos:  # chunks past the row's position have nothing to read
         half = tl.arange(0, D // 2)
         d = tl.arange(0, D)
+        n = lo + tl.arange(0, CHUNK)
+        cached = n < pos  # earlier tokens; the new one (slot pos) comes from registers
+        k_base = Kc + b * sk_b + g * sk_h
+        v_base = Vc + b * sv_b + g * sv_h
+        ka = tl.load(k_base + n[:, None] * sk_l + half[None, :], mask=cached[:, None], other=0.0)
+        kb = tl.load(k_base + n[:, None] * sk_l + D // 2 + half[None, :], mask=cached[:, None], other=0.0)
+        v = tl.load(v_base + n[:, None] * sv_l + d[None, :], mask=cached[:, None], other=0.0)
         cos = tl.load(Cos + pos * s_rot + half).to(tl.float32)
         sin = tl.load(Sin + pos * s_rot + half).to(tl.float32)
+        _pdl_wait(PDL)
         row = QKV + b * s_qkv
         q1, q2 = _rope_norm(row + h * D, half, cos, sin, eps, D, QKV.dtype.element_ty)
         k1, k2 = _rope_norm(row + (H + g) * D, half, cos, sin, eps, D, dt)
         v_new = tl.load(row + (H + HKV + g) * D + d).to(dt)
         mine = pos < lo + CHUNK  # the new token's slot falls in this chunk
-        k_base = Kc + b * sk_b + g * sk_h
-        v_base = Vc + b * sv_b + g * sv_h
         writer = mine & (h % (H // HKV) == 0) & (pos < L)
         tl.store(k_base + pos * sk_l + half, k1, mask=(half >= 0) & writer)
         tl.store(k_base + pos * sk_l + D // 2 + half, k2, mask=(half >= 0) & writer)
@@ -174,37 +184,17 @@ def _attention_kernel(QKV, Kc, Vc, Pos, Cos, Sin, Part, Lse, Count, Y,
 
         q1 = q1.to(tl.float32) * SCALE_LOG2
         q2 = q2.to(tl.float32) * SCALE_LOG2
-        m = tl.full([1], float("-inf"), tl.float32)
-        l = tl.zeros([1], tl.float32)
-        acc = tl.zeros([D], tl.float32)
-        hi = tl.minimum(lo + CHUNK, pos)  # cached slots [lo, hi): earlier tokens (the new one is in registers)
-        # a fixed trip count (masked blocks past `hi` read nothing) lets the compiler issue every
-        # block's loads up front; an all-masked block leaves m at -inf, hence the finite stand-in
-        for i in tl.static_range(CHUNK // BLOCK_L):
-            n = lo + i * BLOCK_L + tl.arange(0, BLOCK_L)
-            valid = n < hi
-            ka = tl.load(k_base + n[:, None] * sk_l + half[None, :], mask=valid[:, None], other=0.0)
-            kb = tl.load(k_base + n[:, None] * sk_l + D // 2 + half[None, :], mask=valid[:, None], other=0.0)
-            s = tl.sum(ka.to(tl.float32) * q1[None, :], axis=1) + tl.sum(kb.to(tl.float32) * q2[None, :], axis=1)
-            s = tl.where(valid, s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=0))
-            m_finite = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m - m_finite)
-            p = tl.exp2(s - m_finite)
-            v = tl.load(v_base + n[:, None] * sv_l + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-            l = l * alpha + tl.sum(p, axis=0)
-            m = m_new
-        if mine:  # (fresh names: a branch may not change the type of a variable defined before it)
-            s_mine = tl.sum(k1.to(tl.float32) * q1, axis=0) + tl.sum(k2.to(tl.float32) * q2, axis=0)
-            m_mine = tl.maximum(m, s_mine)
-            a_mine = tl.exp2(m - m_mine)
-            p_mine = tl.exp2(s_mine - m_mine)
-            acc = acc * a_mine + p_mine * v_new.to(tl.float32)
-            l = l * a_mine + p_mine
-            m = m_mine
-        tl.store(Part + b * sp_b + h * sp_h + chunk * sp_s + d, acc / l)  # every used chunk has l > 0
-        tl.store(Lse + b * sl_b + h * sl_h + chunk + tl.arange(0, 1), m + tl.log2(l))
+        s = tl.sum(ka.to(tl.float32) * q1[None, :], axis=1) + tl.sum(kb.to(tl.float32) * q2[None, :], axis=1)
+        s = tl.where(cached, s, float("-inf"))
+        s_new = tl.sum(k1.to(tl.float32) * q1, axis=0) + tl.sum(k2.to(tl.float32) * q2, axis=0)
+        s_new = tl.where(mine, s_new, float("-inf"))
+        m = tl.maximum(tl.max(s, axis=0), s_new)  # finite: a used chunk holds a cached slot or the new one
+        p = tl.exp2(s - m)
+        p_new = tl.exp2(s_new - m)
+        l = tl.sum(p, axis=0) + p_new
+        acc = tl.sum(p[:, None] * v.to(tl.float32), axis=0) + p_new * v_new.to(tl.float32)
+        tl.store(Part + b * sp_b + h * sp_h + chunk * sp_s + d, acc / l)
+        tl.store(Lse + b * sl_b + h * sl_h + chunk, m + tl.log2(l))
         tl.debug_barrier()  # all of this program's stores issued before it counts itself done
         last = pos // CHUNK  # chunks 0..last are used
         if tl.atomic_add(Count + bh, 1) == last:  # (acq_rel: the other chunks' stores are visible)
@@ -239,7 +229,7 @@ def _embed_kernel(Idx, Wte, X, Best, s_idx, sw, sx, eps, K: tl.constexpr, KP: tl
 @dataclass(frozen=True)
 class DecodeTiles:
     """Launch shapes: output columns per program for each matrix-vector product, cache slots per
-    attention program (`chunk`) and per step inside it (`block_l`), warps per program. `for_rows`
+    attention program (`chunk`, read as one tile), warps per program. `for_rows`
     holds what a coordinate-descent search picked on an H100 at d12 (docs/benchmarks.md)."""
     qkv_block_n: int = 8
     out_block_n: int = 4
@@ -247,7 +237,6 @@ class DecodeTiles:
     proj_block_n: int = 4
     head_block_n: int = 8
     chunk: int = 64
-    block_l: int = 64
     num_warps: int = 2  # matrix-vector products
     attn_warps: int = 2
     head_warps: int = 1
@@ -289,8 +278,8 @@ class TritonDecoder:
             raise ValueError(f"Triton decode kernels cannot run this model: {why}")
         self.model, self.rows, self.max_len = model, rows, max_len
         self.tiles = t = tiles or DecodeTiles.for_rows(rows)
-        if t.chunk % t.block_l:
-            raise ValueError(f"chunk {t.chunk} is not a multiple of block_l {t.block_l}")
+        if t.chunk & (t.chunk - 1):
+            raise ValueError(f"chunk {t.chunk} is not a power of two")
         c = model.config
         p = model.lm_head.weight
         dev, dt = p.device, p.dtype
@@ -335,7 +324,7 @@ class TritonDecoder:
                 qkv, k, v, cache.pos, cos, sin, part, lse, self.chunks_done, y,
                 qkv.stride(0), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
                 cos.stride(0), part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
-                y.stride(0), k.size(2), self.eps, H=H, HKV=Hkv, D=D, CHUNK=t.chunk, BLOCK_L=t.block_l,
+                y.stride(0), k.size(2), self.eps, H=H, HKV=Hkv, D=D, CHUNK=t.chunk,
                 SPLITS=triton.next_power_of_2(self.splits), SCALE_LOG2=D ** -0.5 * LOG2E, PDL=self.pdl,
                 num_warps=t.attn_warps, **self.launch)
             self._matvec(y, attn.c_proj.weight, x, t.out_block_n, residual=True)

@@ -47,7 +47,7 @@ def run_case(device, lens, max_len, steps, tiles):
 
 if __name__ == "__main__":
     device = torch.device(sys.argv[1] if len(sys.argv) > 1 else "cpu")
-    small = DecodeTiles(chunk=8, block_l=4, qkv_block_n=16, fc_block_n=32, proj_block_n=8, out_block_n=16,
+    small = DecodeTiles(chunk=8, qkv_block_n=16, fc_block_n=32, proj_block_n=8, out_block_n=16,
                         head_block_n=64)
     print(json.dumps({
         # three rows of different lengths crossing chunk and block boundaries, several splits

@@ -243,7 +243,7 @@ class DecodeTiles:
 
     @classmethod
     def for_rows(cls, rows: int) -> "DecodeTiles":
-        if rows == 1:  # 228 us per step vs 252 with the batch>1 tiles
+        if rows == 1:  # 4 warps for the matrix-vector products: 228 vs 252 us per step (before the K/V prefetch)
             return cls(head_block_n=16, num_warps=4, head_warps=2)
         return cls()
 

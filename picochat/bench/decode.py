@@ -103,7 +103,7 @@ def run_decode_bench(depth: int = 12, batch_sizes: list[int] = (1, 8, 64), promp
                 "tok_per_s_total": round(per_row * B, 1), "mbu": round(mbu, 4) if mbu is not None else None,
                 "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None,
                 "cuda_graph": bool(getattr(runner, "graph", None) is not None),
-                "compile": engine.compile or False, "kernels": getattr(runner, "kernels", "torch"),
+                "compile": engine.compile or False, "kernels": runner.kernels,
                 "window_step": engine.window_step, "fused_qkv": engine.fused,
                 "sync_every": engine.sync_every,
                 "mbu_basis": "bf16 matmul weights + KV of tokens in context (mean) per step / "

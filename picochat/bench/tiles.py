@@ -22,28 +22,24 @@ SPACE = dict(qkv_block_n=[8, 16, 32], out_block_n=[4, 8, 16, 32], fc_block_n=[8,
              attn_warps=[1, 2, 4, 8], head_warps=[1, 2, 4, 8])
 
 
-def time_step(model, rows: int, tiles, cache_len: int, start: int, steps: int, pdl: bool = True) -> float:
-    """Best of three: µs per graph-replayed Triton decode step."""
+def _decoder(model, rows: int, tiles, cache_len: int, pdl: bool | None = None):
+    """A Triton decoder over a fresh cache: (decoder, cache, input ids)."""
     from ..infer.triton_decode import TritonDecoder
     from ..model.attention import KVCache
 
-    c, dev = model.config, model.lm_head.weight.device
-    cache = KVCache.allocate(c.n_layer, rows, c.n_kv_head, cache_len, c.head_dim, dev, model.lm_head.weight.dtype)
-    decoder = TritonDecoder(model, rows, cache_len, tiles)
-    if not pdl:
-        decoder.pdl = False
-        decoder.launch.pop("launch_pdl", None)
-    idx = torch.zeros(rows, 1, dtype=torch.long, device=dev)
-    side = torch.cuda.Stream(dev)
-    side.wait_stream(torch.cuda.current_stream(dev))
-    with torch.cuda.stream(side):  # compile and warm up off the capture
-        for _ in range(3):
-            cache.pos.fill_(start)
-            decoder(model, idx, cache)
-    torch.cuda.current_stream(dev).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        decoder(model, idx, cache)
+    c, w = model.config, model.lm_head.weight
+    cache = KVCache.allocate(c.n_layer, rows, c.n_kv_head, cache_len, c.head_dim, w.device, w.dtype)
+    idx = torch.zeros(rows, 1, dtype=torch.long, device=w.device)
+    return TritonDecoder(model, rows, cache_len, tiles, pdl=pdl), cache, idx
+
+
+def time_step(model, rows: int, tiles, cache_len: int, start: int, steps: int, pdl: bool | None = None) -> float:
+    """Best of three: µs per graph-replayed Triton decode step (`pdl` None: where the GPU has it)."""
+    from ..infer.runners import capture_graph
+
+    decoder, cache, idx = _decoder(model, rows, tiles, cache_len, pdl)
+    dev = idx.device
+    graph, _ = capture_graph(lambda: decoder(model, idx, cache), lambda: cache.pos.fill_(start), dev)
     best = float("inf")
     for _ in range(3):
         cache.pos.fill_(start)
@@ -95,8 +91,6 @@ def cmd_tiles(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("picochat bench tiles: needs a CUDA GPU (the Triton decode step runs only there)")
     from ..config import ModelConfig
-    from ..infer.triton_decode import TritonDecoder
-    from ..model.attention import KVCache
     from ..model.gpt import build_model
     from .record import append_records, base_record, print_json_last
 
@@ -116,10 +110,7 @@ def cmd_tiles(args: argparse.Namespace) -> int:
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
 
-            cache = KVCache.allocate(cfg.n_layer, rows, cfg.n_kv_head, args.cache_len, cfg.head_dim, dev,
-                                     torch.bfloat16)
-            decoder = TritonDecoder(model, rows, args.cache_len, tiles)
-            idx = torch.zeros(rows, 1, dtype=torch.long, device=dev)
+            decoder, cache, idx = _decoder(model, rows, tiles, args.cache_len)
             cache.pos.fill_(args.start)
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(20):

@@ -162,10 +162,13 @@ class Engine:
         if runner is None:
             while len(self._runners) >= self._max_runners:
                 self._runners.popitem(last=False)
+            def build(kernels: str) -> CachedRunner:
+                return CachedRunner(model, bucket_rows, length, self.sync_every, self.dtype, graph=True,
+                                    compile=self.compile, window_step=self.window_step, kernels=kernels)
+
             kernels = self.kernels_for(bucket_rows)
             try:
-                runner = CachedRunner(model, bucket_rows, length, self.sync_every, self.dtype, graph=True,
-                                      compile=self.compile, window_step=self.window_step, kernels=kernels)
+                runner = build(kernels)
             except Exception as e:
                 if kernels != "triton" or self.kernels == "triton":
                     raise
@@ -173,8 +176,7 @@ class Engine:
                 log.warning(f"Triton decode step failed ({type(e).__name__}: {e}); using the torch step")
                 self._triton_unusable = f"failed on this device: {type(e).__name__}"
                 torch.cuda.synchronize(self.device)
-                runner = CachedRunner(model, bucket_rows, length, self.sync_every, self.dtype, graph=True,
-                                      compile=self.compile, window_step=self.window_step, kernels="torch")
+                runner = build("torch")
         self._runners[key] = runner
         return runner
 

@@ -21,8 +21,30 @@ def bucket_size(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def capture_graph(step, reset, device: torch.device, warmup: int = 3):
+    """Capture `step()` (no arguments; its outputs are returned with the graph) in a CUDA graph.
+    Warm-up calls run first on a side stream, so lazy inits, cuBLAS workspaces, Triton and Inductor
+    compilation stay out of the graph; `reset()` (e.g. rewinding positions) runs before every
+    warm-up call and after the capture, since warm-up and capture both advance the state."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            reset()
+            step()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    reset()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step()
+    reset()
+    return graph, outputs
+
+
 class Runner:
     """Decode state for `rows` rows: input ids `idx` (rows, 1) and positions `pos` (rows,)."""
+
+    kernels = "torch"  # what a step runs as: the model's torch forward, or "triton" (CachedRunner)
 
     def __init__(self, model, rows: int, max_len: int, k_max: int):
         p = next(model.parameters())
@@ -188,22 +210,9 @@ class CachedRunner(Runner):
 
     @torch.no_grad()
     def _capture(self, view: KVCache) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]:
-        # Warm up on a side stream (lazy inits, cuBLAS workspaces, compilation) so none of it lands
-        # in the graph, then capture one step. Warm-up steps write junk into slots 0..2 and advance
-        # pos: harmless, prefill rewrites positions before anything reads them.
-        self.pos.zero_()
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                self._fn(self.model, self.idx, view)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        self.pos.zero_()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            outputs = self._fn(self.model, self.idx, view)
-        self.pos.zero_()
-        return graph, outputs
+        # Warm-up and capture write junk into slot 0 and advance pos: harmless, prefill rewrites
+        # positions before anything reads them.
+        return capture_graph(lambda: self._fn(self.model, self.idx, view), self.pos.zero_, self.device)
 
     @torch.no_grad()
     def prefill(self, prompts: list[list[int]], n: int) -> torch.Tensor:

@@ -53,17 +53,26 @@ def _pdl_wait(PDL: tl.constexpr):
 
 
 @triton.jit
-def _matvec_rows(X, sx, w, k, B: tl.constexpr, BP: tl.constexpr, K: tl.constexpr, NORM: tl.constexpr, eps):
-    """(BP, BLOCK_N) fp32: w (BLOCK_N, KP) times each of the B rows of X (RMS-normed first if NORM;
-    eager rounds the normed input to the weights' dtype, so this does too)."""
+def _tile_times_rows(X, sx, W, sw, N, eps, B: tl.constexpr, BP: tl.constexpr, K: tl.constexpr,
+                     KP: tl.constexpr, NORM: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+    """This program's BLOCK_N rows of W times each of the B rows of X (RMS-normed first if NORM;
+    eager rounds the normed input to the weights' dtype, so this does too): (n, n < N, a (BP,
+    BLOCK_N) fp32 product rounded to the weights' dtype as eager's matmul output is). The weight
+    tile is read once for all rows, before waiting on the previous kernel."""
+    _pdl_start(PDL)
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    k = tl.arange(0, KP)
+    w = tl.load(W + n[:, None] * sw + k[None, :], mask=n_ok[:, None] & (k < K)[None, :], other=0.0)
+    _pdl_wait(PDL)
     rows = tl.arange(0, BP)
-    acc = tl.zeros([BP, w.shape[0]], tl.float32)
+    acc = tl.zeros([BP, BLOCK_N], tl.float32)
     for b in range(B):
         x = tl.load(X + b * sx + k, mask=k < K, other=0.0).to(tl.float32)
         if NORM:
             x = (x * tl.rsqrt(tl.sum(x * x, axis=0) / K + eps)).to(w.dtype).to(tl.float32)
         acc = tl.where(rows[:, None] == b, acc + tl.sum(w.to(tl.float32) * x[None, :], axis=1)[None, :], acc)
-    return acc
+    return n, n_ok, acc.to(w.dtype).to(tl.float32)
 
 
 @triton.jit
@@ -71,15 +80,9 @@ def _matvec_kernel(X, W, Out, sx, sw, so, N, eps,
                    B: tl.constexpr, BP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, NORM: tl.constexpr,
                    RELU2: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     """Out[b, n] (+)= epilogue(sum_k W[n, k] · prologue(X[b])[k]) for a block of BLOCK_N outputs and
-    all B rows; the weight tile is read once, before the wait. Prologue: RMSNorm (NORM). Epilogue:
-    ReLU² (RELU2); RESIDUAL adds into Out (each program reads and writes only its own columns)."""
-    _pdl_start(PDL)
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < N
-    k = tl.arange(0, KP)
-    w = tl.load(W + n[:, None] * sw + k[None, :], mask=n_ok[:, None] & (k < K)[None, :], other=0.0)
-    _pdl_wait(PDL)
-    acc = _matvec_rows(X, sx, w, k, B, BP, K, NORM, eps).to(w.dtype).to(tl.float32)  # eager's matmul dtype
+    all B rows. Prologue: RMSNorm (NORM). Epilogue: ReLU² (RELU2); RESIDUAL adds into Out (each
+    program reads and writes only its own columns)."""
+    n, n_ok, acc = _tile_times_rows(X, sx, W, sw, N, eps, B, BP, K, KP, NORM, BLOCK_N, PDL)
     if RELU2:
         acc = tl.maximum(acc, 0.0)
         acc = acc * acc
@@ -98,21 +101,14 @@ def _head_kernel(X, W, Logits, Best, Count, Idx, Greedy, Pos, sx, sw, sl, s_idx,
     """Logits = softcap(lm_head(RMSNorm(X))) for a block of the vocabulary; each program folds its
     block's argmax into Best[b] with one atomic max, and the last program to finish writes the
     greedy tokens to Greedy and Idx (the next input), advances Pos and resets Count."""
-    _pdl_start(PDL)
-    pid = tl.program_id(0)
-    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < N
-    k = tl.arange(0, KP)
-    w = tl.load(W + n[:, None] * sw + k[None, :], mask=n_ok[:, None] & (k < K)[None, :], other=0.0)
-    _pdl_wait(PDL)
-    acc = _matvec_rows(X, sx, w, k, B, BP, K, True, eps).to(w.dtype).to(tl.float32)
+    n, n_ok, acc = _tile_times_rows(X, sx, W, sw, N, eps, B, BP, K, KP, True, BLOCK_N, PDL)
     if SOFTCAP > 0:  # cap · tanh(x / cap), tanh written with exp (the interpreter has no tanh)
         acc = SOFTCAP * (1.0 - 2.0 / (tl.exp(2.0 * acc / SOFTCAP) + 1.0))
     rows = tl.arange(0, BP)
     tl.store(Logits + rows[:, None] * sl + n[None, :], acc, mask=(rows < B)[:, None] & n_ok[None, :])
     acc = tl.where(n_ok[None, :], acc, float("-inf"))
     top = tl.max(acc, axis=1)
-    arg = pid * BLOCK_N + tl.argmax(acc, axis=1)  # first index of the max, as torch.argmax
+    arg = tl.program_id(0) * BLOCK_N + tl.argmax(acc, axis=1)  # first index of the max, as torch.argmax
     bits = top.to(tl.int32, bitcast=True).to(tl.int64)
     order = tl.where(bits >= 0, bits + 2147483648, -1 - bits)  # float order as non-negative ints
     tl.atomic_max(Best + rows, (order << INDEX_BITS) | (2147483647 - arg.to(tl.int64)), mask=rows < B)
@@ -272,7 +268,9 @@ class TritonDecoder:
     logits and the greedy tokens, written to `idx`; writes the cache and advances its pos.
     Scratch buffers are made once for a cache's rows and length, so the step can be captured."""
 
-    def __init__(self, model, rows: int, max_len: int, tiles: DecodeTiles | None = None):
+    def __init__(self, model, rows: int, max_len: int, tiles: DecodeTiles | None = None,
+                 pdl: bool | None = None):
+        """`pdl`: programmatic dependent launch (default: where the GPU has it, sm_90 and later)."""
         why = supported(model)
         if why:
             raise ValueError(f"Triton decode kernels cannot run this model: {why}")
@@ -285,7 +283,7 @@ class TritonDecoder:
         dev, dt = p.device, p.dtype
         self.eps = torch.finfo(dt).eps  # F.rms_norm's default for the model's dtype
         self.splits = -(-max_len // t.chunk)
-        self.pdl = _pdl(dev)
+        self.pdl = _pdl(dev) if pdl is None else pdl
         self.launch = {"launch_pdl": True} if self.pdl else {}
         self.x = torch.empty(rows, c.n_embd, device=dev, dtype=dt)
         self.qkv = torch.empty(rows, (c.n_head + 2 * c.n_kv_head) * c.head_dim, device=dev, dtype=dt)

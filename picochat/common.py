@@ -43,37 +43,6 @@ def picochat_home() -> Path:
     return Path(os.environ.get("PICOCHAT_HOME", Path.home() / ".cache" / "picochat")).expanduser()
 
 
-@dataclass(frozen=True)
-class RunPaths:
-    """Where one run's stages read and write: `$PICOCHAT_HOME/runs/<name>/`."""
-
-    root: Path
-
-    @classmethod
-    def for_run(cls, name: str) -> "RunPaths":
-        if not name or "/" in name or name.startswith("."):
-            raise ValueError(f"invalid run name {name!r}: use letters, digits, '-' or '_'")
-        return cls(picochat_home() / "runs" / name)
-
-    @property
-    def tokenizer(self) -> Path:
-        return self.root / "tokenizer"
-
-    @property
-    def logs(self) -> Path:
-        return self.root / "logs"
-
-    @property
-    def report(self) -> Path:
-        return self.root / "report.md"
-
-    def stage(self, stage: str) -> Path:
-        """Checkpoint folder of a training stage: base, mid or sft."""
-        if stage not in ("base", "mid", "sft"):
-            raise ValueError(f"unknown stage {stage!r}")
-        return self.root / stage
-
-
 def downloads_dir() -> Path:
     return picochat_home() / "downloads"
 

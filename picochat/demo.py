@@ -50,7 +50,7 @@ def sparkline(values: list[float], width: int = 60) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .common import RunPaths
+    from .runs import RunPaths
     from .config import DataConfig, TokenizerConfig, TrainConfig
     from .tokenizer_cli import train_tokenizer
 
@@ -105,7 +105,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .config import SamplingConfig
     from .infer.chat_cli import ChatSession
     from .infer.engine import Engine
-    from .train.checkpoint import load_model
+    from .runs import load_model
 
     model, tok, _ = load_model(run, "sft", detect_device(args.device))
     session = ChatSession(Engine(model, tok), tok, SamplingConfig(temperature=0.0, max_tokens=64))
@@ -136,7 +136,7 @@ def _show_batches(run: str, data, seq_len: int) -> None:
 
 def _show_samples(run: str, stage: str) -> None:
     from .common import detect_device
-    from .train.checkpoint import load_model
+    from .runs import load_model
     from .train.loop import greedy_sample
 
     device = detect_device("cpu")

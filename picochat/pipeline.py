@@ -29,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .common import RunPaths, cleanup_distributed, detect_device, dist_info, init_distributed, log
+    from .runs import RunPaths
+    from .common import cleanup_distributed, detect_device, dist_info, init_distributed, log
     from .config import TokenizerConfig
     from .data.cli import data_config_from_args
     from .tokenizer_cli import train_tokenizer

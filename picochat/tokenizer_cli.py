@@ -42,7 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def train_tokenizer(run: str, data: DataConfig, cfg: TokenizerConfig) -> dict:
     """Train on the source's train split, save into the run, return timing figures."""
-    from .common import RunPaths, log
+    from .common import log
+    from .runs import RunPaths
     from .data.sources import iter_texts
     from .tokenizer import Tokenizer
 
@@ -75,7 +76,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def load_run_tokenizer(run: str):
-    from .common import RunPaths
+    from .runs import RunPaths
     from .tokenizer import Tokenizer
 
     return Tokenizer.load(RunPaths.for_run(run).tokenizer)

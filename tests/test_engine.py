@@ -318,7 +318,7 @@ def test_stream_decoder_holds_back_split_characters():
 def test_chat_cli_one_shot(home, capsys):
     import argparse
 
-    from picochat.common import RunPaths
+    from picochat.runs import RunPaths
     from picochat.infer import chat_cli
     from picochat.train.checkpoint import save_checkpoint
 

@@ -177,10 +177,10 @@ def test_exact_token_weighting_across_micro_batches(home) -> None:
 
 def test_midtrain_sft_end_to_end(home, tiny_run) -> None:
     from picochat.cli import main
-    from picochat.common import RunPaths
+    from picochat.runs import RunPaths
     from picochat.config import DataConfig
     from picochat.eval.chat_eval import evaluate_task, load_eval_task, trivial_baseline
-    from picochat.train import checkpoint as ckpt
+    from picochat import runs as ckpt
     from picochat.train.cli import pretrain
     from picochat.train.sft import ChatDataConfig, chat_train
 
@@ -333,9 +333,9 @@ def test_sft_resume_is_exact(home, tiny_run) -> None:
 
     from safetensors.torch import load_file
 
-    from picochat.common import RunPaths
+    from picochat.runs import RunPaths
     from picochat.config import DataConfig
-    from picochat.train import checkpoint as ckpt
+    from picochat import runs as ckpt
     from picochat.train.cli import pretrain
     from picochat.train.sft import ChatDataConfig, chat_train
 

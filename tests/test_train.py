@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from picochat.common import RunPaths
+from picochat import runs
+from picochat.runs import RunPaths
 from picochat.config import DataConfig, TrainConfig
 from picochat.train import checkpoint as ckpt
 
@@ -42,7 +43,7 @@ def _losses(home: Path, run: str) -> dict[int, float]:
 def _weights(home: Path, run: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    path = ckpt.latest_checkpoint(home / "runs" / run / "base")
+    path = runs.latest_checkpoint(home / "runs" / run / "base")
     return load_file(str(path / "model.safetensors"))
 
 
@@ -54,7 +55,7 @@ def test_exact_resume_after_sigkill(home, tiny_run):
     killed = _run_worker("--run-name", "crash", "--steps", "12", "--kill-at-step", "10", env_home=home, check=False)
     assert killed.returncode == -9, killed.stderr[-2000:]
     stage = home / "runs" / "crash" / "base"
-    assert [p.name for p in ckpt.list_checkpoints(stage)] == ["step_000004", "step_000008"]
+    assert [p.name for p in runs.list_checkpoints(stage)] == ["step_000004", "step_000008"]
     _run_worker("--run-name", "crash", "--steps", "12", "--resume", env_home=home)
 
     clean, resumed = _losses(home, "tiny"), _losses(home, "crash")
@@ -74,17 +75,17 @@ def test_corrupt_checkpoint_and_config_mismatch(home, tiny_run):
                       eval_every=0, sample_every=0, save_every=2, device="cpu")
     pretrain(cfg, DataConfig(embedded_docs=2000))
     stage = RunPaths.for_run("tiny").stage("base")
-    newest = ckpt.list_checkpoints(stage)[-1]
+    newest = runs.list_checkpoints(stage)[-1]
     weights = newest / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-10] ^= 0xFF
     weights.write_bytes(bytes(data))
-    with pytest.raises(ckpt.CheckpointError, match="model.safetensors is corrupt"):
-        ckpt.read_meta(newest)
-    assert ckpt.latest_checkpoint(stage).name == "step_000002"  # skips the broken one
+    with pytest.raises(runs.CheckpointError, match="model.safetensors is corrupt"):
+        runs.read_meta(newest)
+    assert runs.latest_checkpoint(stage).name == "step_000002"  # skips the broken one
 
     cfg.resume, cfg.depth = True, 2
-    with pytest.raises(ckpt.CheckpointError, match=r"config mismatch in model\.n_layer"):
+    with pytest.raises(runs.CheckpointError, match=r"config mismatch in model\.n_layer"):
         pretrain(cfg, DataConfig(embedded_docs=2000))
 
 
@@ -151,7 +152,7 @@ def test_checkpoint_moves_between_world_sizes(home, tiny_run):
     losses = _losses(home, "tiny")
     assert sorted(losses) == list(range(12))
     stage = home / "runs" / "tiny" / "base"
-    meta = ckpt.read_meta(ckpt.latest_checkpoint(stage))
+    meta = runs.read_meta(runs.latest_checkpoint(stage))
     assert meta["step"] == 12 and meta["world_size"] == 2
 
     env = {**os.environ, "PICOCHAT_HOME": str(home), "OMP_NUM_THREADS": "1"}
@@ -163,7 +164,7 @@ def test_checkpoint_moves_between_world_sizes(home, tiny_run):
                               env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         stage_name = "mid" if command == "midtrain" else "sft"
-        assert ckpt.read_meta(ckpt.latest_checkpoint(home / "runs" / "tiny" / stage_name))["world_size"] == 2
+        assert runs.read_meta(runs.latest_checkpoint(home / "runs" / "tiny" / stage_name))["world_size"] == 2
 
 
 def test_run_command_chains_every_stage_and_resumes(home):
@@ -177,7 +178,7 @@ def test_run_command_chains_every_stage_and_resumes(home):
     assert "| spelling |" in first.stdout
     root = home / "runs" / "all"
     for stage, step in (("base", 4), ("mid", 2), ("sft", 2)):
-        assert ckpt.read_meta(ckpt.latest_checkpoint(root / stage))["step"] == step
+        assert runs.read_meta(runs.latest_checkpoint(root / stage))["step"] == step
     again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert (again.stdout + again.stderr).count("resumed from") == 3  # each stage continued from its checkpoint

@@ -17,7 +17,7 @@ def evaluate_run_bpb(run: str, stage: str | None, data: DataConfig, max_tokens: 
     validation figure the training log shows."""
     from ..common import detect_device
     from ..data.sources import open_source
-    from ..train.checkpoint import load_model
+    from ..runs import load_model
     from ..train.loop import bpb_batches, evaluate_bpb
 
     dev = detect_device(device)

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from ..common import RunPaths, atomic_write_bytes, log
+from ..common import atomic_write_bytes, log
+from ..runs import RunPaths
 
 DEFAULT_TASKS = ("spelling", "letter_count", "arithmetic", "identity", "facts")
 
@@ -186,7 +187,7 @@ def evaluate_run(run: str, stage: str | None, tasks: Sequence[str], max_examples
                  ) -> list[dict[str, Any]]:
     """Load the run's model of `stage` and score it on `tasks`; optionally write report.md."""
     from ..common import detect_device
-    from ..train.checkpoint import load_model
+    from ..runs import load_model
 
     dev = detect_device(device)
     model, tokenizer, meta = load_model(run, stage, dev)

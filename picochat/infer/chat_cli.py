@@ -175,7 +175,7 @@ class ChatSession:
 
 def run(args: argparse.Namespace) -> int:
     from ..common import detect_device, log
-    from ..train.checkpoint import load_model
+    from ..runs import load_model
     from .engine import ContextOverflowError, Engine
 
     device = detect_device(args.device)

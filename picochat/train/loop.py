@@ -20,10 +20,12 @@ from typing import Protocol
 
 import torch
 
-from ..common import (DistInfo, RunPaths, autocast, detect_device, gpu_name, init_distributed, log,
+from ..common import (DistInfo, autocast, detect_device, gpu_name, init_distributed, log,
                       seed_everything, synchronize)
 from ..config import ModelConfig, TrainConfig
 from . import checkpoint as ckpt
+from .. import runs
+from ..runs import RunPaths
 from .optim import build_optimizers, lr_multiplier, set_lr
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
@@ -137,7 +139,7 @@ class Trainer:
         seed_everything(cfg.seed)
         self.model = build_model(self.model_cfg, self.device, seed=cfg.seed)
         if self.init_from is not None:
-            ckpt.load_weights(self.init_from, self.model)
+            runs.load_weights(self.init_from, self.model)
             log.info(f"initialised weights from {self.init_from}")
         self.optimizers = build_optimizers(self.model, cfg.optim, self.device)
         use_compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
@@ -270,7 +272,7 @@ class Trainer:
             torch.distributed.all_reduce(loss_sum)
         loss_value, n_loss = (loss_sum / n_loss).item(), n_loss.item()  # the host syncs of the step
         if not math.isfinite(loss_value):
-            last = ckpt.latest_checkpoint(self.stage_dir)
+            last = runs.latest_checkpoint(self.stage_dir)
             raise TrainingDiverged(f"loss became {loss_value} at step {step}; stopping. Last good checkpoint: "
                                    f"{last or 'none'} (resume with --resume, perhaps with a lower learning rate)")
         synchronize(device)
@@ -377,14 +379,14 @@ class Trainer:
             torch.distributed.barrier()
 
     def _resume(self, batches) -> int:
-        path = ckpt.latest_checkpoint(self.stage_dir)
+        path = runs.latest_checkpoint(self.stage_dir)
         if path is None:
             log.info(f"--resume: no checkpoint in {self.stage_dir}; starting from scratch")
             return 0
-        meta = ckpt.read_meta(path)
+        meta = runs.read_meta(path)
         expected = self._meta()
         ckpt.check_compatible(meta, {"model": expected["model"], "train": expected["train"]}, path)
-        ckpt.load_weights(path, self.model)
+        runs.load_weights(path, self.model)
         state = ckpt.load_training_state(path, self.optimizers)
         ranks = state.get("ranks", [])
         if len(ranks) == self.dist.world_size:

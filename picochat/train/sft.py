@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from ..common import DistInfo, RunPaths, log
+from ..common import DistInfo, log
+from ..runs import RunPaths
 from ..config import ModelConfig, TrainConfig
 from .cli import add_train_args, train_config_from_args
 
@@ -204,7 +205,7 @@ def make_val_batches(tokenizer, data: ChatDataConfig, eval_tokens: int):
 
 
 def starting_checkpoint(run: str, stage: str, prefer: tuple[str, ...]) -> Path:
-    from .checkpoint import latest_checkpoint
+    from ..runs import latest_checkpoint
 
     paths = RunPaths.for_run(run)
     for i, s in enumerate(prefer):
@@ -221,7 +222,7 @@ def chat_train(cfg: TrainConfig, data: ChatDataConfig, start_from: tuple[str, ..
                on_step=None) -> dict:
     """Midtrain or SFT (by `cfg.stage`: "mid" or "sft") from the run's previous stage."""
     from ..tokenizer_cli import load_run_tokenizer
-    from .checkpoint import read_meta
+    from ..runs import read_meta
     from .loop import Trainer
 
     if data.mode not in ("packed", "padded"):

@@ -18,6 +18,13 @@ Chunks by file type:
              (a chunk can be empty when one line spans several blocks).
 * `.parquet` - one chunk per row group, text from a column.
 
+Damaged data: a chunk that cannot be read while training (a file damaged or changed on disk) is
+skipped with a warning naming the file and the piece, and read as an empty chunk, so chunk numbering
+and with it the loader's resume position stay exact; `strict=True` (`--strict-data`) makes it an
+error instead. A shard from the download cache that fails to read is first fetched again. Damage
+found when a source is opened (a file's metadata cannot be read) is always an error, because the
+chunk list must be the same at every resume.
+
 Split rule: the val split is the tail of the chunk list, `max(1, round(n * val_fraction))` chunks;
 for shards it is the last shard (nanochat's convention) when there are two or more. When a source has
 a single chunk, its documents are split instead (the last `val_fraction` of them are val).
@@ -32,6 +39,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..common import log
 from ..config import DataConfig
 
 TXT_DOC_CHARS = 4000
@@ -50,10 +58,28 @@ class ChunkRef:
     docs: tuple[int | None, int | None] = (None, None)  # slice of the chunk's documents to keep
 
 
+class DataReadError(ValueError):
+    """A chunk of a source could not be read (a damaged or unreadable file)."""
+
+
+def describe(ref: ChunkRef) -> str:
+    """Where a chunk lives, in words for messages: the file and the piece of it."""
+    if not ref.path:
+        return f"embedded corpus (documents {ref.docs[0]}-{ref.docs[1]})"
+    ext = Path(ref.path).suffix.lower()
+    if ext == ".parquet":
+        return f"{ref.path} (row group {ref.piece})"
+    if ext == ".jsonl":
+        return f"{ref.path} (bytes {ref.piece * JSONL_CHUNK_BYTES}-{(ref.piece + 1) * JSONL_CHUNK_BYTES})"
+    return ref.path
+
+
 class TextSource:
     """Base of all sources: subclasses provide `name`, `_refs(split)` and `_read(ref)`."""
 
     name: str = "source"
+    strict: bool = False  # a chunk that cannot be read raises instead of being skipped
+    _skipped_in_a_row: dict[str, int] | None = None
 
     def _refs(self, split: str) -> Sequence[ChunkRef]:
         raise NotImplementedError
@@ -77,9 +103,31 @@ class TextSource:
         """The documents of global chunk `index` (epochs repeat the same order)."""
         refs = self._checked_refs(split)
         ref = refs[index % len(refs)]
-        docs = self._read(ref)
+        try:
+            docs = self._read(ref)
+        except Exception as e:  # readers raise many types (OSError, ValueError, pyarrow's, ...)
+            return self._damaged(ref, split, index, len(refs), e)
+        if self._skipped_in_a_row:
+            self._skipped_in_a_row[split] = 0
         lo, hi = ref.docs
         return docs[lo:hi] if (lo, hi) != (None, None) else docs
+
+    def _damaged(self, ref: ChunkRef, split: str, index: int, n_refs: int, exc: Exception) -> list[str]:
+        """Skip an unreadable chunk (an empty chunk in its place), or raise when strict. A source whose
+        every chunk fails is an error either way: skipping would loop over nothing forever."""
+        where = describe(ref)
+        if self.strict:
+            raise DataReadError(f"{where} cannot be read: {exc} (chunk {index} of the {split} split; "
+                                "without --strict-data it would be skipped with a warning)") from exc
+        if self._skipped_in_a_row is None:
+            self._skipped_in_a_row = {}
+        failed = self._skipped_in_a_row[split] = self._skipped_in_a_row.get(split, 0) + 1
+        if failed >= n_refs:
+            raise DataReadError(f"{self.name}: {failed} chunks in a row of the {split} split cannot be read, "
+                                f"the last {where}: {exc}") from exc
+        log.warning(f"skipping damaged data: {where}: {exc} (chunk {index} of the {split} split is left out; "
+                    "--strict-data makes this an error)")
+        return []
 
     def iter_chunks(self, split: str, start: int = 0, epochs: int | None = None
                     ) -> Iterator[tuple[int, list[str]]]:
@@ -318,6 +366,7 @@ class ShardSource(FileSource):
     """
 
     def __init__(self, cfg: DataConfig, download: bool = True):
+        self.cfg, self._download = cfg, download
         if cfg.num_shards < 1:
             raise ValueError(f"num_shards must be >= 1, got {cfg.num_shards}")
         if download:
@@ -340,6 +389,24 @@ class ShardSource(FileSource):
         n_last = self._n_last
         return self._all[:-n_last] if split == "train" else self._all[-n_last:]
 
+    def _read(self, ref: ChunkRef) -> list[str]:
+        """A shard that fails to read is fetched again (the downloader checks it, sees the damage and
+        downloads it afresh under its lock, so ranks share one transfer), then read once more."""
+        try:
+            return super()._read(ref)
+        except Exception as damage:
+            if not self._download:
+                raise
+            from .download import download, shard_url, validate_parquet
+
+            index = int(Path(ref.path).stem.split("_")[-1])
+            log.warning(f"{ref.path} cannot be read ({damage}); fetching it again")
+            try:
+                download(shard_url(self.cfg, index), Path(ref.path), validate=validate_parquet, progress=False)
+            except Exception as e:
+                raise DataReadError(f"{damage}; fetching it again failed: {e}") from e
+            return super()._read(ref)
+
 
 # --------------------------------------------------------------------------------------------------
 
@@ -347,12 +414,15 @@ class ShardSource(FileSource):
 def open_source(cfg: DataConfig) -> TextSource:
     """The source a DataConfig names (embedded, files or shards)."""
     if cfg.source == "embedded":
-        return EmbeddedSource(cfg.embedded_docs, cfg.embedded_seed, cfg.val_fraction)
-    if cfg.source == "files":
-        return FileSource(cfg.paths, cfg.text_field, cfg.val_fraction)
-    if cfg.source == "shards":
-        return ShardSource(cfg)
-    raise ValueError(f"unknown data source {cfg.source!r}: use embedded, files or shards")
+        source: TextSource = EmbeddedSource(cfg.embedded_docs, cfg.embedded_seed, cfg.val_fraction)
+    elif cfg.source == "files":
+        source = FileSource(cfg.paths, cfg.text_field, cfg.val_fraction)
+    elif cfg.source == "shards":
+        source = ShardSource(cfg)
+    else:
+        raise ValueError(f"unknown data source {cfg.source!r}: use embedded, files or shards")
+    source.strict = cfg.strict_data
+    return source
 
 
 def iter_texts(cfg: DataConfig, split: str = "train") -> Iterator[str]:

@@ -3,7 +3,8 @@
 What differs between stages is only where batches come from (a `BatchSource`) and where weights
 start. The loop owns: device/DDP set-up, compile, the device batch size (fixed or found by
 autobatch), exact token weighting across micro-batches and ranks, the LR schedule, logging (progress
-bar, JSONL, TensorBoard when installed), validation bits-per-byte, samples, checkpoints and resume.
+bar, JSONL, TensorBoard when installed), validation bits-per-byte, samples, checkpoints and resume,
+and graceful stops on SIGTERM/SIGINT/SIGUSR1 (the mechanism lives in `preemption.py`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from . import checkpoint as ckpt
 from .. import runs
 from ..runs import RunPaths
 from .optim import build_optimizers, lr_multiplier, set_lr
+from .preemption import StopSignals, TrainingStopped, signal_name
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
@@ -213,21 +215,28 @@ class Trainer:
         log.info(f"{cfg.stage}: {self.model.num_params() / 1e6:.2f}M params, depth {self.model_cfg.n_layer}, "
                  f"width {self.model_cfg.n_embd}, device {gpu_name(device)} x{dist.world_size}, device batch {B}, "
                  f"grad accum {grad_accum}, {cfg.total_batch_tokens} tokens/step, {num_steps} steps")
+        self._prepare_checkpoints()
         writer = self._tensorboard() if dist.is_main else None
         bar = self._progress(num_steps, step)
         last_val, stats = None, None
         result = {"steps": num_steps, "device_batch_size": B, "grad_accum": grad_accum}
         try:
-            while step < num_steps:
-                if self.make_val_batches and cfg.eval_every > 0 and step % cfg.eval_every == 0:
-                    last_val = self._validate(step, writer)
-                stats = self._train_step(step, num_steps, batches, grad_accum, flops_tok, peak)
-                step += 1
-                self._log_step(stats, metrics_path, writer, bar, last_val)
-                if cfg.sample_every > 0 and step % cfg.sample_every == 0:
-                    self._samples(step)
-                if cfg.save_every >= 0 and (step == num_steps or (cfg.save_every > 0 and step % cfg.save_every == 0)):
-                    self._save(step, batches, stats.loss, last_val)
+            with StopSignals() as stop:
+                while step < num_steps:
+                    if self.make_val_batches and cfg.eval_every > 0 and step % cfg.eval_every == 0:
+                        last_val = self._validate(step, writer)
+                    stats = self._train_step(step, num_steps, batches, grad_accum, flops_tok, peak)
+                    step += 1
+                    self._log_step(stats, metrics_path, writer, bar, last_val)
+                    if cfg.sample_every > 0 and step % cfg.sample_every == 0:
+                        self._samples(step)
+                    # once per step, on every rank: did any rank get a stop signal? (a finished run just ends)
+                    stop_signal = stop.agreed(device) if step < num_steps else 0
+                    if cfg.save_every >= 0 and (stop_signal or step == num_steps
+                                                or (cfg.save_every > 0 and step % cfg.save_every == 0)):
+                        self._save(step, batches, stats.loss, last_val)
+                    if stop_signal:
+                        raise self._stopped(stop_signal, step, num_steps)
             if self.make_val_batches:
                 last_val = self._validate(step, writer)
             result.update(final_loss=stats.loss if stats is not None else None, val_bpb=last_val)
@@ -370,13 +379,39 @@ class Trainer:
             torch.distributed.all_gather_object(gathered, local)
         else:
             gathered = [local]
+        error = None
         if self.dist.is_main:
             meta = {**self._meta(), "loss": loss, "val_bpb": val_bpb}
-            path = ckpt.save_checkpoint(self.stage_dir, step, self.model, self.optimizers, meta,
-                                        {"step": step, "ranks": gathered})
-            log.debug(f"saved {path}")
-        if self.dist.is_distributed:
-            torch.distributed.barrier()
+            try:
+                path = ckpt.save_checkpoint(self.stage_dir, step, self.model, self.optimizers, meta,
+                                            {"step": step, "ranks": gathered}, keep_last=self.cfg.keep_last)
+                log.debug(f"saved {path}")
+            except ckpt.CheckpointWriteError as e:
+                error = str(e)
+        if self.dist.is_distributed:  # also the barrier: every rank learns whether rank 0's save worked
+            box = [error]
+            torch.distributed.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            raise ckpt.CheckpointWriteError(error)
+
+    def _prepare_checkpoints(self) -> None:
+        """Before the first step (rank 0): clear unfinished saves, warn when the disk looks too small."""
+        if not self.dist.is_main or self.cfg.save_every < 0:
+            return
+        ckpt.clear_stale_writes(self.stage_dir)
+        warning = ckpt.space_warning(self.stage_dir, ckpt.estimate_checkpoint_bytes(self.model, self.optimizers),
+                                     self.cfg.keep_last)
+        if warning:
+            log.warning(warning)
+
+    def _stopped(self, signum: int, step: int, num_steps: int) -> TrainingStopped:
+        saved = self.cfg.save_every >= 0
+        stopped = TrainingStopped(self.cfg.stage, step, num_steps, signal_name(signum),
+                                  self.stage_dir / f"step_{step:06d}" if saved else None)
+        if self.dist.is_main:
+            log.warning(str(stopped))
+        return stopped
 
     def _resume(self, batches) -> int:
         path = runs.latest_checkpoint(self.stage_dir)

@@ -21,9 +21,10 @@ Chunks by file type:
 Damaged data: a chunk that cannot be read while training (a file damaged or changed on disk) is
 skipped with a warning naming the file and the piece, and read as an empty chunk, so chunk numbering
 and with it the loader's resume position stay exact; `strict=True` (`--strict-data`) makes it an
-error instead. A shard from the download cache that fails to read is first fetched again. Damage
-found when a source is opened (a file's metadata cannot be read) is always an error, because the
-chunk list must be the same at every resume.
+error instead. A shard from the download cache that fails to read is first fetched again. A parquet
+file whose metadata cannot be read when the source opens keeps the row-group count it had when last
+read (`layouts.py`), so a run resumed after the damage numbers its chunks as before; without one it
+is an error, as it is with `strict`.
 
 Split rule: the val split is the tail of the chunk list, `max(1, round(n * val_fraction))` chunks;
 for shards it is the last shard (nanochat's convention) when there are two or more. When a source has
@@ -249,7 +250,8 @@ class FileSource(TextSource):
     """Local `.txt`, `.jsonl` and `.parquet` files, given by paths or globs."""
 
     def __init__(self, paths: Sequence[str | Path], text_field: str = "text", val_fraction: float = 0.01,
-                 name: str | None = None):
+                 name: str | None = None, strict: bool = False):
+        self.strict = strict
         self.paths = expand_paths([str(p) for p in paths])
         self.text_field = text_field
         self.val_fraction = val_fraction
@@ -259,6 +261,7 @@ class FileSource(TextSource):
 
     def _all_refs(self, paths: Sequence[Path]) -> list[ChunkRef]:
         refs: list[ChunkRef] = []
+        row_groups: dict[Path, int] = {}
         for p in paths:
             ext = p.suffix.lower()
             if ext == ".txt":
@@ -267,8 +270,26 @@ class FileSource(TextSource):
                 size = p.stat().st_size
                 refs += [ChunkRef(str(p), b) for b in range(max(1, -(-size // JSONL_CHUNK_BYTES)))]
             else:
-                refs += [ChunkRef(str(p), g) for g in range(_parquet_file(p, self.text_field).num_row_groups)]
+                row_groups[p] = self._row_groups(p)
+                refs += [ChunkRef(str(p), g) for g in range(row_groups[p])]
+        if row_groups:
+            from .layouts import remember_row_groups
+
+            remember_row_groups(row_groups)
         return refs
+
+    def _row_groups(self, path: Path) -> int:
+        try:
+            return _parquet_file(path, self.text_field).num_row_groups
+        except DataReadError as e:
+            from .layouts import known_row_groups
+
+            known = None if self.strict else known_row_groups(path)
+            if known is None:
+                raise
+            log.warning(f"{e}; numbering its chunks as when it was last read ({known} row groups): "
+                        "they will be skipped as damaged (--strict-data makes this an error)")
+            return known
 
     def _refs(self, split: str) -> list[ChunkRef]:
         if split not in self._split_cache:
@@ -293,7 +314,7 @@ def _parquet_file(path: Path, column: str):
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises ArrowInvalid/OSError for damaged files
-        raise ValueError(f"{path}: not a readable parquet file ({e})") from e
+        raise DataReadError(f"{path}: not a readable parquet file ({e})") from e
     names = pf.schema_arrow.names
     if column not in names:
         raise ValueError(f"{path}: no column {column!r} (columns: {', '.join(names)}); set --text-field")
@@ -379,7 +400,7 @@ class ShardSource(FileSource):
             if missing:
                 raise FileNotFoundError(f"shards not downloaded: {', '.join(missing)} "
                                         f"(run `picochat data download --num-shards {cfg.num_shards}`)")
-        super().__init__(paths, text_field=cfg.text_field, val_fraction=cfg.val_fraction,
+        super().__init__(paths, text_field=cfg.text_field, val_fraction=cfg.val_fraction, strict=cfg.strict_data,
                          name=f"shards({cfg.num_shards})")
         self._n_last = _parquet_file(Path(paths[-1]), self.text_field).num_row_groups
 
@@ -416,7 +437,7 @@ def open_source(cfg: DataConfig) -> TextSource:
     if cfg.source == "embedded":
         source: TextSource = EmbeddedSource(cfg.embedded_docs, cfg.embedded_seed, cfg.val_fraction)
     elif cfg.source == "files":
-        source = FileSource(cfg.paths, cfg.text_field, cfg.val_fraction)
+        source = FileSource(cfg.paths, cfg.text_field, cfg.val_fraction, strict=cfg.strict_data)
     elif cfg.source == "shards":
         source = ShardSource(cfg)
     else:

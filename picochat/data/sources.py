@@ -23,7 +23,7 @@ skipped with a warning naming the file and the piece, and read as an empty chunk
 and with it the loader's resume position stay exact; `strict=True` (`--strict-data`) makes it an
 error instead. A shard from the download cache that fails to read is first fetched again. A parquet
 file whose metadata cannot be read when the source opens keeps the row-group count it had when last
-read (`layouts.py`), so a run resumed after the damage numbers its chunks as before; without one it
+read (`damage.py`), so a run resumed after the damage numbers its chunks as before; without one it
 is an error, as it is with `strict`.
 
 Split rule: the val split is the tail of the chunk list, `max(1, round(n * val_fraction))` chunks;
@@ -42,6 +42,7 @@ from pathlib import Path
 
 from ..common import log
 from ..config import DataConfig
+from .damage import DataReadError, SkipDamaged, known_row_groups, remember_row_groups
 
 TXT_DOC_CHARS = 4000
 JSONL_CHUNK_BYTES = 1 << 20
@@ -57,10 +58,6 @@ class ChunkRef:
     path: str  # "" for the embedded corpus
     piece: int  # row group (parquet), byte block (jsonl), 0 (txt), first document (embedded)
     docs: tuple[int | None, int | None] = (None, None)  # slice of the chunk's documents to keep
-
-
-class DataReadError(ValueError):
-    """A chunk of a source could not be read (a damaged or unreadable file)."""
 
 
 def describe(ref: ChunkRef) -> str:
@@ -80,7 +77,7 @@ class TextSource:
 
     name: str = "source"
     strict: bool = False  # a chunk that cannot be read raises instead of being skipped
-    _skipped_in_a_row: dict[str, int] | None = None
+    _damage: SkipDamaged | None = None
 
     def _refs(self, split: str) -> Sequence[ChunkRef]:
         raise NotImplementedError
@@ -107,28 +104,14 @@ class TextSource:
         try:
             docs = self._read(ref)
         except Exception as e:  # readers raise many types (OSError, ValueError, pyarrow's, ...)
-            return self._damaged(ref, split, index, len(refs), e)
-        if self._skipped_in_a_row:
-            self._skipped_in_a_row[split] = 0
+            if self._damage is None:
+                self._damage = SkipDamaged(self.name)
+            self._damage.strict = self.strict
+            return self._damage.damaged(describe(ref), split, index, len(refs), e)
+        if self._damage is not None:
+            self._damage.read_fine(split)
         lo, hi = ref.docs
         return docs[lo:hi] if (lo, hi) != (None, None) else docs
-
-    def _damaged(self, ref: ChunkRef, split: str, index: int, n_refs: int, exc: Exception) -> list[str]:
-        """Skip an unreadable chunk (an empty chunk in its place), or raise when strict. A source whose
-        every chunk fails is an error either way: skipping would loop over nothing forever."""
-        where = describe(ref)
-        if self.strict:
-            raise DataReadError(f"{where} cannot be read: {exc} (chunk {index} of the {split} split; "
-                                "without --strict-data it would be skipped with a warning)") from exc
-        if self._skipped_in_a_row is None:
-            self._skipped_in_a_row = {}
-        failed = self._skipped_in_a_row[split] = self._skipped_in_a_row.get(split, 0) + 1
-        if failed >= n_refs:
-            raise DataReadError(f"{self.name}: {failed} chunks in a row of the {split} split cannot be read, "
-                                f"the last {where}: {exc}") from exc
-        log.warning(f"skipping damaged data: {where}: {exc} (chunk {index} of the {split} split is left out; "
-                    "--strict-data makes this an error)")
-        return []
 
     def iter_chunks(self, split: str, start: int = 0, epochs: int | None = None
                     ) -> Iterator[tuple[int, list[str]]]:
@@ -273,8 +256,6 @@ class FileSource(TextSource):
                 row_groups[p] = self._row_groups(p)
                 refs += [ChunkRef(str(p), g) for g in range(row_groups[p])]
         if row_groups:
-            from .layouts import remember_row_groups
-
             remember_row_groups(row_groups)
         return refs
 
@@ -282,8 +263,6 @@ class FileSource(TextSource):
         try:
             return _parquet_file(path, self.text_field).num_row_groups
         except DataReadError as e:
-            from .layouts import known_row_groups
-
             known = None if self.strict else known_row_groups(path)
             if known is None:
                 raise

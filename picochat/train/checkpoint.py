@@ -164,6 +164,14 @@ def save_checkpoint(stage_dir: Path, step: int, model: torch.nn.Module, optimize
     return target
 
 
+def prepare_stage_dir(stage_dir: Path, model: torch.nn.Module, optimizers: list | None, keep_last: int) -> None:
+    """Before training writes checkpoints (rank 0): clear unfinished saves, warn when space is short."""
+    clear_stale_writes(stage_dir)
+    warning = space_warning(stage_dir, estimate_checkpoint_bytes(model, optimizers), keep_last)
+    if warning:
+        log.warning(warning)
+
+
 def clear_stale_writes(stage_dir: Path) -> None:
     """Remove temp folders of saves that never finished (a process killed mid-save). A checkpoint set
     aside while being replaced (`.step_N.old-PID`) is put back when its replacement never arrived."""

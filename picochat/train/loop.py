@@ -215,32 +215,35 @@ class Trainer:
         log.info(f"{cfg.stage}: {self.model.num_params() / 1e6:.2f}M params, depth {self.model_cfg.n_layer}, "
                  f"width {self.model_cfg.n_embd}, device {gpu_name(device)} x{dist.world_size}, device batch {B}, "
                  f"grad accum {grad_accum}, {cfg.total_batch_tokens} tokens/step, {num_steps} steps")
-        self._prepare_checkpoints()
+        if dist.is_main and cfg.save_every >= 0:
+            ckpt.prepare_stage_dir(self.stage_dir, self.model, self.optimizers, cfg.keep_last)
         writer = self._tensorboard() if dist.is_main else None
         bar = self._progress(num_steps, step)
         last_val, stats = None, None
         result = {"steps": num_steps, "device_batch_size": B, "grad_accum": grad_accum}
+        stop = StopSignals().install()  # SIGTERM/SIGINT/SIGUSR1 now ask for a stop after the step
         try:
-            with StopSignals() as stop:
-                while step < num_steps:
-                    if self.make_val_batches and cfg.eval_every > 0 and step % cfg.eval_every == 0:
-                        last_val = self._validate(step, writer)
-                    stats = self._train_step(step, num_steps, batches, grad_accum, flops_tok, peak)
-                    step += 1
-                    self._log_step(stats, metrics_path, writer, bar, last_val)
-                    if cfg.sample_every > 0 and step % cfg.sample_every == 0:
-                        self._samples(step)
-                    # once per step, on every rank: did any rank get a stop signal? (a finished run just ends)
-                    stop_signal = stop.agreed(device) if step < num_steps else 0
-                    if cfg.save_every >= 0 and (stop_signal or step == num_steps
-                                                or (cfg.save_every > 0 and step % cfg.save_every == 0)):
-                        self._save(step, batches, stats.loss, last_val)
-                    if stop_signal:
-                        raise self._stopped(stop_signal, step, num_steps)
+            while step < num_steps:
+                if self.make_val_batches and cfg.eval_every > 0 and step % cfg.eval_every == 0:
+                    last_val = self._validate(step, writer)
+                stats = self._train_step(step, num_steps, batches, grad_accum, flops_tok, peak)
+                step += 1
+                self._log_step(stats, metrics_path, writer, bar, last_val)
+                if cfg.sample_every > 0 and step % cfg.sample_every == 0:
+                    self._samples(step)
+                # once per step, on every rank: did any rank get a stop signal? (a finished run just ends)
+                stop_signal = stop.agreed(device) if step < num_steps else 0
+                if cfg.save_every >= 0 and (stop_signal or step == num_steps
+                                            or (cfg.save_every > 0 and step % cfg.save_every == 0)):
+                    self._save(step, batches, stats.loss, last_val)
+                if stop_signal:
+                    raise self._stopped(stop_signal, step, num_steps)
+            stop.restore()
             if self.make_val_batches:
                 last_val = self._validate(step, writer)
             result.update(final_loss=stats.loss if stats is not None else None, val_bpb=last_val)
         finally:
+            stop.restore()
             if bar is not None:
                 bar.close()
             if writer is not None:
@@ -395,20 +398,9 @@ class Trainer:
         if error is not None:
             raise ckpt.CheckpointWriteError(error)
 
-    def _prepare_checkpoints(self) -> None:
-        """Before the first step (rank 0): clear unfinished saves, warn when the disk looks too small."""
-        if not self.dist.is_main or self.cfg.save_every < 0:
-            return
-        ckpt.clear_stale_writes(self.stage_dir)
-        warning = ckpt.space_warning(self.stage_dir, ckpt.estimate_checkpoint_bytes(self.model, self.optimizers),
-                                     self.cfg.keep_last)
-        if warning:
-            log.warning(warning)
-
     def _stopped(self, signum: int, step: int, num_steps: int) -> TrainingStopped:
-        saved = self.cfg.save_every >= 0
-        stopped = TrainingStopped(self.cfg.stage, step, num_steps, signal_name(signum),
-                                  self.stage_dir / f"step_{step:06d}" if saved else None)
+        saved = self.stage_dir / f"step_{step:06d}" if self.cfg.save_every >= 0 else None
+        stopped = TrainingStopped(self.cfg.stage, step, num_steps, signal_name(signum), saved)
         if self.dist.is_main:
             log.warning(str(stopped))
         return stopped

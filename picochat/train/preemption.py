@@ -60,7 +60,7 @@ def signal_name(signum: int) -> str:
 
 
 class StopSignals:
-    """Context manager: while inside, the stop signals request a graceful stop instead of killing.
+    """While installed (or inside `with`), the stop signals request a graceful stop instead of killing.
 
     Handlers can only be installed from the main thread; elsewhere (a notebook's worker thread) the
     signals keep their usual effect and `agreed()` still works across ranks."""
@@ -71,7 +71,7 @@ class StopSignals:
         self._first_at = 0.0
         self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> "StopSignals":
+    def install(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -79,10 +79,17 @@ class StopSignals:
             log.debug("not in the main thread: stop signals keep their default effect")
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def restore(self) -> None:
+        """Put the previous handlers back (idempotent)."""
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
+
+    def __enter__(self) -> "StopSignals":
+        return self.install()
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
 
     def _handle(self, signum: int, frame) -> None:
         now = time.monotonic()

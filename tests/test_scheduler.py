@@ -311,3 +311,22 @@ def test_config_validation():
         SchedulerConfig(slots=0)
     with pytest.raises(ValueError, match="SchedulerConfig.kernels"):
         SchedulerConfig(kernels="cuda")
+
+
+def test_chat_session_renders_tool_parts(capsys):
+    import io
+
+    from picochat.config import SamplingConfig
+    from picochat.infer.chat_cli import ChatSession
+
+    table = {**chain(TOK.special("<|assistant_start|>"), PY_S, *b("6*7"), PY_E),
+             **chain(OUT_E, *b("so 42"), A_END)}
+    s = Scheduler(MarkovModel(table, seq_len=64), TOK, SchedulerConfig(slots=1, sync_every=2))
+    out = io.StringIO()
+    session = ChatSession(s, TOK, SamplingConfig(temperature=0, max_tokens=30), out=out)
+    assert session.reply("hi") == "so 42"
+    assert out.getvalue() == "[python: 6*7][= 42]so 42\n"
+    assert session.messages[-1]["content"] == [{"type": "python", "text": "6*7"},
+                                               {"type": "python_output", "text": "42"},
+                                               {"type": "text", "text": "so 42"}]
+    assert s.stats()["slots_used"] == 0

@@ -92,10 +92,12 @@ class Runner:
 class NaiveRunner(Runner):
     """No cache: a token buffer, and every step is a full forward over the longest prefix."""
 
-    def __init__(self, model, rows: int, max_len: int, k_max: int):
-        super().__init__(model, rows, max_len, k_max)
-        self.seq = torch.zeros(rows, max_len, dtype=torch.long, device=self.device)
-        self.pos = torch.zeros(rows, dtype=torch.long, device=self.device)
+    def __init__(self, model, rows: int, max_len: int, k_max: int, seq: torch.Tensor | None = None,
+                 pos: torch.Tensor | None = None, idx: torch.Tensor | None = None):
+        """`seq`, `pos`, `idx`: run over these (views of the scheduler's buffers) instead."""
+        super().__init__(model, rows, max_len, k_max, idx)
+        self.seq = torch.zeros(rows, max_len, dtype=torch.long, device=self.device) if seq is None else seq
+        self.pos = torch.zeros(rows, dtype=torch.long, device=self.device) if pos is None else pos
         self.hi = 0  # host-side upper bound of every row's pos: how much of `seq` a step must read
 
     @torch.no_grad()

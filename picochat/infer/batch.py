@@ -82,7 +82,11 @@ class DecodeBatch:
         self.buckets = sorted({min(bucket_size(n), slots) for n in range(1, slots + 1)})
         self.runners: dict[int, CachedRunner] = {}
         self._seq = 0
-        self._runner_args = dict(dtype=dtype, graph=graph, compile=compile, window_step=window_step)
+        # every bucket's graphs share one memory pool: they replay one at a time on one stream and
+        # each step's outputs are consumed before the next replay
+        pool = torch.cuda.graph_pool_handle() if graph else None
+        self._runner_args = dict(dtype=dtype, graph=graph, compile=compile, window_step=window_step,
+                                 graph_pool=pool)
         self._kernels_for = kernels_for
         if graph:  # capture every bucket's graphs now: capturing writes junk into the cache rows
             for b in self.buckets:

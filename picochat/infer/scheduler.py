@@ -128,6 +128,7 @@ class Scheduler:
         self.slots = slots
         self._free = list(range(slots))  # a heap: the lowest free slot first keeps running rows in front
         self._rows: dict[int, Sample] = {}  # slot -> running sample (text, forcing or waiting)
+        self._outboxes: list[Request] = []  # requests with events to deliver at the end of the step
         self._prefilling: list[Request] = []
         self._queue: deque[Request] = deque()
         self._inflight = None  # (ChunkOut, {slot: sample}) launched and not yet read
@@ -210,7 +211,8 @@ class Scheduler:
         handle = RequestHandle(prompt, params, request_id)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         stops = self._special_stops if params.stop_token_ids is None else frozenset(params.stop_token_ids)
-        request = Request(handle, params, max_tokens, stops, [stream_key(seed, i) for i in range(params.n)])
+        request = Request(handle, params, max_tokens, stops, [stream_key(seed, i) for i in range(params.n)],
+                          self._outboxes)
         with self._lock:
             if self._closing:
                 raise RuntimeError("the scheduler is closed")
@@ -244,7 +246,13 @@ class Scheduler:
             if launched is not None and not self.pipeline:
                 self._consume(*launched)
                 self._inflight = None
+            self._deliver()
             return self.busy
+
+    def _deliver(self) -> None:
+        for req in self._outboxes:
+            req.deliver()
+        self._outboxes.clear()
 
     def run_until_idle(self) -> None:
         """Drive the loop on this thread until every submitted request has finished."""
@@ -337,6 +345,7 @@ class Scheduler:
                 sample.request.handle.cancel()
             self._inflight = None
             self._drop_cancelled(queued)
+            self._deliver()
 
     # -- stats -----------------------------------------------------------------------------------
     def stats(self) -> dict:

@@ -78,20 +78,14 @@ def export(run: str, out: Path, *extra: str) -> int:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tok) -> dict[str, tuple[Path, Path]]:
     """shape -> (PICOCHAT_HOME, export folder), one run per shape."""
-    import os
-
     out = {}
     for shape in SHAPES:
         home = tmp_path_factory.mktemp(f"home_{shape}")
-        old = os.environ.get("PICOCHAT_HOME")
-        os.environ["PICOCHAT_HOME"] = str(home)
-        try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("PICOCHAT_HOME", str(home))
             make_run(home, shape, tok, shape, seed=len(out))
-            folder = home / "export"
-            assert export(shape, folder) == 0
-        finally:
-            os.environ.pop("PICOCHAT_HOME") if old is None else os.environ.__setitem__("PICOCHAT_HOME", old)
-        out[shape] = (home, folder)
+            assert export(shape, home / "export") == 0
+        out[shape] = (home, home / "export")
     return out
 
 

@@ -48,6 +48,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         from .verify import verify_export
 
         check = verify_export(args.run, result.out, stage=result.stage, step=result.step)
-        print(f"verified: transformers' logits within {check.max_logit_diff:.2g} of picochat's over "
-              f"{check.tokens} random tokens; tokenizer and chat template give picochat's ids")
+        print(f"verified: transformers' logits match picochat's on {check.tokens} random tokens (largest "
+              f"difference {check.max_logit_diff:.2g}); tokenizer and chat template give picochat's ids")
     return 0

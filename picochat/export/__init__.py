@@ -13,7 +13,7 @@ FORMATS = ("hf",)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..cli import add_run_arg
+    from ..options import add_run_arg
     from ..runs import STAGES
 
     p = sub.add_parser("export", help="write a trained model as a Hugging Face transformers folder",

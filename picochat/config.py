@@ -99,6 +99,8 @@ class OptimConfig:
     warmdown_frac: float = 0.2
     final_lr_frac: float = 0.0
     grad_clip: float = 0.0  # 0 = off
+    muon_coefficients: str = "polar_express"  # polar_express | keller (torch.optim.Muon's quintic)
+    muon_impl: str = "picochat"  # picochat (batched, train/muon.py) | torch (torch.optim.Muon: the baseline)
 
 
 @dataclass
@@ -109,7 +111,6 @@ class TrainConfig:
     stage: str = "base"  # base | mid | sft: which folder of the run directory checkpoints go to
     depth: int = 12
     seq_len: int = 2048
-    vocab_size: int | None = None  # None: take it from the run's tokenizer
     device_batch_size: int | str = "auto"  # "auto" = find it (CUDA), else a fixed number
     total_batch_tokens: int = 524288  # tokens per optimizer step across all ranks
     num_steps: int = -1  # -1: derive from the horizon
@@ -120,7 +121,6 @@ class TrainConfig:
     sample_every: int = 1000
     save_every: int = 1000  # 0: only at the end; -1: never (benchmarks)
     keep_last: int = 2  # checkpoints kept per stage (0: all); older ones go once a new one verifies
-    log_every: int = 1
     compile: bool | None = None  # None: on for CUDA
     device: str = "auto"
     resume: bool = False
@@ -142,6 +142,25 @@ class DataConfig:
     embedded_seed: int = 1234
     val_fraction: float = 0.01
     strict_data: bool = False  # a damaged file met while training: error instead of skipping it
+
+
+@dataclass
+class ChatDataConfig:
+    """Where midtraining/SFT conversations come from and how they are batched."""
+
+    mode: str = "packed"  # packed | padded (padded: the seed's baseline, for benchmarks)
+    epochs: float = 1.0  # passes over the mixture when --num-steps is -1
+    synthetic_size: int = 2000  # conversations of the offline synthetic tasks per epoch
+    synthetic_weight: float = 1.0  # 0 leaves them out
+    smoltalk: str | None = None
+    smoltalk_weight: float = 1.0
+    mmlu: str | None = None
+    mmlu_weight: float = 1.0
+    gsm8k: str | None = None
+    gsm8k_weight: float = 1.0
+    buffer_size: int | None = None  # pending conversations for best-fit packing (None: batcher default)
+    val_size: int = 200  # held-out synthetic conversations for validation bits-per-byte
+    seed: int = 0
 
 
 @dataclass

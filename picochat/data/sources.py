@@ -43,6 +43,7 @@ from pathlib import Path
 from ..common import log
 from ..config import DataConfig
 from .damage import DataReadError, SkipDamaged, known_row_groups, remember_row_groups
+from .download import download as download_file, download_shards, shard_dir, shard_name, shard_url, validate_parquet
 
 TXT_DOC_CHARS = 4000
 JSONL_CHUNK_BYTES = 1 << 20
@@ -348,16 +349,6 @@ def _line_number(path: Path, pos: int) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def shard_name(index: int) -> str:
-    return f"shard_{index:05d}.parquet"
-
-
-def shard_dir() -> Path:
-    from ..common import downloads_dir
-
-    return downloads_dir() / "shards"
-
-
 class ShardSource(FileSource):
     """FineWeb-Edu parquet shards as nanochat uses them: shards 0..num_shards-1, the last one is val.
 
@@ -370,8 +361,6 @@ class ShardSource(FileSource):
         if cfg.num_shards < 1:
             raise ValueError(f"num_shards must be >= 1, got {cfg.num_shards}")
         if download:
-            from .download import download_shards
-
             paths = download_shards(cfg, range(cfg.num_shards))
         else:
             paths = [shard_dir() / shard_name(i) for i in range(cfg.num_shards)]
@@ -397,12 +386,10 @@ class ShardSource(FileSource):
         except Exception as damage:
             if not self._download:
                 raise
-            from .download import download, shard_url, validate_parquet
-
             index = int(Path(ref.path).stem.split("_")[-1])
             log.warning(f"{ref.path} cannot be read ({damage}); fetching it again")
             try:
-                download(shard_url(self.cfg, index), Path(ref.path), validate=validate_parquet, progress=False)
+                download_file(shard_url(self.cfg, index), Path(ref.path), validate=validate_parquet, progress=False)
             except Exception as e:
                 raise DataReadError(f"{damage}; fetching it again failed: {e}") from e
             return super()._read(ref)

@@ -146,11 +146,12 @@ def save_checkpoint(stage_dir: Path, step: int, model: torch.nn.Module, optimize
     except Exception as e:  # any failed write: disk full, quota, file size limit, I/O error
         needed = estimate_checkpoint_bytes(model, optimizers, train_state)
         previous = list_checkpoints(stage_dir)
+        kept = (f"the previous checkpoint {previous[-1].name} is intact (--resume uses it)" if previous
+                else "there is no earlier checkpoint")
         raise CheckpointWriteError(
             f"could not write checkpoint {target.name} in {stage_dir}: {_os_reason(e)}. A checkpoint needs about "
             f"{_size(needed)} ({needed:,} bytes); {_size(free_bytes(stage_dir))} are free there. Nothing was "
-            f"left behind; {'the previous checkpoint ' + previous[-1].name + ' is intact' if previous else 'no earlier checkpoint exists'}"
-            f" (--resume uses it)") from e
+            f"left behind; {kept}") from e
     try:
         read_meta(target, verify=True)
     except CheckpointError as e:

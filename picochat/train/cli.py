@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from ..cli import add_run_arg
+from ..options import add_run_arg
 from ..common import DistInfo
 from ..config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 
@@ -32,11 +32,11 @@ def add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     p.add_argument("--keep-last", type=int, default=defaults.keep_last,
                    help="checkpoints kept per stage (0: all); older ones are pruned once a new one verifies")
     p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA)")
     p.add_argument("--resume", action="store_true", help="continue from the latest good checkpoint")
-    o = OptimConfig()
+    o = defaults.optim
     p.add_argument("--matrix-lr", type=float, default=o.matrix_lr)
     p.add_argument("--embedding-lr", type=float, default=o.embedding_lr)
     p.add_argument("--unembedding-lr", type=float, default=o.unembedding_lr)
@@ -55,7 +55,8 @@ def train_config_from_args(args: argparse.Namespace, stage: str) -> TrainConfig:
                        total_batch_tokens=args.total_batch_tokens, num_steps=args.num_steps,
                        data_param_ratio=args.data_param_ratio, seed=args.seed, eval_every=args.eval_every,
                        eval_tokens=args.eval_tokens, sample_every=args.sample_every, save_every=args.save_every,
-                       keep_last=args.keep_last, compile=args.compile, device=args.device, resume=args.resume, optim=optim)
+                       keep_last=args.keep_last, compile=args.compile, device=args.device, resume=args.resume,
+                       optim=optim)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -95,10 +96,11 @@ class PretrainBatches:
 def pretrain(cfg: TrainConfig, data: DataConfig, on_step=None) -> dict:
     from ..data.loader import PretrainLoader
     from ..data.sources import open_source
-    from ..tokenizer_cli import load_run_tokenizer
-    from .loop import Trainer, bpb_batches
+    from ..runs import load_tokenizer
+    from ..eval.bpb import bpb_batches
+    from .loop import Trainer
 
-    tokenizer = load_run_tokenizer(cfg.run)
+    tokenizer = load_tokenizer(cfg.run)
     model_cfg = ModelConfig.from_depth(cfg.depth, vocab_size=tokenizer.vocab_size, seq_len=cfg.seq_len)
     source = open_source(data)
 

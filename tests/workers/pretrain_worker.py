@@ -36,6 +36,7 @@ p.add_argument("--corrupt")
 p.add_argument("--paths", nargs="+", default=[])
 p.add_argument("--strict-data", action="store_true")
 p.add_argument("--keep-last", type=int, default=2)
+p.add_argument("--device", default="cpu", help="auto: one GPU per rank (the GPU tests)")
 p.add_argument("--resume", action="store_true")
 p.add_argument("--out")
 args = p.parse_args()
@@ -44,7 +45,7 @@ torch.set_num_threads(1)
 cfg = TrainConfig(run=args.run, depth=1, seq_len=32, device_batch_size=args.device_batch_size,
                   total_batch_tokens=args.total_batch_tokens, num_steps=args.steps, eval_every=0,
                   sample_every=0, save_every=args.save_every, keep_last=args.keep_last, resume=args.resume,
-                  device="cpu")
+                  device=args.device)
 data = DataConfig(embedded_docs=2000, strict_data=args.strict_data,
                   **({"source": "files", "paths": args.paths} if args.paths else {}))
 

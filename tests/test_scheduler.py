@@ -419,3 +419,25 @@ def test_fast_scheduler_seeded_sampling_independent_of_batch_mates():
     h = s.submit([1, 2, 3], p)
     s.run_until_idle()
     assert [x.tokens for x in h.result().samples] == want
+
+
+def test_scattered_slots_prefill_and_n_samples(model):
+    """Requests admitted together into non-adjacent free slots (gathered prefill) and a request
+    with n = 2 whose prompt is copied to a second slot decode as they do alone."""
+    p = SamplingParams(max_tokens=9, **GREEDY)
+    s = Scheduler(model, None, SchedulerConfig(slots=6, sync_every=2))
+    a = s.submit([1, 2, 3], SamplingParams(max_tokens=30, **GREEDY))
+    b_ = s.submit([4, 5], SamplingParams(max_tokens=1, **GREEDY))  # leaves slot 1 free at once
+    c = s.submit([6, 7, 8, 9], SamplingParams(max_tokens=30, **GREEDY))
+    s.step()
+    assert b_.done and s.stats()["slots_used"] == 2
+    d = s.submit(list(range(10, 22)), p)  # slot 1
+    e = s.submit([30, 31, 32, 33, 34], SamplingParams(max_tokens=9, n=2, **GREEDY))  # slots 3, 4
+    s.step()
+    assert s.batch.bound[1] > 0 and s.batch.bound[3] > 0
+    s.run_until_idle()
+    for h, prompt, params in ((a, [1, 2, 3], SamplingParams(max_tokens=30, **GREEDY)), (c, [6, 7, 8, 9],
+                              SamplingParams(max_tokens=30, **GREEDY)), (d, list(range(10, 22)), p)):
+        assert h.result().samples[0].tokens == alone(model, prompt, params)
+    solo = alone(model, [30, 31, 32, 33, 34], p)
+    assert [x.tokens for x in e.result().samples] == [solo, solo]

@@ -219,8 +219,10 @@ class Scheduler:
                 return
 
     def _launchable(self) -> bool:
-        return bool(self._queue or self._prefilling or self._inflight
-                    or any(s.state != "waiting" for s in self._rows.values()))
+        """Whether a step would do anything now (else every live row waits on a tool)."""
+        if self._prefilling or self._inflight or any(s.state != "waiting" for s in self._rows.values()):
+            return True
+        return bool(self._queue) and len(self._free) >= self._queue[0].params.n
 
     def _wait_for_tools(self, timeout: float | None = None) -> None:
         pending = [s.tool for s in self._rows.values() if s.state == "waiting" and s.tool is not None]

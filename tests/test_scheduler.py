@@ -441,3 +441,30 @@ def test_scattered_slots_prefill_and_n_samples(model):
         assert h.result().samples[0].tokens == alone(model, prompt, params)
     solo = alone(model, [30, 31, 32, 33, 34], p)
     assert [x.tokens for x in e.result().samples] == [solo, solo]
+
+
+def test_cancel_while_waiting_on_a_tool_frees_the_slot():
+    import time
+
+    gate = threading.Event()
+
+    def slow_tool(expr: str) -> str:
+        gate.wait(5)
+        return "9"
+
+    table = {**chain(ord("="), PY_S, *b("1"), PY_E), **chain(OUT_E, A_END), **chain(*b("xyxyxy"))}
+    s = Scheduler(MarkovModel(table), TOK, SchedulerConfig(slots=2, sync_every=2), tool_runner=slow_tool)
+    calling = s.submit(b("="), SamplingParams(max_tokens=20, **GREEDY))
+    other = s.submit(b("x"), SamplingParams(max_tokens=12, **GREEDY))
+    for _ in range(4):
+        s.step()
+    assert any(x.state == "waiting" for x in s._rows.values())
+    calling.cancel()
+    s.step()
+    assert s.stats()["slots_used"] == 1
+    third = s.submit(b("x"), SamplingParams(max_tokens=4, **GREEDY))
+    s.run_until_idle()
+    gate.set()
+    assert calling.result().samples[0].finish_reason == "cancelled"
+    assert other.result().samples[0].tokens == b("yx" * 6)
+    assert third.result().samples[0].tokens == b("yxyx")

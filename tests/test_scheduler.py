@@ -444,8 +444,6 @@ def test_scattered_slots_prefill_and_n_samples(model):
 
 
 def test_cancel_while_waiting_on_a_tool_frees_the_slot():
-    import time
-
     gate = threading.Event()
 
     def slow_tool(expr: str) -> str:

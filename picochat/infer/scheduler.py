@@ -442,17 +442,40 @@ class Scheduler:
         return all(s.state == "text" and not s.resync for s in self._rows.values())
 
     def _launch(self):
+        """Launch the next decode chunk over the running rows (None when there is nothing to run)."""
         running = [s for s in self._rows.values() if s.state in RUNNING]
-        if not running:
+        # rows already run through the chunk in flight need that many fewer steps: the chunk
+        # launched ahead stops where the longest row ends instead of running on into junk
+        ahead = self._inflight[0] if self._inflight is not None else None
+
+        def left(s: Sample) -> int:
+            owned = ahead is not None and self._inflight[1].get(s.slot) is s and ahead.seq >= s.since
+            return s.request.max_tokens - s.emitted - (ahead.k if owned else 0)
+
+        k = min(self.sync_every, max((left(s) for s in running), default=0))
+        if k <= 0:
             return None
-        top_slot = max(self._rows)
-        bucket = self.batch.bucket_for(top_slot)
-        seq = self.batch._seq + 1
+        bucket = self.batch.bucket_for(max(self._rows))
+        self._park(bucket, self.batch._seq + 1)
+        params = [s.request.params for s in running]
+        sampled = [p for p in params if p.temperature > 0]
+        chunk = self.batch.launch(
+            bucket, k, sampling=bool(sampled), top_k_max=max((p.top_k or 0 for p in sampled), default=0),
+            any_top_p=any(p.top_p is not None and p.top_p < 1 for p in sampled),
+            forced={s.slot: list(s.forced)[:k] for s in running if s.state == "forcing"} or None,
+            logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=None))
+        self.counters["chunks"] += 1
+        return chunk, dict(self._rows)
+
+    def _park(self, bucket: int, seq: int) -> None:
+        """Before chunk `seq`: reset the device position and input of every slot in the bucket that
+        is not simply decoding on: free slots (to 0), prompts being prefilled (to where their next
+        chunk goes), rows waiting on a tool or rewound (to their pending token)."""
         fixes = []
         prefilling = {slot: r.prefilled for r in self._prefilling for slot in r.slots}
         for slot in range(bucket):
             sample = self._rows.get(slot)
-            if sample is None:  # free, or holding a prompt being prefilled: keep it parked
+            if sample is None:
                 park = prefilling.get(slot, 0)
                 if self.batch.bound[slot] != park:
                     fixes.append((slot, park, 0))
@@ -462,18 +485,6 @@ class Scheduler:
                 sample.since = seq
         if fixes:
             self.batch.set_rows(*map(list, zip(*fixes)))
-        params = [s.request.params for s in running]
-        k = min(self.sync_every, max(s.request.max_tokens - s.emitted for s in running))
-        forced = {s.slot: list(s.forced)[:k] for s in running if s.state == "forcing"}
-        chunk = self.batch.launch(
-            bucket, k, sampling=any(p.temperature > 0 for p in params),
-            top_k_max=max((p.top_k or 0) for p in params if p.temperature > 0) if any(
-                p.temperature > 0 for p in params) else 0,
-            any_top_p=any(p.top_p is not None and p.top_p < 1 and p.temperature > 0 for p in params),
-            forced=forced or None,
-            logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=None))
-        self.counters["chunks"] += 1
-        return chunk, dict(self._rows)
 
     def _consume(self, chunk, owners: dict[int, Sample]) -> None:
         """Read a chunk's tokens and hand each to the sample that owned its slot at launch."""

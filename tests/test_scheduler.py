@@ -466,3 +466,14 @@ def test_cancel_while_waiting_on_a_tool_frees_the_slot():
     assert calling.result().samples[0].finish_reason == "cancelled"
     assert other.result().samples[0].tokens == b("yx" * 6)
     assert third.result().samples[0].tokens == b("yxyx")
+
+
+def test_engine_runs_on_its_own_model_copy():
+    """Engine prepares the model (dtype, fused q/k/v) once; its schedulers run that very copy."""
+    from picochat.infer.engine import Engine
+
+    m = random_model(seed=2)
+    eng = Engine(m, None, dtype=torch.float64, fuse=True)
+    assert eng.scheduler(3).model is eng.model and eng.scheduler(3).dtype == torch.float64
+    out = eng.generate_batch([[1, 2, 3]], max_tokens=4, temperature=0)
+    assert out == Engine(m, None).generate_batch([[1, 2, 3]], max_tokens=4, temperature=0)

@@ -199,6 +199,32 @@ class RequestHandle:
             with self._lock:
                 self._loop_waiters.remove((loop, flag))
 
+    async def aevent_batches(self) -> AsyncIterator[list[Event]]:
+        """Like `aevents`, but each item is every event that has arrived (at least one), so a server
+        writes one network chunk per wake-up instead of one per token; ends after the DoneEvent."""
+        loop = asyncio.get_running_loop()
+        flag = asyncio.Event()
+        with self._lock:
+            self._loop_waiters.append((loop, flag))
+        try:
+            while True:
+                flag.clear()
+                batch: list[Event] = []
+                while True:
+                    try:
+                        batch.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                if not batch:
+                    await flag.wait()
+                    continue
+                yield batch
+                if isinstance(batch[-1], DoneEvent):
+                    return
+        finally:
+            with self._lock:
+                self._loop_waiters.remove((loop, flag))
+
     def result(self, timeout: float | None = None) -> Completion:
         """Wait for the request to finish and collect every sample's tokens, text and parts."""
         samples = [SampleResult() for _ in range(self.params.n)]

@@ -197,6 +197,14 @@ class Collector:
             self.handles[j].cancel()  # every sample hit a stop string the core did not see: stop decoding
         return new
 
+    def abandon(self) -> None:
+        """The client went away: samples still running count as cancelled."""
+        for states in self.samples:
+            for st in states:
+                if st.reason is None:
+                    st.reason = "cancelled"
+                    self.observer.finished("cancelled")
+
     def done(self) -> None:
         for job in self.jobs:
             if not job.generate:  # prompt scoring only: the scheduler saw nothing

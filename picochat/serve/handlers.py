@@ -52,6 +52,8 @@ async def _answer(server: Server, request: Request, collector_args: tuple, strea
     collector.handles = handles
 
     def close() -> None:
+        if any(h is not None and not h.done for h in handles):
+            collector.abandon()
         for h in handles:
             if h is not None and not h.done:
                 h.cancel()

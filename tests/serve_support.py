@@ -43,11 +43,16 @@ def random_model(vocab: int, seq_len: int = 128, seed: int = 0, n_layer: int = 2
 
 
 class ScriptedModel(nn.Module):
-    def __init__(self, script: list[int], vocab: int, seq_len: int = 256, delay: float = 0.0):
+    """Writes `script` as every reply: the token after position p is script[k], k = p minus the
+    position of the row's latest `anchor` token (default <|assistant_start|>; before any anchor, k =
+    p + 1), modulo the script's length. Like attention, it reads the row's history from its KV cache
+    (token ids stored in the first key channel), so it works with any scheduling of rows."""
+
+    def __init__(self, script: list[int], vocab: int, seq_len: int = 256, delay: float = 0.0, anchor: int = 259):
         super().__init__()
         self.config = ModelConfig(vocab_size=vocab, seq_len=seq_len, n_layer=1, n_embd=8, n_head=1, n_kv_head=1)
         self.rotary_len = 4 * seq_len
-        self.delay = delay
+        self.delay, self.anchor = delay, anchor
         self.w = nn.Parameter(torch.zeros(1))
         self.register_buffer("script", torch.tensor(script, dtype=torch.long))
 
@@ -57,12 +62,20 @@ class ScriptedModel(nn.Module):
             time.sleep(self.delay)
         if kv_cache is not None:
             positions = kv_cache.positions(T)
+            keys = idx.to(kv_cache.k[0].dtype)[:, None, :, None].expand(B, 1, T, self.config.head_dim)
+            kv_cache.write(0, keys, keys, positions)
+            history = kv_cache.k[0][:, 0, :, 0].round().long()  # (B, cache length)
             kv_cache.pos += T
         else:
             positions = torch.arange(T, device=idx.device)[None, :].expand(B, T)
+            history = idx
+        slots = torch.arange(history.size(1), device=idx.device)
+        seen = (history == self.anchor)[:, None, :] & (slots[None, None, :] <= positions[:, :, None])
+        last_anchor = torch.where(seen, slots, -1).amax(-1)  # (B, T); -1: no anchor yet
+        k = torch.where(last_anchor >= 0, positions - last_anchor, positions + 1)
         if logits_at is not None:
-            positions = positions[torch.arange(B), logits_at][:, None]
-        nxt = self.script[(positions + 1) % self.script.numel()]
+            k = k[torch.arange(B), logits_at][:, None]
+        nxt = self.script[k % self.script.numel()]
         return F.one_hot(nxt, self.config.vocab_size).float() * 40.0
 
 
@@ -119,6 +132,10 @@ def serving(model, tokenizer, serve_config=None, scheduler_config=None, name: st
     from picochat.serve.config import ServeConfig
     from picochat.serve.generation import Backend
 
+    # One intra-op thread: with the test process's pool (conftest sets 2) plus the scheduler thread's
+    # own, OpenMP workers spin on the 2 CI cores and every step waits ten times longer.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     scheduler = Scheduler(model, tokenizer, scheduler_config or SchedulerConfig(slots=8)).start()
     try:
         backend = Backend(scheduler, tokenizer, model, name, scheduler.max_context)
@@ -127,6 +144,7 @@ def serving(model, tokenizer, serve_config=None, scheduler_config=None, name: st
             yield server, scheduler
     finally:
         scheduler.close()
+        torch.set_num_threads(threads)
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:

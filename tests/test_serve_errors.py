@@ -143,7 +143,7 @@ def test_body_over_the_limit_is_413(live):
     assert httpx.get(live.url + "/health").status_code == 200
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.dictionaries(st.sampled_from(["messages", "n", "temperature", "top_p", "top_k", "max_tokens", "stop",
                                         "seed", "stream", "logprobs", "top_logprobs", "prompt", "echo",
                                         "stream_options", "max_completion_tokens"]),

@@ -151,15 +151,15 @@ async def merged(handles: list[RequestHandle | None]) -> AsyncIterator[tuple[int
 class Collector:
     """Applies event batches to the per-sample states of every job, and to the metrics."""
 
-    def __init__(self, backend: Backend, jobs: list[Job], observer: RequestObserver, chat_logprobs: bool):
-        self.backend, self.jobs, self.observer = backend, jobs, observer
+    def __init__(self, backend: Backend, jobs: list[Job], handles: list[RequestHandle | None],
+                 observer: RequestObserver, chat_logprobs: bool):
+        self.backend, self.jobs, self.handles, self.observer = backend, jobs, handles, observer
         self.chat_logprobs = chat_logprobs
         self.samples = [[SampleState(backend, job) for _ in range(job.params.n)] for job in jobs]
         self.completion_lp = [[R.CompletionLogprobs(backend.tokenizer, backend.markers) for _ in range(job.params.n)]
                               for job in jobs] if not chat_logprobs else None
         self.prompt_tokens = 0
         self.completion_tokens = 0
-        self.handles: list[RequestHandle | None] = []
 
     def apply(self, j: int, batch: list) -> dict[int, str]:
         """Feed one batch of job j; returns the new visible text per sample."""
@@ -193,7 +193,7 @@ class Collector:
                 self.prompt_tokens += ev.usage.prompt_tokens
                 self.completion_tokens += ev.usage.completion_tokens
         self.observer.tokens(count)
-        if self.handles and all(s.text.stopped for s in states) and self.handles[j] is not None:
+        if all(s.text.stopped for s in states) and self.handles[j] is not None:
             self.handles[j].cancel()  # every sample hit a stop string the core did not see: stop decoding
         return new
 

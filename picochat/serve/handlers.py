@@ -38,18 +38,16 @@ class GenerationStream(StreamingResponse):
             self.on_close()
 
 
-async def _answer(server: Server, request: Request, collector_args: tuple, stream: bool, prompt_param: str,
-                  streamer, whole) -> Response:
+async def _answer(server: Server, request: Request, jobs: list[Job], chat: bool, stream: bool, streamer,
+                  whole) -> Response:
     """Shared skeleton: take the turn, submit, then stream or wait (watching for a disconnect)."""
-    backend, jobs, chat = collector_args
     release = await server.take_turn()
     try:
-        handles = submit_all(server, jobs, prompt_param)
+        handles = submit_all(server, jobs, "messages" if chat else "prompt")
     except BaseException:
         release()
         raise
-    collector = Collector(backend, jobs, server.metrics.observe(), chat_logprobs=chat)
-    collector.handles = handles
+    collector = Collector(server.ready(), jobs, handles, server.metrics.observe(), chat_logprobs=chat)
 
     def close() -> None:
         if any(h is not None and not h.done for h in handles):
@@ -107,7 +105,7 @@ async def chat_completions(server: Server, limits: Limits, body: ChatCompletionR
     def whole(c: Collector, handles):
         return _chat_whole(c, handles, body, rid, created)
 
-    return await _answer(server, request, (backend, [job], True), body.stream, "messages", streamer, whole)
+    return await _answer(server, request, [job], True, body.stream, streamer, whole)
 
 
 async def _chat_stream(c: Collector, handles, body: ChatCompletionRequest, rid: str, created: int
@@ -165,7 +163,7 @@ async def completions(server: Server, limits: Limits, body: CompletionRequest, r
     def whole(c: Collector, handles):
         return _completion_whole(c, handles, body, rid, created)
 
-    return await _answer(server, request, (backend, jobs, False), body.stream, "prompt", streamer, whole)
+    return await _answer(server, request, jobs, False, body.stream, streamer, whole)
 
 
 async def _echoes(c: Collector, body: CompletionRequest) -> list[str]:

@@ -63,9 +63,14 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Any = Field(description="a string, or a list of {type: 'text', text} parts")
+    content: str | list[TextPart] = Field(description="a string, or a list of {type: 'text', text} parts")
 
     @field_validator("content", mode="before")
     @classmethod

@@ -200,3 +200,39 @@ def test_tool_calls_appear_inline_and_round_trip(tok):
                                      else m for m in history])
     assert tok.special("<|python_start|>") in ids and tok.special("<|output_start|>") in ids
     assert json.dumps(history)  # plain JSON: what a client stores and sends back
+
+
+def test_event_batches_lose_no_wakeup():
+    """Events pushed from another thread at any moment reach the asyncio reader, batched, in order,
+    with one wake-up per batch rather than per event (the server reads handles this way)."""
+    import asyncio
+    import random
+    import threading
+    import time
+
+    from picochat.infer.request import DoneEvent, RequestHandle, SamplingParams, TokenEvent, Usage
+
+    async def run() -> tuple[list[int], int]:
+        handle = RequestHandle([1], SamplingParams())
+        rng = random.Random(0)
+
+        def produce():
+            for i in range(3000):
+                handle._push(TokenEvent(0, i, "x", "text", True))
+                if rng.random() < 0.02:
+                    time.sleep(rng.random() * 0.002)
+            handle._push(DoneEvent(Usage(1, 3000)))
+
+        thread = threading.Thread(target=produce)
+        thread.start()
+        seen, batches = [], 0
+        async for batch in handle.aevent_batches():
+            batches += 1
+            seen += [e.token for e in batch if isinstance(e, TokenEvent)]
+            if rng.random() < 0.3:
+                await asyncio.sleep(0)
+        thread.join()
+        return seen, batches
+
+    seen, batches = asyncio.run(asyncio.wait_for(run(), timeout=60))
+    assert seen == list(range(3000)) and batches < 3000

@@ -35,12 +35,12 @@ class Timing:
         return self.chunks[0] - self.sent if self.chunks else None
 
 
-def lengths(n: int, mean: int, dist: str, sigma: float, lo: int, hi: int, rng: random.Random) -> list[int]:
-    """`n` lengths: all `mean` (fixed) or lognormal with that mean and shape `sigma`, clipped to [lo, hi]."""
+def lengths(n: int, median: int, dist: str, sigma: float, lo: int, hi: int, rng: random.Random) -> list[int]:
+    """`n` lengths: all `median` (fixed) or lognormal with that median and shape `sigma` (as `bench
+    batch` draws them), clipped to [lo, hi]."""
     if dist == "fixed":
-        return [max(lo, min(hi, mean))] * n
-    mu = np.log(mean) - sigma ** 2 / 2  # so that E[length] = mean
-    return [int(max(lo, min(hi, round(rng.lognormvariate(mu, sigma))))) for _ in range(n)]
+        return [max(lo, min(hi, median))] * n
+    return [int(max(lo, min(hi, round(rng.lognormvariate(float(np.log(median)), sigma))))) for _ in range(n)]
 
 
 async def _one(client, url: str, prompt: list[int], max_tokens: int, temperature: float,

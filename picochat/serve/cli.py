@@ -12,7 +12,7 @@ import os
 import socket
 import threading
 
-from ..cli import add_run_arg
+from ..options import add_run_arg
 from ..runs import CHAT_STAGE_PREFERENCE, STAGES
 
 

@@ -132,7 +132,6 @@ function setBusy(busy) {
   state.busy = busy;
   $("send").hidden = busy;
   $("stop").hidden = !busy;
-  $("input").disabled = false;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -165,7 +164,7 @@ async function* sseData(response) {
 function requestBody() {
   const topK = numberSetting("top-k", 0);
   return {
-    messages: state.messages.filter((m) => !m.failed).map((m) => ({ role: m.role, content: m.content })),
+    messages: state.messages.map((m) => ({ role: m.role, content: m.content })),
     stream: true,
     stream_options: { include_usage: true },
     temperature: numberSetting("temperature", 0.8),

@@ -18,7 +18,8 @@ def test_bench_serve_smoke(home, tmp_path):
     out = tmp_path / "results.jsonl"
     cmd = [sys.executable, "-m", "picochat", "bench", "serve", "--depth", "1", "--vocab-size", "300",
            "--max-context", "128", "--input-len", "16", "--output-len", "6", "--length-dist", "lognormal",
-           "--concurrency", "3", "--num-prompts", "6", "--max-batch", "4", "--append", str(out)]
+           "--concurrency", "3", "--num-prompts", "6", "--max-batch", "4", "--append", str(out),
+           "--plot", str(tmp_path / "serve.png")]
     r = subprocess.run(cmd, env={**os.environ, "PICOCHAT_HOME": str(home)}, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -31,4 +32,4 @@ def test_bench_serve_smoke(home, tmp_path):
         for key in ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "itl_p99_ms", "tok_per_s_total"):
             assert rec[key] is not None and rec[key] > 0, key
     assert "continuous / serial tok/s" in r.stdout
-    assert len(out.read_text().splitlines()) == 2
+    assert len(out.read_text().splitlines()) == 2 and (tmp_path / "serve.png").stat().st_size > 0

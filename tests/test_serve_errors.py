@@ -64,6 +64,8 @@ def test_context_overflow_names_the_counts(live, tok):
     long = [{"role": "user", "content": "x" * 300}]
     assert_error(post(live, CHAT, {"messages": long}), 400, "messages", "context of 128")
     assert_error(post(live, "/v1/completions", {"prompt": "y" * 300}), 400, "prompt", "context of 128")
+    scoring_only = {"prompt": "y" * 300, "max_tokens": 0, "echo": True, "logprobs": 1}
+    assert_error(post(live, "/v1/completions", scoring_only), 400, "prompt", "301 tokens", "context of 128")
 
 
 @pytest.mark.parametrize("change,param", [

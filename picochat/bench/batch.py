@@ -238,7 +238,7 @@ def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_r
     return records
 
 
-def plot_records(records: list[dict], path: str) -> None:
+def plot_records(records: list[dict], path: str, bench: str = "batch") -> None:
     """Throughput against TTFT p99 and TPOT p50, a line per mode across the loads measured."""
     import matplotlib
 
@@ -264,7 +264,7 @@ def plot_records(records: list[dict], path: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     r0 = records[0] if records else {}
-    fig.suptitle(f"picochat bench batch · {r0.get('gpu', '')} · d{r0.get('depth', '')} · points labelled by "
+    fig.suptitle(f"picochat bench {bench} · {r0.get('gpu', '')} · d{r0.get('depth', '')} · points labelled by "
                  "concurrency (or request rate)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -155,6 +155,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--server-args", default="", help="more `picochat serve` options, e.g. '--kernels torch'")
     p.add_argument("--api-key", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", default=None, help="write the latency-throughput plot here (PNG)")
     p.add_argument("--append", help="append JSON records to this file (e.g. docs/benchmarks/results.jsonl)")
     p.set_defaults(func=cmd_serve_bench)
 
@@ -195,6 +196,10 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
                 results += [{**r, "mode": mode} for r in measure(server.url, args, levels, vocab)]
     records = [{**base, **r} for r in results]
     _print_table(base, args, records)
+    if args.plot:
+        from .batch import plot_records
+
+        plot_records(records, args.plot, bench="serve")
     append_records(args.append, records)
     print_json_last({**base, "records": records, "speedup_continuous_vs_serial": _speedups(records)})
     return 0

@@ -93,6 +93,11 @@ def submit(server: Server, job: Job, prompt_param: str) -> RequestHandle:
 
 def submit_all(server: Server, jobs: list[Job], prompt_param: str) -> list[RequestHandle | None]:
     """Submit every job that generates; on a refusal, cancel the ones already queued."""
+    limit = server.ready().max_context
+    for job in jobs:
+        if not job.generate and len(job.prompt) > limit:  # scored only: the scheduler never sees it
+            raise bad_request(f"prompt of {len(job.prompt)} tokens exceeds the model's context of {limit} tokens",
+                              prompt_param, "context_length_exceeded")
     handles: list[RequestHandle | None] = []
     try:
         for job in jobs:

@@ -1,8 +1,8 @@
 """`picochat bench muon`: the Muon step alone, on a model's real matrix shapes, per implementation.
 
 Modes: `torch` (torch.optim.Muon: one bfloat16 Newton-Schulz loop per matrix, the baseline),
-`picochat` (train/muon.py at its defaults: batched per shape, float32 on CPU, bfloat16 and compiled
-on CUDA) and `picochat-eager` (the same, not compiled). Gradients are random; the model's own
+`picochat` (train/muon.py at its defaults: batched per shape, float32 on CPU, bfloat16 on CUDA) and
+`picochat-compiled` (the same with the orthogonalisation torch.compiled). Gradients are random; the model's own
 parameters are stepped, so the shapes and their count are the real ones at that depth.
 """
 
@@ -16,7 +16,7 @@ import torch
 
 from .record import append_records, base_record, print_json_last
 
-MODES = ("torch", "picochat", "picochat-eager")
+MODES = ("torch", "picochat", "picochat-compiled")
 
 
 def add_muon_parser(sub: argparse._SubParsersAction) -> None:
@@ -34,8 +34,8 @@ def build(mode: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
 
     if mode == "torch":
         return torch.optim.Muon(params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0)
-    if mode in ("picochat", "picochat-eager"):
-        return Muon(params, lr=0.02, compile=False if mode == "picochat-eager" else None)
+    if mode in ("picochat", "picochat-compiled"):
+        return Muon(params, lr=0.02, compile=mode == "picochat-compiled")
     raise ValueError(f"--modes: unknown mode {mode!r}; choose from {', '.join(MODES)}")
 
 

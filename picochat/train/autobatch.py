@@ -19,7 +19,8 @@ Public API::
     ) -> AutoBatchResult            # .device_batch_size (= .chosen), .grad_accum, .seconds, .compiles,
                                     # .probes, .fit_a/.fit_b, .predicted_peak, .measured_peak, .cache_hit,
                                     # .cache_key, .table(), .to_dict()
-    mark_bad(cache_key, batch_size=None, path=None)   # the trainer calls this after an OOM in training
+    mark_bad(cache_key, batch_size=None, path=None)   # the trainer (train/loop.py) calls this when
+                                                      #   training runs out of memory at the chosen size
     candidate_batch_sizes(total_batch_tokens, seq_len, world_size) -> list[int]
     is_oom_error(exc) -> bool
 

@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 
 from ..common import (DistInfo, autocast, compute_dtype, detect_device, gpu_name, init_distributed, log,
-                      seed_everything, synchronize)
+                      seed_everything, synchronize, use_compile_cache)
 from ..config import ModelConfig, TrainConfig
 from ..eval.bpb import bpb_batches, evaluate_bpb  # noqa: F401  (bpb_batches: the stages' validation batches)
 from . import checkpoint as ckpt
@@ -113,11 +113,14 @@ class Trainer:
 
             wrapped = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.ddp = wrapped if self.dist.is_distributed else None
+        if use_compile:
+            use_compile_cache()
         self.train_model = torch.compile(wrapped, dynamic=False) if use_compile else wrapped
         self.compiled = use_compile
 
     def _choose_device_batch(self) -> int:
         cfg, T, W = self.cfg, self.cfg.seq_len, self.dist.world_size
+        self.autobatch_key = None  # the finder's cache entry, marked bad if training then runs out of memory
         if cfg.device_batch_size == "auto":
             from .autobatch import find_device_batch_size
 
@@ -129,6 +132,7 @@ class Trainer:
                            "dtype": str(compute_dtype(self.device)),
                            "stage": cfg.stage},
                 default=default)
+            self.autobatch_key = result.cache_key
             return result.device_batch_size
         B = int(cfg.device_batch_size)
         if cfg.total_batch_tokens % (B * T * W):
@@ -192,6 +196,9 @@ class Trainer:
             if self.make_val_batches:
                 last_val = self._validate(step, writer)
             result.update(final_loss=stats.loss if stats is not None else None, val_bpb=last_val)
+        except Exception as e:
+            self._mark_batch_bad_on_oom(e, B)
+            raise
         finally:
             if bar is not None:
                 bar.close()
@@ -200,6 +207,17 @@ class Trainer:
             if hasattr(batches, "close"):
                 batches.close()
         return result
+
+    def _mark_batch_bad_on_oom(self, exc: BaseException, batch_size: int) -> None:
+        """Out of memory at a size the finder chose: mark its cache entry bad, so the next run (a
+        --resume, say) searches below that size instead of reusing it."""
+        from .autobatch import is_oom_error
+        from .autobatch_cache import mark_bad
+
+        if getattr(self, "autobatch_key", None) and is_oom_error(exc):
+            mark_bad(self.autobatch_key, batch_size)
+            log.error(f"out of memory at device batch {batch_size}, which autobatch chose: marked it bad in the "
+                      f"cache; the next run (e.g. with --resume) picks a smaller size")
 
     def _train_step(self, step, num_steps, batches, grad_accum, flops_tok, peak) -> StepStats:
         cfg, device, world = self.cfg, self.device, self.dist.world_size

@@ -51,25 +51,29 @@ def measure_muon(depth: int, mode: str, steps: int, device: str = "auto") -> dic
     gen = torch.Generator(device=dev).manual_seed(0)
     for p in params:
         p.grad = torch.randn(p.shape, device=dev, generator=gen)
-    times = []
+    times, cpu = [], []  # wall and this process's CPU time (all threads): on a shared CPU the latter holds up
     for i in range(3 + steps):
         synchronize(dev)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         opt.step()
         synchronize(dev)
         if i >= 3:
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
     rec = base_record("muon", dev, depth)
     rec.update(mode=mode, matrices=len(params), matrix_params=sum(p.numel() for p in params),
                step_ms=round(1000 * statistics.median(times), 3), steps=steps)
+    if dev.type == "cpu":
+        rec["cpu_ms"] = round(1000 * statistics.median(cpu), 3)
     return rec
 
 
 def cmd_muon_bench(args: argparse.Namespace) -> int:
     records = [measure_muon(args.depth, m.strip(), args.steps, args.device) for m in args.modes.split(",")]
-    print(f"\n{'device':<34}{'depth':>6}{'mode':>16}{'matrices':>10}{'step ms':>10}")
+    print(f"\n{'device':<34}{'depth':>6}{'mode':>18}{'matrices':>10}{'step ms':>10}{'CPU ms':>10}")
     for r in records:
-        print(f"{r['gpu'][:33]:<34}{r['depth']:>6}{r['mode']:>16}{r['matrices']:>10}{r['step_ms']:>10.2f}")
+        cpu = f"{r['cpu_ms']:.2f}" if "cpu_ms" in r else "-"
+        print(f"{r['gpu'][:33]:<34}{r['depth']:>6}{r['mode']:>18}{r['matrices']:>10}{r['step_ms']:>10.2f}{cpu:>10}")
     append_records(args.append, records)
     print_json_last(records if len(records) > 1 else records[0])
     return 0

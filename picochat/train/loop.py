@@ -153,8 +153,12 @@ class Trainer:
         with (self.ddp.no_sync() if self.ddp is not None else contextlib.nullcontext()), autocast(self.device):
             loss = self.train_model(x, x, attn_mask=self._attn_mask(micro), loss_reduction="sum")
         (loss / x.numel()).backward()
-        for opt in self.optimizers:
-            opt.step()
+        with contextlib.ExitStack() as local:  # no collective inside a probe: Muon works unshared
+            for opt in self.optimizers:
+                if hasattr(opt, "collectives_off"):
+                    local.enter_context(opt.collectives_off())
+            for opt in self.optimizers:
+                opt.step()
         self.model.zero_grad(set_to_none=True)
 
     # -- the loop ------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ What differs is how O is computed:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from functools import lru_cache
@@ -150,6 +151,18 @@ class Muon(torch.optim.Optimizer):
                     raise ValueError(f"Muon takes 2-D matrices only; got a parameter of shape {tuple(p.shape)}")
         self.ortho_dtype, self.compile = ortho_dtype, compile
         self._ortho_fns: dict[str, object] = {}
+        self.share_work = True  # under torchrun: orthogonalise a share per rank and all-gather
+
+    @contextlib.contextmanager
+    def collectives_off(self):
+        """Steps inside orthogonalise every matrix on this rank, with no collective: for the batch-size
+        finder's probes, where a rank that ran out of memory mid-step must not leave the others
+        waiting in an all-gather. Same result, the whole work per rank."""
+        before, self.share_work = self.share_work, False
+        try:
+            yield self
+        finally:
+            self.share_work = before
 
     # -- checkpoints ---------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:
@@ -220,7 +233,8 @@ class Muon(torch.optim.Optimizer):
         Returns the function that waits for the gather and applies every update of the bucket."""
         device = params[0].device
         dtype = self.ortho_dtype or default_ortho_dtype(device)
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        shared = self.share_work and dist.is_available() and dist.is_initialized()
+        world = dist.get_world_size() if shared else 1
         rank = dist.get_rank() if world > 1 else 0
         per_rank = -(-len(params) // world)
         mine = [_on_side(u) for u in updates[rank * per_rank:(rank + 1) * per_rank]]

@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "data": "picochat.data.cli",
     "pretrain": "picochat.train.cli",
     "sft": "picochat.train.sft",  # registers both `midtrain` and `sft`
+    "rl": "picochat.train.rl_cli",
     "eval": "picochat.eval.chat_eval",
     "chat": "picochat.infer.chat_cli",
     "run": "picochat.pipeline",

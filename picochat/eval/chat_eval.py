@@ -206,7 +206,7 @@ def evaluate_run(run: str, stage: str | None, tasks: Sequence[str], max_examples
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..cli import add_run_arg
+    from ..options import add_run_arg
 
     p = sub.add_parser("eval", help="score a chat model on held-out tasks against a trivial baseline",
                        description="Greedy answers to held-out questions, checked by each task; prints a table and "

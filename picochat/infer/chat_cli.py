@@ -13,8 +13,9 @@ import sys
 import time
 from typing import TextIO
 
-from ..cli import add_run_arg
+from ..options import add_run_arg
 from ..config import SamplingConfig
+from ..runs import CHAT_STAGE_PREFERENCE
 
 HELP = """commands:
   /clear            forget the conversation
@@ -30,8 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     defaults = SamplingConfig()
     p = sub.add_parser("chat", help="chat with a trained model (interactive, or one answer with -p)")
     add_run_arg(p)
-    p.add_argument("--stage", choices=["sft", "mid", "base"], default=None,
-                   help="checkpoint stage (default: the latest of sft, then mid, then base)")
+    p.add_argument("--stage", choices=CHAT_STAGE_PREFERENCE, default=None,
+                   help=f"checkpoint stage (default: the latest of {', then '.join(CHAT_STAGE_PREFERENCE)})")
     p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
     p.add_argument("--temperature", type=float, default=defaults.temperature)
     p.add_argument("--top-k", type=int, default=defaults.top_k, help="0 = no filtering")

@@ -46,10 +46,10 @@ class Runner:
 
     kernels = "torch"  # what a step runs as: the model's torch forward, or "triton" (CachedRunner)
 
-    def __init__(self, model, rows: int, max_len: int, k_max: int):
+    def __init__(self, model, rows: int, max_len: int, k_max: int, idx: torch.Tensor | None = None):
         p = next(model.parameters())
         self.model, self.rows, self.max_len, self.device = model, rows, max_len, p.device
-        self.idx = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
+        self.idx = torch.zeros(rows, 1, dtype=torch.long, device=self.device) if idx is None else idx
         # per chunk: tokens forced into rows (tool outputs) and the tokens each step appended
         self.fmask = torch.zeros(k_max, rows, dtype=torch.bool, device=self.device)
         self.ftok = torch.zeros(k_max, rows, dtype=torch.long, device=self.device)
@@ -170,8 +170,10 @@ class CachedRunner(Runner):
 
     def __init__(self, model, rows: int, max_len: int, k_max: int, dtype: torch.dtype,
                  graph: bool = False, compile: str | None = None, window_step: int = 256,
-                 kernels: str = "torch"):
-        super().__init__(model, rows, max_len, k_max)
+                 kernels: str = "torch", cache: KVCache | None = None, idx: torch.Tensor | None = None):
+        """`cache` and `idx`: run over these (views of the scheduler's persistent cache and input
+        ids; `cache` then has `max_len` slots, plus one when compiled) instead of allocating them."""
+        super().__init__(model, rows, max_len, k_max, idx)
         c = model.config
         self.kernels = kernels
         if kernels == "triton":
@@ -182,7 +184,12 @@ class CachedRunner(Runner):
         else:
             self._fn = compiled_step(compile) if compile else decode_step
         slots = max_len + 1 if compile else max_len
-        self.cache = KVCache.allocate(c.n_layer, rows, c.n_kv_head, slots, c.head_dim, self.device, dtype)
+        if cache is None:
+            cache = KVCache.allocate(c.n_layer, rows, c.n_kv_head, slots, c.head_dim, self.device, dtype)
+        elif (cache.batch_size, cache.max_len) != (rows, slots):
+            raise ValueError(f"cache of {cache.batch_size} rows x {cache.max_len} slots; the runner needs "
+                             f"{rows} x {slots}")
+        self.cache = cache
         self.pos = self.cache.pos
         self.hi = 0
         self.graph: torch.cuda.CUDAGraph | None = None  # the widest window's graph (None: eager)

@@ -81,7 +81,6 @@ class RLTrainer:
     # -- set-up --------------------------------------------------------------------------------
     def setup(self) -> None:
         from ..model.gpt import build_model
-        from ..tokenizer_cli import load_run_tokenizer
         from .rl_rollout import EngineRollouts
 
         cfg = self.cfg
@@ -92,7 +91,7 @@ class RLTrainer:
                              f"{self.dist.world_size} ranks")
         seed_everything(cfg.seed + self.dist.rank)
         self.start = self._start_checkpoint()
-        self.tokenizer = load_run_tokenizer(cfg.run)
+        self.tokenizer = runs.load_tokenizer(cfg.run)
         self.model_cfg = ModelConfig.from_dict(runs.read_meta(self.start)["model"])
         self.model = build_model(self.model_cfg, self.device)
         runs.load_weights(self.start, self.model)

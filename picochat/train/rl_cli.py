@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from ..cli import add_run_arg
+from ..options import add_run_arg
 from ..config import OptimConfig, RLConfig
 
 HELP = {

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import heapq
 import logging
+import queue
 import random
 import threading
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
@@ -39,7 +41,7 @@ import torch
 from .batch import DecodeBatch
 from .modelprep import KERNELS, prepare_model, resolve_dtype, triton_unusable
 from .parts import MessageParser, StopMatcher
-from .request import QueueFullError, RequestError, RequestHandle, SamplingParams
+from .request import DoneEvent, Event, QueueFullError, RequestError, RequestHandle, SamplingParams
 from .rows import RUNNING, Request, Sample
 from .sampling import stream_key
 
@@ -68,7 +70,7 @@ class SchedulerConfig:
     max_queue: int = 1024  # requests waiting for a slot before submit raises QueueFullError
     prefill_budget: int = 2048  # prompt tokens prefilled per scheduler step (chunked prefill)
     sync_every: int | None = None  # decode steps per chunk between host reads; None: 16 fast, 1 eager
-    mode: str | None = None  # "fast" (CUDA graphs) or "eager"; None: fast on CUDA
+    mode: str | None = None  # "fast" (CUDA graphs), "eager", or "naive" (no cache: a baseline); None: fast on CUDA
     kernels: str = "auto"  # fast mode's step: "triton", "torch", or auto (Triton up to TRITON_MAX_ROWS)
     compile: bool | str = False  # torch.compile the torch step (True or a torch.compile mode)
     dtype: str | None = None  # "bfloat16" | "float32" | ...; None: bf16 on CUDA, fp32 elsewhere
@@ -89,7 +91,7 @@ class SchedulerConfig:
             check(name, value is None or (isinstance(value, int) and value >= 1), "an integer >= 1 or None")
         for name in ("max_queue", "prefill_budget", "max_slots", "tool_workers"):
             check(name, isinstance(getattr(self, name), int) and getattr(self, name) >= 1, "an integer >= 1")
-        check("mode", self.mode in (None, "fast", "eager"), "'fast', 'eager' or None")
+        check("mode", self.mode in (None, "fast", "eager", "naive"), "'fast', 'eager', 'naive' or None")
         check("kernels", self.kernels in KERNELS, f"one of {KERNELS}")
         check("memory_fraction", 0 < self.memory_fraction <= 1, "in (0, 1]")
 
@@ -108,6 +110,8 @@ class Scheduler:
             raise ValueError(f"kernels='triton' needs mode 'fast' (CUDA); mode is {mode!r}")
         self.mode, self.tokenizer = mode, tokenizer
         dtype = resolve_dtype(cfg.dtype, device)
+        if mode not in ("fast", "eager", "naive"):
+            raise ValueError(f"unknown mode {mode!r}")
         fuse = cfg.fuse if cfg.fuse is not None else (mode == "fast" and hasattr(model, "fuse_for_inference"))
         self.model, self.fused = prepare_model(model, dtype, fuse), bool(fuse)
         self.dtype = dtype
@@ -124,6 +128,7 @@ class Scheduler:
         self.slots = slots
         self._free = list(range(slots))  # a heap: the lowest free slot first keeps running rows in front
         self._rows: dict[int, Sample] = {}  # slot -> running sample (text, forcing or waiting)
+        self._outboxes: list[Request] = []  # requests with events to deliver at the end of the step
         self._prefilling: list[Request] = []
         self._queue: deque[Request] = deque()
         self._inflight = None  # (ChunkOut, {slot: sample}) launched and not yet read
@@ -155,7 +160,7 @@ class Scheduler:
         def build(kernels_for) -> DecodeBatch:
             return DecodeBatch(self.model, slots, self.max_context, k_max=self.sync_every, dtype=self.dtype,
                                graph=self.mode == "fast", compile=compile_mode, window_step=window_step,
-                               kernels_for=kernels_for)
+                               kernels_for=kernels_for, naive=self.mode == "naive")
 
         try:
             return build(self.kernels_for)
@@ -206,7 +211,8 @@ class Scheduler:
         handle = RequestHandle(prompt, params, request_id)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         stops = self._special_stops if params.stop_token_ids is None else frozenset(params.stop_token_ids)
-        request = Request(handle, params, max_tokens, stops, [stream_key(seed, i) for i in range(params.n)])
+        request = Request(handle, params, max_tokens, stops, [stream_key(seed, i) for i in range(params.n)],
+                          self._outboxes)
         with self._lock:
             if self._closing:
                 raise RuntimeError("the scheduler is closed")
@@ -240,15 +246,42 @@ class Scheduler:
             if launched is not None and not self.pipeline:
                 self._consume(*launched)
                 self._inflight = None
+            self._deliver()
             return self.busy
+
+    def _deliver(self) -> None:
+        for req in self._outboxes:
+            req.deliver()
+        self._outboxes.clear()
 
     def run_until_idle(self) -> None:
         """Drive the loop on this thread until every submitted request has finished."""
+        while self.busy:
+            self.advance()
+
+    def advance(self) -> None:
+        """One step driven from the caller's thread (no background thread); when every live row
+        waits on a tool, wait for one to return instead of spinning."""
         if self._thread is not None:
             raise RuntimeError("the scheduler runs on its background thread; read the handles instead")
-        while self.step():
-            if not self._launchable():
-                self._wait_for_tools()
+        if self.step() and not self._launchable():
+            self._wait_for_tools()
+
+    def iter_events(self, handle: RequestHandle) -> Iterator[Event]:
+        """`handle`'s events as they come: from the background thread if it runs, else by driving
+        the loop here (the chat CLI, scripts)."""
+        if self._thread is not None:
+            yield from handle.events()
+            return
+        while True:
+            try:
+                event = handle._queue.get_nowait()
+            except queue.Empty:
+                self.advance()
+                continue
+            yield event
+            if isinstance(event, DoneEvent):
+                return
 
     def _launchable(self) -> bool:
         return bool(self._queue or self._prefilling or self._inflight
@@ -312,13 +345,15 @@ class Scheduler:
                 sample.request.handle.cancel()
             self._inflight = None
             self._drop_cancelled(queued)
+            self._deliver()
 
     # -- stats -----------------------------------------------------------------------------------
     def stats(self) -> dict:
         """Gauges and counters for metrics: requests running and waiting, slots, tokens, finishes."""
         with self._lock:
             waiting = len(self._queue)
-        running = {id(s.request) for s in self._rows.values()} | {id(r) for r in self._prefilling}
+        # snapshots: another thread may be stepping (list() of a dict view runs without a GIL release)
+        running = {id(s.request) for s in list(self._rows.values())} | {id(r) for r in list(self._prefilling)}
         c = self.counters
         return {"running": len(running), "waiting": waiting, "slots_used": self.slots - len(self._free),
                 "slots_total": self.slots, "prompt_tokens": c["prompt_tokens"],

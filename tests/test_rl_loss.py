@@ -1,6 +1,6 @@
 """The policy-gradient arithmetic of `picochat rl` against a small example computed by hand:
 group advantages (plain and std-normalised), the masking of prompt and forced (tool output) tokens,
-and the per-token normalisation over the whole step; plus the engine's forced-token reconstruction."""
+and the per-token normalisation over the whole step;."""
 
 from __future__ import annotations
 
@@ -102,23 +102,3 @@ def test_gradient_pushes_up_positive_advantage_tokens() -> None:
             p -= 0.5 * p.grad
     after = torch.log_softmax(model(batch["inputs"])[0, -1], -1)
     assert after[7] > before[7] and after[9] < before[9]
-
-
-def test_sampled_flags_follow_the_engine_tool_protocol(_tiny_tokenizer_dir) -> None:
-    from picochat.tokenizer import Tokenizer
-    from picochat.train.rl_rollout import completion_text, sampled_flags
-
-    tok = Tokenizer.load(_tiny_tokenizer_dir)
-    s = tok.special
-    text = tok.encode("Let me see.")
-    tokens = [*text, s("<|python_start|>"), *tok.encode("2 + 3"), s("<|python_end|>"),
-              s("<|output_start|>"), *tok.encode("5"), s("<|output_end|>"), *tok.encode(" = 5"),
-              s("<|assistant_end|>")]
-    forced = 2 + len(tok.encode("5"))
-    flags = sampled_flags(tokens, tok)
-    n_before = len(text) + 2 + len(tok.encode("2 + 3"))
-    assert flags == [True] * n_before + [False] * forced + [True] * (len(tok.encode(" = 5")) + 1)
-    # an <|output_start|> the model samples outside a tool call is its own choice: sampled
-    stray = [s("<|output_start|>"), *tok.encode("7"), s("<|output_end|>")]
-    assert all(sampled_flags(stray, tok))
-    assert completion_text(tokens, tok).endswith(" = 5")  # stop token dropped, tool parts kept

@@ -9,7 +9,7 @@ divided by the step's sampled-token count (`rl_loss.py`). No KL term unless `--k
 
 The optimizers are the other stages' (`optim.build_optimizers`), every LR scaled by `--lr-frac` and
 decaying linearly to zero over the run. After each update the new weights are copied into the
-rollout engine in place. Under torchrun each rank samples its share of the step's prompts and DDP
+rollout scheduler's model in place (its cache and captured graphs stay). Under torchrun each rank samples its share of the step's prompts and DDP
 all-reduces the gradients, every rank running the same number of micro-batches.
 
 Held-out evaluation (pass@1 and pass@k, k = `--eval-samples`) runs before the first step, every
@@ -81,8 +81,6 @@ class RLTrainer:
     # -- set-up --------------------------------------------------------------------------------
     def setup(self) -> None:
         from ..model.gpt import build_model
-        from .rl_rollout import EngineRollouts
-
         cfg = self.cfg
         self.device = detect_device(cfg.device)
         self.dist = init_distributed(self.device)
@@ -113,13 +111,18 @@ class RLTrainer:
         self.train_task, self.eval_task = build_tasks(cfg)
         if len(self.train_task) == 0:
             raise ValueError(f"the {cfg.task} training set is empty")
-        self.rollouts = self._make_rollouts() if not cfg.eager_rollouts else EngineRollouts(
-            self.model, self.tokenizer, eager=True)
+        self.rollouts = self._make_rollouts()
 
     def _make_rollouts(self):
-        from .rl_rollout import EngineRollouts
+        from .rl_rollout import SchedulerRollouts
 
-        return EngineRollouts(self.model, self.tokenizer, eager=False)
+        cfg = self.cfg
+        if cfg.eager_rollouts:  # the baseline: one prompt's samples at a time
+            return SchedulerRollouts(self.model, self.tokenizer, max(cfg.samples_per_prompt, cfg.eval_samples),
+                                     eager=True)
+        local_prompts = cfg.prompts_per_step // self.dist.world_size
+        return SchedulerRollouts(self.model, self.tokenizer,
+                                 local_prompts * max(cfg.samples_per_prompt, cfg.eval_samples))
 
     def _start_checkpoint(self) -> Path:
         for stage in runs.stage_info(STAGE).starts_from:
@@ -214,15 +217,13 @@ class RLTrainer:
         n_eval = min(cfg.eval_prompts, len(self.eval_task))
         mine = [i for i in range(n_eval) if i % W == r]
         correct = solved = total = 0.0
-        if mine:
-            for k in range(0, len(mine), cfg.prompts_per_step):  # bounded batches of prompts
-                groups = self.sample_groups(self.eval_task, mine[k:k + cfg.prompts_per_step], cfg.eval_samples,
-                                            cfg.eval_temperature, (cfg.seed, "eval"))
-                for g in groups:
-                    hits = sum(s.reward > 0 for s in g.samples)
-                    correct += hits / len(g.samples)
-                    solved += hits > 0
-                    total += 1
+        if mine:  # all at once: the scheduler queues what does not fit in its slots
+            for g in self.sample_groups(self.eval_task, mine, cfg.eval_samples, cfg.eval_temperature,
+                                        (cfg.seed, "eval")):
+                hits = sum(s.reward > 0 for s in g.samples)
+                correct += hits / len(g.samples)
+                solved += hits > 0
+                total += 1
         correct, solved, total = _all_reduce([correct, solved, total], self.device)
         result = {"step": step, "prompts": int(total), "samples": cfg.eval_samples,
                   "pass@1": correct / max(1, total), f"pass@{cfg.eval_samples}": solved / max(1, total)}
@@ -270,6 +271,7 @@ class RLTrainer:
                   "final_reward": stats["reward"] if stats else None}
         if self.dist.is_main:
             runs.write_result(cfg.run, STAGE, result)
+        self.rollouts.close()
         return result
 
     def train_step(self, step: int, num_steps: int) -> dict:

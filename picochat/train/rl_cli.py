@@ -31,7 +31,7 @@ HELP = {
     "seed": "seed of the prompt order and of every sample",
     "device": "auto, cpu, cuda, cuda:N or mps",
     "resume": "continue from the latest good rl checkpoint",
-    "eager_rollouts": "baseline: the eager engine, one prompt's samples at a time (as upstream nanochat)",
+    "eager_rollouts": "baseline: the eager decode step, one prompt's samples at a time (as upstream nanochat)",
 }
 
 

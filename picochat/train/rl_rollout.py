@@ -1,11 +1,9 @@
 """Rollouts for `picochat rl`: sampling completions of training prompts, and scoring them.
 
-A `Rollouts` backend turns prompts into `Sample`s (tokens, which of them the policy sampled, why it
-stopped) and takes fresh weights after every update:
-- `EngineRollouts(eager=True)`: the `--eager-rollouts` baseline, as upstream nanochat samples: the
-  eager engine (static KV cache, one host sync per token), one prompt's n samples at a time;
-- `EngineRollouts(eager=False)`: every prompt of the step in one engine batch.
-(The scheduler backend, one decode loop shared with chat and serving, plugs in the same way.)
+`SchedulerRollouts` submits prompts to the scheduler, the one decode loop chat, evaluation and the
+server use too, and turns each completion into `Sample`s: the tokens, which of them the policy
+sampled (tool outputs are forced: `TokenEvent.sampled` is False) and why it stopped. After every
+update it copies the new weights into the scheduler's model in place.
 
 Each prompt's samples come from their own seed, derived from (run seed, step, prompt index), so a
 step's rollouts do not depend on what ran before: resuming re-draws exactly what was drawn.
@@ -48,28 +46,6 @@ def stop_tokens(tokenizer) -> list[int]:
     return [tokenizer.special("<|assistant_end|>"), tokenizer.bos_id]
 
 
-def sampled_flags(tokens: list[int], tokenizer) -> list[bool]:
-    """Which tokens of an engine completion were sampled, by the engine's tool protocol: after
-    <|python_start|> ... <|python_end|> (both sampled) the engine forces <|output_start|> result
-    <|output_end|>. The forced text is encoded without specials, so the run of forced tokens is
-    exactly <|output_start|> up to the next <|output_end|> that follows a closed tool call."""
-    py_start, py_end = tokenizer.special("<|python_start|>"), tokenizer.special("<|python_end|>")
-    out_end = tokenizer.special("<|output_end|>")
-    flags, state = [], "text"  # text | python | forcing
-    for i, tok in enumerate(tokens):
-        if state == "forcing":
-            flags.append(False)
-            if tok == out_end:
-                state = "text"
-            continue
-        flags.append(True)
-        if state == "text" and tok == py_start:
-            state = "python"
-        elif state == "python" and tok == py_end:
-            state = "forcing"
-    return flags
-
-
 def completion_text(tokens: list[int], tokenizer) -> str:
     """The decoded completion without its stop token (what `picochat eval` checks)."""
     if tokens and tokens[-1] in stop_tokens(tokenizer):
@@ -85,57 +61,54 @@ def score(task, conversation: dict, tokens: list[int], tokenizer) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------
-# backends
+# the backend: the one decode loop
 
 
-class EngineRollouts:
-    """Rollouts through `infer.engine.Engine` (see the module docstring)."""
+class SchedulerRollouts:
+    """Rollouts submitted to the scheduler (`infer/scheduler.py`), driven on this thread.
 
-    def __init__(self, model, tokenizer, eager: bool, max_context: int | None = None):
-        from ..infer.engine import Engine
+    Batched (default): every prompt of the step is submitted at once, n samples each, into a cache
+    of `slots` rows (fast mode on CUDA: CUDA-graphed decode, the host reading tokens while the device
+    runs ahead). `eager=True` is the `--eager-rollouts` baseline, as upstream nanochat samples: the
+    eager step (one host sync per token), one prompt's n samples at a time."""
 
-        self.tokenizer, self.eager = tokenizer, eager
-        mode = "eager" if eager else None
-        self.engine = Engine(model, tokenizer, mode=mode, max_context=max_context)
+    def __init__(self, model, tokenizer, slots: int, eager: bool = False, max_context: int | None = None):
+        from ..infer.scheduler import Scheduler, SchedulerConfig
+
+        self.eager = eager
+        config = SchedulerConfig(slots=slots, max_context=max_context, mode="eager" if eager else None,
+                                 max_queue=max(1024, slots))
+        self.scheduler = Scheduler(model, tokenizer, config)
 
     def refresh_weights(self, model) -> None:
-        """The engine decodes from `model` itself on CPU, else from a private copy: update it in place
-        (captured graphs keep reading the same storage, so nothing is rebuilt)."""
-        target = self.engine.model
-        if target is model:
-            return
-        with torch.no_grad():
-            src = dict(model.named_parameters())
-            for name, p in target.named_parameters():
-                if name.endswith("attn.c_qkv.weight"):
-                    prefix = name[: -len("c_qkv.weight")]
-                    w = torch.cat([src[prefix + "c_q.weight"], src[prefix + "c_k.weight"], src[prefix + "c_v.weight"]])
-                    p.copy_(w)
-                else:
-                    p.copy_(src[name])
+        """New weights into the scheduler's copy in place: its cache and captured graphs stay."""
+        if self.scheduler.model is not model:  # on CPU it decodes from the training model itself
+            self.scheduler.refresh_weights(model)
 
-    @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int, max_tokens: int, temperature: float,
                  top_k: int | None, seeds: list[int]) -> list[list[Sample]]:
-        """n samples per prompt: one engine call per prompt (eager) or one for all prompts."""
-        if self.eager:
-            out = []
-            for prompt, seed in zip(prompts, seeds):
-                out += self._generate([prompt], n, max_tokens, temperature, top_k, seed)
-            return out
-        return self._generate(prompts, n, max_tokens, temperature, top_k, seeds[0] if seeds else 0)
+        """n samples for each prompt, each prompt with its own seed."""
+        from ..infer.request import SamplingParams
 
-    def _generate(self, prompts, n, max_tokens, temperature, top_k, seed) -> list[list[Sample]]:
-        rows: list[list[int]] = [[] for _ in range(len(prompts) * n)]
-        reasons: list[str | None] = [None] * len(rows)
-        for step in self.engine.generate(prompts, num_samples=n, max_tokens=max_tokens, temperature=temperature,
-                                         top_k=top_k, seed=seed, tools=True):
-            for r, tok in enumerate(step.tokens):
-                if tok is not None:
-                    rows[r].append(tok)
-            reasons = step.reasons
-        samples = [Sample(t, sampled_flags(t, self.tokenizer), reasons[r]) for r, t in enumerate(rows)]
-        return [samples[i * n:(i + 1) * n] for i in range(len(prompts))]
+        def params(seed: int) -> SamplingParams:
+            return SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_k=top_k, seed=seed,
+                                  tools=True)
+
+        if self.eager:
+            groups = []
+            for prompt, seed in zip(prompts, seeds):
+                handle = self.scheduler.submit(prompt, params(seed))
+                self.scheduler.run_until_idle()
+                groups.append(self._samples(handle))
+            return groups
+        handles = [self.scheduler.submit(p, params(s)) for p, s in zip(prompts, seeds)]
+        self.scheduler.run_until_idle()
+        return [self._samples(h) for h in handles]
+
+    @staticmethod
+    def _samples(handle) -> list[Sample]:
+        done = handle.result(timeout=0)
+        return [Sample(list(s.tokens), list(s.sampled), s.finish_reason) for s in done.samples]
 
     def close(self) -> None:
-        pass
+        self.scheduler.close()

@@ -26,7 +26,7 @@ args = p.parse_args()
 
 torch.set_num_threads(1)
 setup_logging()
-cfg = RLConfig(run=args.run, num_steps=args.steps, prompts_per_step=4, samples_per_prompt=4, max_new_tokens=24,
+cfg = RLConfig(run=args.run, num_steps=args.steps, prompts_per_step=4, samples_per_prompt=4, max_new_tokens=80,
                device_batch_size=4, eval_prompts=4, eval_samples=2, eval_every=0, save_every=args.save_every,
                resume=args.resume, device="cpu", eager_rollouts=args.eager_rollouts, lr_frac=0.5)
 

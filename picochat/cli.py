@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "rl": "picochat.train.rl_cli",
     "eval": "picochat.eval.chat_eval",
     "chat": "picochat.infer.chat_cli",
+    "serve": "picochat.serve.cli",
     "export": "picochat.export",
     "run": "picochat.pipeline",
     "bench": "picochat.bench.cli",

@@ -180,7 +180,8 @@ def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_r
                     prompt_median: int = 256, output_median: int = 256, sigma: float = 0.5,
                     slots: int | None = None, device: str | torch.device = "cuda", vocab_size: int = 32768,
                     seq_len: int = 2048, serial_requests: int = 16, seed: int = 0, sync_every: int | None = None,
-                    kernels: str = "auto", prefill_budget: int = 2048) -> list[dict]:
+                    kernels: str = "auto", prefill_budget: int | None = None,
+                    compile: bool | str = False) -> list[dict]:
     from ..config import ModelConfig
     from ..infer.scheduler import Scheduler, SchedulerConfig
     from ..model.gpt import build_model
@@ -193,13 +194,14 @@ def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_r
     top = max(list(concurrency) + [1])
     slots = slots or max(top, 1)
     config = SchedulerConfig(slots=slots, sync_every=sync_every, kernels=kernels, prefill_budget=prefill_budget,
-                             max_queue=100_000)
+                             max_queue=100_000, compile=compile if cuda else False)
     t0 = time.perf_counter()
     sched = Scheduler(model, None, config).start()
     build_s = time.perf_counter() - t0
     common = {"prompt_median": prompt_median, "output_median": output_median, "length_sigma": sigma,
               "slots": slots, "mode_step": sched.mode, "sync_every": sched.sync_every, "dtype": str(dtype)[6:],
-              "vocab_size": vocab_size, "seq_len": seq_len, "scheduler_build_s": round(build_s, 2)}
+              "vocab_size": vocab_size, "seq_len": seq_len, "scheduler_build_s": round(build_s, 2),
+              "compile": config.compile or False, "kernels": kernels}
     print(f"scheduler: {slots} slots x {sched.max_context} context, {sched.mode} decode, built in {build_s:.1f} s")
     # warm-up: every bucket size the runs will use, prefill shapes, the host paths
     warm = make_workload(max(8, 2 * top), prompt_median, min(output_median, 32), 0.0, vocab_size,
@@ -236,7 +238,7 @@ def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_r
     return records
 
 
-def plot_records(records: list[dict], path: str) -> None:
+def plot_records(records: list[dict], path: str, bench: str = "batch") -> None:
     """Throughput against TTFT p99 and TPOT p50, a line per mode across the loads measured."""
     import matplotlib
 
@@ -262,7 +264,7 @@ def plot_records(records: list[dict], path: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     r0 = records[0] if records else {}
-    fig.suptitle(f"picochat bench batch · {r0.get('gpu', '')} · d{r0.get('depth', '')} · points labelled by "
+    fig.suptitle(f"picochat bench {bench} · {r0.get('gpu', '')} · d{r0.get('depth', '')} · points labelled by "
                  "concurrency (or request rate)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -284,8 +286,12 @@ def add_batch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=2048, help="the model's context")
     p.add_argument("--vocab-size", type=int, default=32768)
     p.add_argument("--sync-every", type=int, default=None)
-    p.add_argument("--prefill-budget", type=int, default=2048, help="prompt tokens prefilled per scheduler step")
-    p.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton"))
+    p.add_argument("--prefill-budget", type=int, default=None,
+                   help="padded prompt tokens per prefill forward (default 8192 on CUDA, 2048 elsewhere)")
+    p.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton"),
+                   help="the decode step of each batch bucket (auto: Triton up to 8 rows, torch above)")
+    p.add_argument("--compile", nargs="?", const="default", default=False, metavar="MODE",
+                   help="torch.compile the torch step of the larger buckets before capture (minutes)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", default=None, help="write the latency-throughput plot here (PNG)")
@@ -309,6 +315,14 @@ def cmd_batch_bench(args: argparse.Namespace) -> int:
         raise SystemExit("--concurrency and --request-rate take comma lists of numbers") from None
     if any(c < 1 for c in conc) or any(r <= 0 for r in rates) or not (conc or rates):
         raise SystemExit("give --concurrency values >= 1 and/or --request-rate values > 0")
+    for name, low in (("slots", 1), ("num_requests", 1), ("serial_requests", 1), ("prompt_median", 1),
+                      ("output_median", 1), ("seq_len", 2), ("prefill_budget", 1), ("sync_every", 1), ("depth", 1),
+                      ("vocab_size", 2)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= {low} (got {value})")
+    if args.length_sigma < 0:
+        raise SystemExit(f"--length-sigma must be >= 0 (got {args.length_sigma})")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in ("continuous", "static", "serial")]
     if bad:
@@ -316,7 +330,7 @@ def cmd_batch_bench(args: argparse.Namespace) -> int:
     records = run_batch_bench(args.depth, conc, rates, modes, args.num_requests, args.prompt_median,
                               args.output_median, args.length_sigma, args.slots, device, args.vocab_size,
                               args.seq_len, args.serial_requests, args.seed, args.sync_every, args.kernels,
-                              args.prefill_budget)
+                              args.prefill_budget, args.compile)
     base = base_record("batch", device, args.depth)
     records = [{**base, **r} for r in records]
     print(f"\nbatch · {base['gpu']} · d{args.depth} · prompt/output medians {args.prompt_median}/"

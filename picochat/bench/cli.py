@@ -16,6 +16,7 @@ PROVIDERS = (
     ("picochat.bench.autobatch", "add_autobatch_parser"),
     ("picochat.bench.report", "add_report_parser"),
     ("picochat.bench.rl", "add_rl_parser"),
+    ("picochat.bench.serve", "add_serve_parser"),
 )
 
 

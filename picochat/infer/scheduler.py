@@ -3,13 +3,14 @@
 `Scheduler(model, tokenizer, SchedulerConfig(...))` owns a `DecodeBatch` (one persistent KV cache
 of `slots` rows x context) and a bounded queue. `submit(prompt_tokens, SamplingParams)` validates
 the request (`RequestError` naming the field, `ContextOverflowError` with the token counts,
-`QueueFullError` when the queue is at its bound) and returns a `RequestHandle` whose events stream
-as the request runs (`request.py`). Each scheduler step:
+`QueueFullError` when the queue is at its bound; the checks and the config live in `limits.py`) and
+returns a `RequestHandle` whose events stream as the request runs (`request.py`). Each scheduler step:
   1. drops cancelled requests (their slots are free for this very step);
   2. admits queued requests into free slots (n slots for n samples, lowest slots first) and
      prefills prompt chunks under a per-step token budget, so a long prompt does not stall the
      running rows; a finished prompt's cache is copied to its other samples' slots and each sample
-     draws its first token independently;
+     draws its first token independently, on the device (read with the chunk after it: a prefill
+     does not make the host wait for the chunk in flight);
   3. launches a chunk of decode steps over the running rows and reads the previous chunk's tokens
      (on CUDA the next chunk is already running while the host reads: rows that stopped or called
      a tool meanwhile ran on and are rewound, which is just resetting their position).
@@ -34,67 +35,19 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass
 
 import torch
 
 from .batch import DecodeBatch
-from .modelprep import KERNELS, prepare_model, resolve_dtype, triton_unusable
+from .limits import (DEFAULT_MAX_TOKENS, TRITON_MAX_ROWS, ContextOverflowError, SchedulerConfig,  # noqa: F401
+                     check_request)
+from .modelprep import prepare_model, resolve_dtype, triton_unusable
 from .parts import MessageParser, StopMatcher
-from .request import DoneEvent, Event, QueueFullError, RequestError, RequestHandle, SamplingParams
+from .request import DoneEvent, Event, QueueFullError, RequestHandle, SamplingParams
 from .rows import RUNNING, Request, Sample
 from .sampling import stream_key
 
 log = logging.getLogger("picochat")
-
-# Batch buckets up to this size use the Triton kernels when kernels="auto": they win where the step
-# is bound by kernel count (small batches); larger batches are matrix products for cuBLAS/Inductor.
-TRITON_MAX_ROWS = 8
-DEFAULT_MAX_TOKENS = 256
-
-
-class ContextOverflowError(RequestError):
-    """A prompt plus the tokens asked for do not fit in the context."""
-
-    def __init__(self, prompt_tokens: int, max_tokens: int, limit: int):
-        self.prompt_tokens, self.max_tokens, self.limit = prompt_tokens, max_tokens, limit
-        super().__init__(f"prompt of {prompt_tokens} tokens + max_tokens {max_tokens} = "
-                         f"{prompt_tokens + max_tokens} tokens exceeds the model's context of {limit} tokens",
-                         param="max_tokens" if prompt_tokens < limit else "prompt")
-
-
-@dataclass
-class SchedulerConfig:
-    slots: int | None = None  # rows of the persistent cache; None: from free memory on CUDA, 8 elsewhere
-    max_context: int | None = None  # prompt + completion per row; None: the model's seq_len
-    max_queue: int = 1024  # requests waiting for a slot before submit raises QueueFullError
-    prefill_budget: int = 2048  # prompt tokens prefilled per scheduler step (chunked prefill)
-    sync_every: int | None = None  # decode steps per chunk between host reads; None: 16 fast, 1 eager
-    mode: str | None = None  # "fast" (CUDA graphs), "eager", or "naive" (no cache: a baseline); None: fast on CUDA
-    kernels: str = "auto"  # fast mode's step: "triton", "torch", or auto (Triton up to TRITON_MAX_ROWS)
-    compile: bool | str = False  # torch.compile the torch step (True or a torch.compile mode)
-    dtype: str | None = None  # "bfloat16" | "float32" | ...; None: bf16 on CUDA, fp32 elsewhere
-    fuse: bool | None = None  # one q/k/v projection (default: in fast mode)
-    window_step: int | None = None  # attention window granularity (see runners.CachedRunner)
-    memory_fraction: float = 0.5  # of free device memory the cache may take when `slots` is None
-    max_slots: int = 256
-    pipeline: bool | None = None  # launch the next chunk before reading one; None: in fast mode
-    tool_workers: int = 4
-
-    def __post_init__(self) -> None:
-        def check(name: str, ok: bool, allowed: str) -> None:
-            if not ok:
-                raise ValueError(f"SchedulerConfig.{name} must be {allowed} (got {getattr(self, name)!r})")
-
-        for name in ("slots", "max_context", "sync_every", "window_step"):
-            value = getattr(self, name)
-            check(name, value is None or (isinstance(value, int) and value >= 1), "an integer >= 1 or None")
-        for name in ("max_queue", "prefill_budget", "max_slots", "tool_workers"):
-            check(name, isinstance(getattr(self, name), int) and getattr(self, name) >= 1, "an integer >= 1")
-        check("mode", self.mode in (None, "fast", "eager", "naive"), "'fast', 'eager', 'naive' or None")
-        check("kernels", self.kernels in KERNELS, f"one of {KERNELS}")
-        check("memory_fraction", 0 < self.memory_fraction <= 1, "in (0, 1]")
-
 
 class Scheduler:
     def __init__(self, model, tokenizer=None, config: SchedulerConfig | None = None, *, tool_runner=None):
@@ -118,17 +71,19 @@ class Scheduler:
         self.max_context = cfg.max_context or model.config.seq_len
         self.sync_every = cfg.sync_every or (16 if mode == "fast" else 1)
         self.pipeline = cfg.pipeline if cfg.pipeline is not None else mode == "fast"
+        self.prefill_budget = cfg.prefill_budget or (8192 if device.type == "cuda" else 2048)
         self.kernels = cfg.kernels
         self.triton_unusable = triton_unusable(self.model) if mode == "fast" else "not fast mode"
         if cfg.kernels == "triton" and self.triton_unusable:
             raise ValueError(f"kernels='triton' cannot run here: {self.triton_unusable}")
         slots = cfg.slots or self._slots_from_memory()
         compile_mode = ("default" if cfg.compile is True else cfg.compile) or None
-        self.batch = self._build_batch(slots, compile_mode, cfg.window_step or (64 if mode == "fast" else 256))
+        self.batch = self._build_batch(slots, compile_mode, cfg.window_step or 64)
         self.slots = slots
         self._free = list(range(slots))  # a heap: the lowest free slot first keeps running rows in front
         self._rows: dict[int, Sample] = {}  # slot -> running sample (text, forcing or waiting)
         self._outboxes: list[Request] = []  # requests with events to deliver at the end of the step
+        self._firsts: list = []  # (ChunkOut, samples): first tokens sampled on the device, not yet read
         self._prefilling: list[Request] = []
         self._queue: deque[Request] = deque()
         self._inflight = None  # (ChunkOut, {slot: sample}) launched and not yet read
@@ -184,25 +139,7 @@ class Scheduler:
     # -- submitting ------------------------------------------------------------------------------
     def validate(self, prompt_tokens, params: SamplingParams) -> tuple[list[int], int]:
         """The prompt as ints and the max_tokens it will run with; raises RequestError."""
-        if not isinstance(params, SamplingParams):
-            raise RequestError("params must be a SamplingParams", param="params")
-        try:
-            prompt = [int(t) for t in prompt_tokens]
-        except (TypeError, ValueError):
-            raise RequestError("prompt must be a sequence of token ids", param="prompt") from None
-        if not prompt:
-            raise RequestError("prompt must hold at least one token", param="prompt")
-        vocab = self.model.config.vocab_size
-        if min(prompt) < 0 or max(prompt) >= vocab:
-            raise RequestError(f"prompt token ids must lie in [0, {vocab})", param="prompt")
-        if params.n > self.slots:
-            raise RequestError(f"n must be at most {self.slots} (the scheduler's slots); got {params.n}", param="n")
-        max_tokens = params.max_tokens
-        if max_tokens is None:
-            max_tokens = max(1, min(DEFAULT_MAX_TOKENS, self.max_context - len(prompt)))
-        if len(prompt) + max_tokens > self.max_context:
-            raise ContextOverflowError(len(prompt), max_tokens, self.max_context)
-        return prompt, max_tokens
+        return check_request(prompt_tokens, params, self.model.config.vocab_size, self.slots, self.max_context)
 
     def submit(self, prompt_tokens, params: SamplingParams | None = None,
                request_id: str | None = None) -> RequestHandle:
@@ -226,7 +163,7 @@ class Scheduler:
     # -- the loop --------------------------------------------------------------------------------
     @property
     def busy(self) -> bool:
-        return bool(self._queue or self._prefilling or self._rows or self._inflight)
+        return bool(self._queue or self._prefilling or self._rows or self._inflight or self._firsts)
 
     def step(self) -> bool:
         """One scheduling round (see the module docstring). Returns whether work remains."""
@@ -246,6 +183,7 @@ class Scheduler:
             if launched is not None and not self.pipeline:
                 self._consume(*launched)
                 self._inflight = None
+            self._take_firsts()  # first tokens no chunk was read after
             self._deliver()
             return self.busy
 
@@ -284,8 +222,10 @@ class Scheduler:
                 return
 
     def _launchable(self) -> bool:
-        return bool(self._queue or self._prefilling or self._inflight
-                    or any(s.state != "waiting" for s in self._rows.values()))
+        """Whether a step would do anything now (else every live row waits on a tool)."""
+        if self._prefilling or self._inflight or self._firsts or any(s.state != "waiting" for s in self._rows.values()):
+            return True
+        return bool(self._queue) and len(self._free) >= self._queue[0].params.n
 
     def _wait_for_tools(self, timeout: float | None = None) -> None:
         pending = [s.tool for s in self._rows.values() if s.state == "waiting" and s.tool is not None]
@@ -299,6 +239,8 @@ class Scheduler:
         return self
 
     def _loop(self) -> None:
+        if self.device.type == "cuda":  # graphs replay on the current device's stream: make it ours
+            torch.cuda.set_device(self.device)
         while True:
             with self._lock:
                 while not self._closing and not self.busy:
@@ -344,6 +286,7 @@ class Scheduler:
             for sample in list(self._rows.values()):
                 sample.request.handle.cancel()
             self._inflight = None
+            self._firsts.clear()
             self._drop_cancelled(queued)
             self._deliver()
 
@@ -423,17 +366,24 @@ class Scheduler:
                                         [1.0 if p.top_p is None else float(p.top_p)] * n, req.keys)
 
     def _prefill(self) -> None:
-        """Prefill prompt chunks under the step's token budget; start the requests whose prompt is in."""
-        budget, group = self.config.prefill_budget, []
+        """Prefill prompt chunks (right-padded into one forward of at most `prefill_budget` padded
+        tokens); start the requests whose prompt is then all in the cache."""
+        budget = self.prefill_budget
+        group: list[tuple[Request, list[int]]] = []
+        width = 0  # the padded chunk length of the group
         for req in self._prefilling:
-            if budget <= 0:
+            rest = len(req.prompt) - req.prefilled
+            n = len(group) + 1
+            if n * max(width, min(rest, budget)) <= budget:  # whole (or budget-sized), widening the group
+                take = min(rest, budget)
+            elif width and n * width <= budget:  # a chunk as wide as the group, the rest next step
+                take = min(rest, width)
+            else:
                 break
-            chunk = req.prompt[req.prefilled:req.prefilled + budget]
-            longest = max([len(chunk)] + [len(c) for _, c in group])
-            if any(r.prefilled + longest > self.batch.length for r, _ in group + [(req, chunk)]):
+            if any(r.prefilled + max(width, take) > self.batch.length for r, _ in group + [(req, [])]):
                 continue  # right-padding would run past the cache: this one waits for the next step
-            group.append((req, chunk))
-            budget -= len(chunk)
+            group.append((req, req.prompt[req.prefilled:req.prefilled + take]))
+            width = max(width, take)
         if not group:
             return
         logits = self.batch.prefill([r.slots[0] for r, _ in group], [c for _, c in group],
@@ -462,19 +412,24 @@ class Scheduler:
         top_k_max = max((p.top_k or 0) for p in params)
         any_top_p = any(p.top_p is not None and p.top_p < 1 for p in params)
         lp_k = max((p.logprobs for p in params if p.logprobs is not None), default=None)
-        tokens, lps, tops = self.batch.first_tokens(logits[rows], slots, positions, top_k_max=top_k_max,
-                                                   any_top_p=any_top_p, logprobs=lp_k)
-        j = 0
+        firsts = self.batch.first_tokens(logits, rows, slots, positions, top_k_max=top_k_max,
+                                         any_top_p=any_top_p, logprobs=lp_k)
+        owners = []
         for req, _ in done:
             for index, slot in enumerate(req.slots):
                 sample = Sample(req, index, slot, pos=len(req.prompt), since=self.batch._seq + 1,
-                                parser=MessageParser(self.tokenizer), stops=StopMatcher(req.params.stop))
+                                parser=MessageParser(self.tokenizer), stops=StopMatcher(req.params.stop),
+                                first_pending=True)
                 req.samples.append(sample)
                 self._rows[slot] = sample
-            for sample in req.samples:
-                lp, top = _logprobs_for(req.params, lps, tops, j)
-                self._accept(sample, tokens[j], lp, top)
-                j += 1
+                owners.append(sample)
+        self._firsts.append((firsts, owners))
+
+    def _take_firsts(self) -> None:
+        """Hand the first tokens sampled after prefills to their samples (before any chunk's)."""
+        for firsts, owners in self._firsts:
+            self._take(firsts.ready(), dict(enumerate(owners)), first=True)
+        self._firsts.clear()
 
     def _accept(self, sample: Sample, token: int, lp=None, top=None) -> None:
         req = sample.request
@@ -496,17 +451,40 @@ class Scheduler:
         return all(s.state == "text" and not s.resync for s in self._rows.values())
 
     def _launch(self):
+        """Launch the next decode chunk over the running rows (None when there is nothing to run)."""
         running = [s for s in self._rows.values() if s.state in RUNNING]
-        if not running:
+        # rows already run through the chunk in flight need that many fewer steps: the chunk
+        # launched ahead stops where the longest row ends instead of running on into junk
+        ahead = self._inflight[0] if self._inflight is not None else None
+
+        def left(s: Sample) -> int:
+            owned = ahead is not None and self._inflight[1].get(s.slot) is s and ahead.seq >= s.since
+            return s.request.max_tokens - s.emitted - s.first_pending - (ahead.k if owned else 0)
+
+        k = min(self.sync_every, max((left(s) for s in running), default=0))
+        if k <= 0:
             return None
-        top_slot = max(self._rows)
-        bucket = self.batch.bucket_for(top_slot)
-        seq = self.batch._seq + 1
+        bucket = self.batch.bucket_for(max(self._rows))
+        self._park(bucket, self.batch._seq + 1)
+        params = [s.request.params for s in running]
+        sampled = [p for p in params if p.temperature > 0]
+        chunk = self.batch.launch(
+            bucket, k, sampling=bool(sampled), top_k_max=max((p.top_k or 0 for p in sampled), default=0),
+            any_top_p=any(p.top_p is not None and p.top_p < 1 for p in sampled),
+            forced={s.slot: list(s.forced)[:k] for s in running if s.state == "forcing"} or None,
+            logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=None))
+        self.counters["chunks"] += 1
+        return chunk, dict(self._rows)
+
+    def _park(self, bucket: int, seq: int) -> None:
+        """Before chunk `seq`: reset the device position and input of every slot in the bucket that
+        is not simply decoding on: free slots (to 0), prompts being prefilled (to where their next
+        chunk goes), rows waiting on a tool or rewound (to their pending token)."""
         fixes = []
         prefilling = {slot: r.prefilled for r in self._prefilling for slot in r.slots}
         for slot in range(bucket):
             sample = self._rows.get(slot)
-            if sample is None:  # free, or holding a prompt being prefilled: keep it parked
+            if sample is None:
                 park = prefilling.get(slot, 0)
                 if self.batch.bound[slot] != park:
                     fixes.append((slot, park, 0))
@@ -516,46 +494,35 @@ class Scheduler:
                 sample.since = seq
         if fixes:
             self.batch.set_rows(*map(list, zip(*fixes)))
-        params = [s.request.params for s in running]
-        k = min(self.sync_every, max(s.request.max_tokens - s.emitted for s in running))
-        forced = {s.slot: list(s.forced)[:k] for s in running if s.state == "forcing"}
-        chunk = self.batch.launch(
-            bucket, k, sampling=any(p.temperature > 0 for p in params),
-            top_k_max=max((p.top_k or 0) for p in params if p.temperature > 0) if any(
-                p.temperature > 0 for p in params) else 0,
-            any_top_p=any(p.top_p is not None and p.top_p < 1 and p.temperature > 0 for p in params),
-            forced=forced or None,
-            logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=None))
-        self.counters["chunks"] += 1
-        return chunk, dict(self._rows)
 
     def _consume(self, chunk, owners: dict[int, Sample]) -> None:
         """Read a chunk's tokens and hand each to the sample that owned its slot at launch."""
-        chunk.ready()
+        self._take_firsts()
+        self._take(chunk.ready(), owners)
+
+    def _take(self, chunk, owners: dict[int, Sample], first: bool = False) -> None:
+        """Accept a read chunk's tokens: `owners` maps its columns to samples (slots for decode
+        chunks, positions in the list for first tokens)."""
         tokens = chunk.tokens.tolist()
         lps = chunk.logprob.tolist() if chunk.logprob is not None else None
         top_ids = chunk.top_ids.tolist() if chunk.top_ids is not None else None
         top_lp = chunk.top_logprob.tolist() if chunk.top_logprob is not None else None
         for j in range(chunk.k):
-            for slot, sample in owners.items():
-                if slot >= chunk.bucket or sample.state not in RUNNING or chunk.seq < sample.since:
-                    continue  # stopped, paused or rewound: the rest of its tokens are discarded
-                sample.pos += 1  # the pending token was fed at sample.pos during step j
+            for col, sample in owners.items():
+                if sample.state not in RUNNING or not first and (col >= chunk.bucket or chunk.seq < sample.since):
+                    continue  # stopped (or cancelled), paused or rewound: its tokens here are discarded
+                if first:
+                    sample.first_pending = False
+                else:
+                    sample.pos += 1  # the pending token was fed at sample.pos during step j
                 lp = top = None
-                if sample.request.params.logprobs is not None:
-                    lp = lps[j][slot]
-                    n = sample.request.params.logprobs
-                    top = list(zip(top_ids[j][slot][:n], top_lp[j][slot][:n])) if n else None
+                n = sample.request.params.logprobs
+                if n is not None:
+                    lp = lps[j][col]
+                    top = list(zip(top_ids[j][col][:n], top_lp[j][col][:n])) if n else None
                 # a row that stops or calls a tool here runs on to the chunk's end (and through a
                 # chunk already launched): its slot is parked, or it is rewound, before the next one
-                self._accept(sample, tokens[j][slot], lp, top)
-
-
-def _logprobs_for(params: SamplingParams, lps, tops, j: int):
-    if params.logprobs is None or lps is None:
-        return None, None
-    top = tops[j][:params.logprobs] if (tops is not None and params.logprobs) else None
-    return lps[j], top
+                self._accept(sample, tokens[j][col], lp, top)
 
 
 def _run_tool(expr: str) -> str:

@@ -102,3 +102,19 @@ def test_gradient_pushes_up_positive_advantage_tokens() -> None:
             p -= 0.5 * p.grad
     after = torch.log_softmax(model(batch["inputs"])[0, -1], -1)
     assert after[7] > before[7] and after[9] < before[9]
+
+
+def test_logprobs_are_those_of_the_sampling_temperature() -> None:
+    from picochat.config import ModelConfig
+    from picochat.model.gpt import build_model
+    from picochat.train.rl_loss import target_logprobs
+
+    model = build_model(ModelConfig(vocab_size=32, seq_len=16, n_layer=1, n_embd=32, n_head=2, n_kv_head=2),
+                        torch.device("cpu"), seed=0)
+    batch = collate([token_rows([1, 2, 3], [4, 5], [True, True], 1.0)])
+    x, y = batch["inputs"], batch["targets"]
+    logits = model(x)
+    for t in (1.0, 1.5):
+        got = target_logprobs(model, x, y, temperature=t)
+        want = torch.log_softmax(logits / t, -1)[0, torch.arange(4), y[0].clamp(min=0)] * (y[0] != IGNORE)
+        assert torch.allclose(got[0], want, atol=1e-5), t

@@ -73,8 +73,10 @@ def _all_reduce(values: list[float], device) -> list[float]:
 
 
 class RLTrainer:
-    def __init__(self, cfg: RLConfig, on_step=None):
-        self.cfg, self.on_step = cfg, on_step
+    def __init__(self, cfg: RLConfig, on_step=None, tasks: tuple | None = None):
+        """`tasks`: (training task, held-out task) to use instead of `cfg.task`'s: any `Task` whose
+        conversations end with a checkable answer (its `evaluate`, or a scalar `reward`)."""
+        self.cfg, self.on_step, self.tasks = cfg, on_step, tasks
         self.paths = RunPaths.for_run(cfg.run)
         self.stage_dir = self.paths.stage(STAGE)
 
@@ -108,7 +110,7 @@ class RLTrainer:
             self.reference = build_model(self.model_cfg, self.device)
             runs.load_weights(self.start, self.reference)
             self.reference.eval().requires_grad_(False)
-        self.train_task, self.eval_task = build_tasks(cfg)
+        self.train_task, self.eval_task = self.tasks or build_tasks(cfg)
         if len(self.train_task) == 0:
             raise ValueError(f"the {cfg.task} training set is empty")
         self.rollouts = self._make_rollouts()
@@ -186,11 +188,11 @@ class RLTrainer:
             x, y, w = (m[k].to(device) for k in ("inputs", "targets", "weights"))
             sync = self.ddp is None or i == len(micro) - 1
             with (contextlib.nullcontext() if sync else self.ddp.no_sync()), autocast(device):
-                logp = target_logprobs(wrapped, x, y)
+                logp = target_logprobs(wrapped, x, y, cfg.temperature)
                 ref = None
                 if self.reference is not None:
                     with torch.no_grad():
-                        ref = target_logprobs(self.reference, x, y)
+                        ref = target_logprobs(self.reference, x, y, cfg.temperature)
                 loss, kl = policy_loss(logp, y, w, n_tokens, ref, cfg.kl_coef)
             (loss * world).backward()  # DDP averages over ranks; the loss is already over all ranks' tokens
             loss_sum += loss.detach().float()
@@ -344,5 +346,5 @@ class RLTrainer:
         return int(state["step"])
 
 
-def rl_train(cfg: RLConfig, on_step=None) -> dict:
-    return RLTrainer(cfg, on_step).train()
+def rl_train(cfg: RLConfig, on_step=None, tasks: tuple | None = None) -> dict:
+    return RLTrainer(cfg, on_step, tasks).train()

@@ -90,8 +90,13 @@ def policy_loss(logp: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
     return loss, kl.detach()
 
 
-def target_logprobs(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) per position (B, T); 0 where the target is -1. Uses the model's own fused
-    cross-entropy path (logp = -CE), so no (B, T, V) log-softmax is kept beyond what it keeps."""
-    nll = model(inputs, targets, loss_reduction="none").view(targets.shape)
-    return -nll
+def target_logprobs(model, inputs: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(target) per position (B, T) under the distribution the rollouts sampled from, softmax of
+    logits / temperature (the policy being improved); 0 where the target is -1. At temperature 1 this
+    is the model's own cross-entropy path (logp = -CE)."""
+    if temperature == 1.0:
+        return -model(inputs, targets, loss_reduction="none").view(targets.shape)
+    logits = model(inputs) / temperature
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
+                                            reduction="none")
+    return -nll.view(targets.shape)

@@ -17,7 +17,7 @@ COMMANDS: dict[str, str] = {
     "data": "picochat.data.cli",
     "pretrain": "picochat.train.cli",
     "sft": "picochat.train.sft",  # registers both `midtrain` and `sft`
-    "eval": "picochat.eval.chat_eval",
+    "eval": "picochat.eval.cli",
     "chat": "picochat.infer.chat_cli",
     "run": "picochat.pipeline",
     "bench": "picochat.bench.cli",

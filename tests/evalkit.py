@@ -64,3 +64,32 @@ def serve_directory(root: Path) -> Iterator[str]:
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def teach(model, a: int, b: int, weight: float = 0.05) -> None:
+    """Raise the bigram model's logit of token b after token a by about weight * n_embd."""
+    with torch.no_grad():
+        e = model.wte.weight[a]
+        normed = F.rms_norm(F.rms_norm(e, (e.numel(),)), (e.numel(),))
+        model.lm_head.weight[b] += weight * normed
+
+
+def teach_text(model, tokenizer, after: int, text: str, end: int | None = None) -> list[int]:
+    """Make the model say `text` (then token `end`) greedily after token `after`; returns the chain.
+    Fails if the chain repeats a token with two different successors."""
+    ids = [after, *tokenizer.encode(text)] + ([end] if end is not None else [])
+    seen: dict[int, int] = {}
+    for x, y in zip(ids, ids[1:]):
+        assert seen.get(x, y) == y, f"token {x} would need two successors in {text!r}"
+        seen[x] = y
+        teach(model, x, y)
+    return ids
+
+
+def save_as_checkpoint(model, run: str, stage: str, step: int = 1) -> None:
+    """Write `model` as the run's checkpoint of `stage` (what training would have written)."""
+    from picochat.runs import RunPaths
+    from picochat.train.checkpoint import save_checkpoint
+
+    save_checkpoint(RunPaths.for_run(run).stage(stage), step, model, None,
+                    {"model": model.config.to_dict(), "stage": stage})

@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "sft": "picochat.train.sft",  # registers both `midtrain` and `sft`
     "eval": "picochat.eval.cli",
     "chat": "picochat.infer.chat_cli",
+    "report": "picochat.report",
     "run": "picochat.pipeline",
     "bench": "picochat.bench.cli",
     "demo": "picochat.demo",

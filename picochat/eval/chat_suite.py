@@ -176,6 +176,8 @@ def evaluate_chat_task(model, tokenizer, task, cfg: ChatEvalConfig, progress: bo
         model.train(was_training)
     for i, item in enumerate(items):
         item.setdefault("id", convs[i].get("id") or i)
+        question = convs[i]["messages"][-2]["content"]
+        item["question"] = question[:ITEM_TEXT_CHARS] if isinstance(question, str) else ""
     correct = sum(item["correct"] for item in items)
     accuracy = correct / max(1, n)
     row = {"task": task.name, "n": n, "correct": correct, "accuracy": accuracy,

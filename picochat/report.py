@@ -60,8 +60,6 @@ def _read_jsonl(path: Path) -> list[dict]:
 def system_section() -> str:
     import torch
 
-    from .bench.record import git_commit
-
     if torch.cuda.is_available():
         device = f"{torch.cuda.device_count()} × {torch.cuda.get_device_name(0)}"
     else:
@@ -69,9 +67,24 @@ def system_section() -> str:
 
         device = f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
     rows = [["device", device], ["torch", torch.__version__], ["python", platform.python_version()],
-            ["platform", platform.platform()], ["commit", git_commit()],
+            ["platform", platform.platform()], ["commit", _commit()],
             ["generated", time.strftime("%Y-%m-%d %H:%M:%S")]]
     return "## System\n\n" + _table(["", ""], rows)
+
+
+def _commit() -> str:
+    """HEAD of the checkout picochat runs from (or $PICOCHAT_COMMIT), else "unknown"."""
+    import os
+    import subprocess
+
+    if os.environ.get("PICOCHAT_COMMIT"):
+        return os.environ["PICOCHAT_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def stage_summary(paths: RunPaths, stage: str) -> dict | None:
@@ -192,6 +205,9 @@ def other_section(name: str, r: dict) -> str:
     if "tasks" in r and all("trivial" in t for t in r["tasks"]):  # the demo's held-out tasks
         rows = [[t["task"], t["n"], f"{100 * t['accuracy']:.1f}%", f"{100 * t['trivial']:.1f}%"] for t in r["tasks"]]
         return f"## Held-out tasks ({r.get('stage', name)})\n\n" + _table(["task", "n", "accuracy", "trivial"], rows)
+    if "val_bpb" in r:
+        return (f"## Validation bits per byte ({r.get('stage', name)})\n\n{r['val_bpb']:.4f} bits per byte on "
+                f"{_fmt(r.get('max_tokens'))} held-out tokens of the {r.get('source')} source (step {r.get('step')}).")
     scalars = [[k, v] for k, v in r.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
     return f"## {name}\n\n" + _table(["", ""], scalars[:30])
 

@@ -58,9 +58,7 @@ def load_task(name: str, source: str | None = None, synthetic_size: int = 200, s
     if name == "mmlu":
         from ..data.tasks.mmlu import MMLU
 
-        task = MMLU(split="test", source=source)
-        task.name = "mmlu"
-        return task
+        return MMLU(split="test", source=source)
     if name == "gsm8k":
         from ..data.tasks.gsm8k import GSM8K
 

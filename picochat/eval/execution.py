@@ -68,6 +68,7 @@ class ExecutionResult:
     stderr: str
     seconds: float
     mode: str
+    uid: int | None = None  # the sandbox's own user id (root evaluators only)
 
     @property
     def passed(self) -> bool:
@@ -102,7 +103,7 @@ class _Config:
 
 _configs: dict[str | None, _Config] = {}  # by requested mode (None: the strongest that works)
 _lock = threading.Lock()
-_slots: list[int] = list(range(MAX_SLOTS))
+_busy: set[int] = set()  # slots this process is using
 _slot_cond = threading.Condition()
 
 
@@ -179,16 +180,39 @@ def run_program(code: str, limits: SandboxLimits | None = None, mode: str | None
     return _run(code, limits or SandboxLimits(), cfg.mode, cfg.python)
 
 
-def _take_slot() -> int:
-    with _slot_cond:
-        while not _slots:
-            _slot_cond.wait()
-        return _slots.pop(0)
+def _take_slot() -> tuple[int, int | None]:
+    """A free slot and, as root, an exclusive lock on its uid shared with every other process on the
+    machine (several evaluations at once must never share a uid: cleanup kills by uid)."""
+    while True:
+        with _slot_cond:
+            free = [k for k in range(MAX_SLOTS) if k not in _busy]
+            for k in free:
+                fd = _lock_uid(k) if _is_root() else None
+                if fd is None and _is_root():
+                    continue
+                _busy.add(k)
+                return k, fd
+            _slot_cond.wait(timeout=0.05)
 
 
-def _give_slot(slot: int) -> None:
+def _lock_uid(slot: int) -> int | None:
+    import fcntl
+
+    path = os.path.join(tempfile.gettempdir(), f"picochat-sandbox-{SANDBOX_UID_BASE + slot}.lock")
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+    except OSError:
+        os.close(fd)
+        return None
+
+
+def _give_slot(slot: int, fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)  # releases the lock
     with _slot_cond:
-        _slots.append(slot)
+        _busy.discard(slot)
         _slot_cond.notify()
 
 
@@ -218,7 +242,7 @@ def _bwrap_argv(workdir: str, python: str) -> list[str]:
 
 def _run(code: str, limits: SandboxLimits, mode: str, python: str) -> ExecutionResult:
     as_root = _is_root()
-    slot = _take_slot()
+    slot, lock = _take_slot()
     uid = SANDBOX_UID_BASE + slot if as_root else None
     outdir = tempfile.mkdtemp(prefix="picochat-sandbox-out-")
     workdir = tempfile.mkdtemp(prefix="picochat-sandbox-")
@@ -238,7 +262,7 @@ def _run(code: str, limits: SandboxLimits, mode: str, python: str) -> ExecutionR
             _kill_user(uid)
         shutil.rmtree(workdir, ignore_errors=True)
         shutil.rmtree(outdir, ignore_errors=True)
-        _give_slot(slot)
+        _give_slot(slot, lock)
 
 
 def _supervise(spec: dict, workdir: str, out, err, outdir: str, limits: SandboxLimits, mode: str,
@@ -266,7 +290,7 @@ def _supervise(spec: dict, workdir: str, out, err, outdir: str, limits: SandboxL
         with open(os.path.join(outdir, name), "rb") as f:
             return f.read(limits.max_output_chars * 4).decode("utf-8", errors="replace")[:limits.max_output_chars]
 
-    return ExecutionResult(status, rc, read("out"), read("err"), seconds, mode)
+    return ExecutionResult(status, rc, read("out"), read("err"), seconds, mode, uid)
 
 
 def _kill_group(pgid: int) -> None:

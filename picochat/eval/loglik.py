@@ -52,8 +52,11 @@ def bucket_length(n: int, limit: int) -> int:
     return limit
 
 
-def _batches(lengths: list[int], limit: int, batch_tokens: int) -> list[tuple[list[int], int, int]]:
-    """Row indices grouped by length bucket: (rows, padded length, padded row count)."""
+def _batches(lengths: list[int], limit: int, batch_tokens: int, full_rows: bool = False
+             ) -> list[tuple[list[int], int, int]]:
+    """Row indices grouped by length bucket: (rows, padded length, padded row count). `full_rows`
+    pads every batch to the bucket's full row count (one shape per length bucket: what a compiled
+    model wants); otherwise to the next power of two (less work for the last batch on a CPU)."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     out = []
     i = 0
@@ -64,8 +67,7 @@ def _batches(lengths: list[int], limit: int, batch_tokens: int) -> list[tuple[li
         while i < len(order) and len(group) < rows_per and bucket_length(lengths[order[i]], limit) == length:
             group.append(order[i])
             i += 1
-        # pad the row count to a power of two (<= rows_per): few distinct shapes, little waste
-        padded = min(rows_per, 1 << (len(group) - 1).bit_length())
+        padded = rows_per if full_rows else min(rows_per, 1 << (len(group) - 1).bit_length())
         out.append((group, length, padded))
     return out
 
@@ -114,7 +116,8 @@ def score_rows(model, rows: Sequence[Scored], *, device: torch.device | None = N
                 out[pos + k] = s
             pos += size
         return out  # type: ignore[return-value]
-    for group, length, padded in _batches([len(r.tokens) for r in rows], limit, batch_tokens):
+    full = device.type == "cuda"
+    for group, length, padded in _batches([len(r.tokens) for r in rows], limit, batch_tokens, full):
         scores = _score_batch(model, [rows[i] for i in group], length, padded, device, pad_id)
         for i, s in zip(group, scores):
             out[i] = s
@@ -130,7 +133,7 @@ def letter_choice(model, prompts: Sequence[Sequence[int]], letter_ids: Sequence[
     limit = model.config.seq_len
     prompts = [list(p)[-limit:] for p in prompts]  # the question's end matters most: crop from the left
     out: list[int] = [0] * len(prompts)
-    for group, length, padded in _batches([len(p) for p in prompts], limit, batch_tokens):
+    for group, length, padded in _batches([len(p) for p in prompts], limit, batch_tokens, device.type == "cuda"):
         idx = torch.full((padded, length), pad_id, dtype=torch.long)
         last = torch.zeros(padded, dtype=torch.long)
         for r, i in enumerate(group):

@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from .options import add_run_arg  # noqa: F401  (where command modules used to find it)
+
 # command name -> module that registers it (in pipeline order, which is also --help order)
 COMMANDS: dict[str, str] = {
     "tokenizer": "picochat.tokenizer_cli",
@@ -19,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "sft": "picochat.train.sft",  # registers both `midtrain` and `sft`
     "eval": "picochat.eval.cli",
     "chat": "picochat.infer.chat_cli",
+    "export": "picochat.export",
     "report": "picochat.report",
     "run": "picochat.pipeline",
     "bench": "picochat.bench.cli",
@@ -63,15 +66,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"picochat {args.command}: error: {e}", file=sys.stderr)
         return 1
-
-
-def add_run_arg(parser: argparse.ArgumentParser) -> None:
-    """`--run NAME`: which run directory a stage reads and writes."""
-    # --run-name is the spelling to use under torchrun, whose own parser rejects "--run" as an
-    # ambiguous abbreviation of its --run-path option
-    parser.add_argument("--run", "--run-name", dest="run", default="default",
-                        help="run name under $PICOCHAT_HOME/runs (default: default); under torchrun write --run-name")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
 
 
 if __name__ == "__main__":

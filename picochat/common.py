@@ -98,13 +98,14 @@ def detect_device(preference: str = "auto") -> torch.device:
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
-    """bf16 autocast on CUDA (fp32 master weights); fp32 elsewhere."""
+    """The dtype of matrix products: bf16 on CUDA (fp32 master weights), fp32 elsewhere (CPU bf16 can be
+    emulated in software). The one place this rule is written."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    if compute_dtype(device) != torch.float32:
+        return torch.autocast(device_type=device.type, dtype=compute_dtype(device))
     return contextlib.nullcontext()
 
 

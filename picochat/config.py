@@ -109,7 +109,6 @@ class TrainConfig:
     stage: str = "base"  # base | mid | sft: which folder of the run directory checkpoints go to
     depth: int = 12
     seq_len: int = 2048
-    vocab_size: int | None = None  # None: take it from the run's tokenizer
     device_batch_size: int | str = "auto"  # "auto" = find it (CUDA), else a fixed number
     total_batch_tokens: int = 524288  # tokens per optimizer step across all ranks
     num_steps: int = -1  # -1: derive from the horizon
@@ -119,7 +118,6 @@ class TrainConfig:
     eval_tokens: int = 2**20
     sample_every: int = 1000
     save_every: int = 1000  # 0: only at the end; -1: never (benchmarks)
-    log_every: int = 1
     compile: bool | None = None  # None: on for CUDA
     device: str = "auto"
     resume: bool = False
@@ -136,6 +134,25 @@ class DataConfig:
     embedded_docs: int = 20000
     embedded_seed: int = 1234
     val_fraction: float = 0.01
+
+
+@dataclass
+class ChatDataConfig:
+    """Where midtraining/SFT conversations come from and how they are batched."""
+
+    mode: str = "packed"  # packed | padded (padded: the seed's baseline, for benchmarks)
+    epochs: float = 1.0  # passes over the mixture when --num-steps is -1
+    synthetic_size: int = 2000  # conversations of the offline synthetic tasks per epoch
+    synthetic_weight: float = 1.0  # 0 leaves them out
+    smoltalk: str | None = None
+    smoltalk_weight: float = 1.0
+    mmlu: str | None = None
+    mmlu_weight: float = 1.0
+    gsm8k: str | None = None
+    gsm8k_weight: float = 1.0
+    buffer_size: int | None = None  # pending conversations for best-fit packing (None: batcher default)
+    val_size: int = 200  # held-out synthetic conversations for validation bits-per-byte
+    seed: int = 0
 
 
 @dataclass

@@ -12,24 +12,27 @@ import json
 import math
 import time
 
-from .cli import add_run_arg
-
-DEMO_TOKENIZER_VOCAB = 4096
+from .options import add_run_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from .recipes import DEMO, DEMO_QUICK
+
     p = sub.add_parser("demo", help="run the whole pipeline on the embedded corpus (CPU, minutes)")
     add_run_arg(p)
     p.set_defaults(run="demo")
-    p.add_argument("--depth", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=8, help="rows of --seq-len tokens per step")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--pretrain-steps", type=int, default=300)
-    p.add_argument("--mid-steps", type=int, default=450, help="midtraining steps")
-    p.add_argument("--sft-steps", type=int, default=150, help="SFT steps")
-    p.add_argument("--synthetic-size", type=int, default=8000, help="synthetic conversations per epoch")
+    p.add_argument("--depth", type=int, help=f"model depth (default: {DEMO.depth})")
+    p.add_argument("--batch-size", type=int, help=f"rows of --seq-len tokens per step (default: {DEMO.batch_size})")
+    p.add_argument("--seq-len", type=int, help=f"tokens per row (default: {DEMO.seq_len})")
+    p.add_argument("--pretrain-steps", type=int, help=f"pretraining steps (default: {DEMO.pretrain_steps})")
+    p.add_argument("--mid-steps", type=int, help=f"midtraining steps (default: {DEMO.mid_steps})")
+    p.add_argument("--sft-steps", type=int, help=f"SFT steps (default: {DEMO.sft_steps})")
+    p.add_argument("--synthetic-size", type=int,
+                   help=f"synthetic conversations per epoch (default: {DEMO.synthetic_size})")
     p.add_argument("--device", default="auto")
-    p.add_argument("--quick", action="store_true", help="a much smaller run (seconds), for smoke tests")
+    p.add_argument("--quick", action="store_true",
+                   help=f"a much smaller run (seconds), for smoke tests: depth {DEMO_QUICK.depth}, "
+                        f"{DEMO_QUICK.pretrain_steps} pretraining steps")
     p.set_defaults(func=cmd_demo)
 
 
@@ -50,53 +53,45 @@ def sparkline(values: list[float], width: int = 60) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .config import ChatDataConfig, DataConfig, TokenizerConfig
+    from .recipes import demo_configs, demo_sizes, scale_lr
     from .runs import RunPaths
-    from .config import DataConfig, TokenizerConfig, TrainConfig
     from .tokenizer_cli import train_tokenizer
 
     t_start = time.time()
     run, paths = args.run, RunPaths.for_run(args.run)
-    if args.quick:
-        args.depth, args.seq_len, args.pretrain_steps, args.synthetic_size = 2, 128, 30, 500
-        args.mid_steps = args.sft_steps = 10
+    sizes = demo_sizes(args.quick, vars(args))
+    configs = demo_configs(sizes, run, args.device)
     data = DataConfig()
 
     _banner("1/5  tokenizer: byte-level BPE on the embedded corpus")
-    stats = train_tokenizer(run, data, TokenizerConfig(vocab_size=DEMO_TOKENIZER_VOCAB))
+    stats = train_tokenizer(run, data, TokenizerConfig(vocab_size=sizes.tokenizer_vocab))
     print(f"learned {stats['vocab_size']} tokens from {stats['chars'] / 1e6:.1f}M characters "
           f"in {stats['seconds']:.1f}s ({stats['mb_per_s']} MB/s)")
-    _show_batches(run, data, args.seq_len)
+    _show_batches(run, data, sizes.seq_len)
 
-    _banner(f"2/5  pretraining a depth-{args.depth} GPT")
+    _banner(f"2/5  pretraining a depth-{sizes.depth} GPT")
     from .train.cli import pretrain
 
-    batch = args.batch_size
-    cfg = TrainConfig(run=run, stage="base", depth=args.depth, seq_len=args.seq_len, device_batch_size=batch,
-                      total_batch_tokens=batch * args.seq_len, num_steps=args.pretrain_steps,
-                      eval_every=max(1, args.pretrain_steps // 4), eval_tokens=64 * args.seq_len,
-                      sample_every=0, save_every=0, device=args.device, compile=False)
-    pretrain(cfg, data)
+    pretrain(configs["base"][0], data)
     losses = [json.loads(line)["loss"] for line in (paths.logs / "train_base.jsonl").read_text().splitlines()]
     print(f"loss {losses[0]:.2f} → {losses[-1]:.2f}   {sparkline(losses)}")
     _show_samples(run, "base")
 
     _banner("3/5  midtraining + SFT on the synthetic chat tasks (packed, document-masked)")
-    from dataclasses import replace
+    from .train.sft import chat_train
 
-    from .train.sft import ChatDataConfig, chat_train, scale_lr
-
-    chat_data = ChatDataConfig(synthetic_size=args.synthetic_size)
-    for stage, steps, lr_frac in (("mid", args.mid_steps, 1.0), ("sft", args.sft_steps, 0.3)):
-        stage_cfg = replace(cfg, stage=stage, num_steps=steps, eval_every=0, total_batch_tokens=batch * args.seq_len,
-                            optim=replace(cfg.optim, warmdown_frac=0.5))
+    chat_data = ChatDataConfig(synthetic_size=sizes.synthetic_size)
+    for stage in ("mid", "sft"):
+        stage_cfg, lr_frac = configs[stage]
         result = chat_train(scale_lr(stage_cfg, lr_frac), chat_data)
-        print(f"{stage}: {steps} steps, final loss {result['final_loss']:.3f}, "
+        print(f"{stage}: {stage_cfg.num_steps} steps, final loss {result['final_loss']:.3f}, "
               f"padding {100 * result.get('padding_frac', 0):.1f}% of positions")
 
     _banner("4/5  accuracy on held-out synthetic questions (greedy) vs a trivial baseline")
     from .eval.chat_eval import DEFAULT_TASKS, evaluate_run, format_table
 
-    rows = evaluate_run(run, "sft", DEFAULT_TASKS, max_examples=20 if args.quick else 60, device=args.device)
+    rows = evaluate_run(run, "sft", DEFAULT_TASKS, max_examples=sizes.eval_examples, device=args.device)
     print(format_table(rows))
     print("(trivial = the best single constant answer, chosen with hindsight on the same questions)")
 
@@ -125,9 +120,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _show_batches(run: str, data, seq_len: int) -> None:
     from .data.loader import PretrainLoader
     from .data.sources import open_source
-    from .tokenizer_cli import load_run_tokenizer
+    from .runs import load_tokenizer
 
-    tok = load_run_tokenizer(run)
+    tok = load_tokenizer(run)
     loader = PretrainLoader(open_source(data), tok, batch_size=2, seq_len=seq_len)
     try:
         x, _ = next(loader)

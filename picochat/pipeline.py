@@ -34,8 +34,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .config import TokenizerConfig
     from .data.cli import data_config_from_args
     from .tokenizer_cli import train_tokenizer
+    from .config import ChatDataConfig
+    from .recipes import follow_on, scale_lr
     from .train.cli import pretrain, train_config_from_args
-    from .train.sft import ChatDataConfig, _defaults, chat_train, scale_lr
+    from .train.sft import chat_train
 
     paths = RunPaths.for_run(args.run)
     data = data_config_from_args(args)
@@ -49,12 +51,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             log.info(f"tokenizer: using {paths.tokenizer}")
         base = replace(train_config_from_args(args, "base"), resume=True)
         pretrain(base, data)
-        for command, steps in (("midtrain", args.mid_steps), ("sft", args.sft_steps)):
-            defaults, extra = _defaults(command)
-            cfg = replace(base, stage=defaults.stage, num_steps=steps,
-                          total_batch_tokens=min(defaults.total_batch_tokens, base.total_batch_tokens),
-                          eval_every=defaults.eval_every, optim=replace(base.optim, warmdown_frac=extra["warmdown_frac"]))
-            chat_train(scale_lr(cfg, extra["init_lr_frac"]), ChatDataConfig())
+        for stage, steps in (("mid", args.mid_steps), ("sft", args.sft_steps)):
+            cfg, lr_frac = follow_on(stage, base)
+            chat_train(scale_lr(replace(cfg, num_steps=steps), lr_frac), ChatDataConfig())
         if args.eval_examples > 0 and dist_info().is_main:
             from .eval.chat_eval import DEFAULT_TASKS, evaluate_run, format_table
 

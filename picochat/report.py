@@ -264,7 +264,7 @@ def write_report(run: str, gpu_hourly_usd: float = DEFAULT_GPU_HOURLY_USD) -> Pa
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from .cli import add_run_arg
+    from .options import add_run_arg
 
     p = sub.add_parser("report", help="write the run's report card (report.md with loss curves and eval tables)")
     add_run_arg(p)

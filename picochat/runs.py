@@ -163,11 +163,17 @@ def find_checkpoint(run: str, stage: str | None = None, step: int | None = None)
                             "(train one with `picochat pretrain` / `picochat sft`)")
 
 
+def load_tokenizer(run: str):
+    """The run's tokenizer (trained by `picochat tokenizer train`)."""
+    from .tokenizer import Tokenizer
+
+    return Tokenizer.load(RunPaths.for_run(run).tokenizer)
+
+
 def load_model(run: str, stage: str | None = None, device: torch.device | None = None, step: int | None = None):
     """The run's model for inference: the latest checkpoint of `stage` (default: rl, then sft, mid,
     base). Returns (model in eval mode, tokenizer, meta) where meta['stage'] says which."""
     from .model.gpt import build_model
-    from .tokenizer import Tokenizer
 
     s, ckpt = find_checkpoint(run, stage, step)
     meta = read_meta(ckpt)
@@ -175,7 +181,7 @@ def load_model(run: str, stage: str | None = None, device: torch.device | None =
     load_weights(ckpt, model)
     model.eval()
     meta["stage"], meta["path"] = s, str(ckpt)
-    return model, Tokenizer.load(RunPaths.for_run(run).tokenizer), meta
+    return model, load_tokenizer(run), meta
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from .cli import add_run_arg
+from .options import add_run_arg
 from .config import DataConfig, TokenizerConfig
 
 
@@ -75,15 +75,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_run_tokenizer(run: str):
-    from .runs import RunPaths
-    from .tokenizer import Tokenizer
-
-    return Tokenizer.load(RunPaths.for_run(run).tokenizer)
-
-
 def cmd_encode(args: argparse.Namespace) -> int:
-    tok = load_run_tokenizer(args.run)
+    from .runs import load_tokenizer
+
+    tok = load_tokenizer(args.run)
     text = args.text if args.text is not None else sys.stdin.read()
     print(json.dumps(tok.encode(text, prepend_bos=args.bos)))
     return 0
@@ -94,8 +89,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     from .data.cli import data_config_from_args
     from .data.sources import iter_texts
+    from .runs import load_tokenizer
 
-    tok = load_run_tokenizer(args.run)
+    tok = load_tokenizer(args.run)
     sample = list(itertools.islice(iter_texts(data_config_from_args(args), "val"), 500))
     t0 = time.perf_counter()
     bpt = tok.bytes_per_token(sample) if sample else float("nan")

@@ -41,13 +41,14 @@ def run_decode_bench(depth: int = 12, batch_sizes: list[int] = (1, 8, 64), promp
                      profile: bool = False, window_step: int | None = None, kernels: str = "auto") -> list[dict]:
     """One record per (mode, batch size) that was run; naive above `naive_max_batch` is skipped.
     `profile` prints the top kernels of 64 further `fast` decode steps at each batch size."""
+    from ..common import compute_dtype
     from ..config import ModelConfig
     from ..infer.engine import Engine
     from ..model.gpt import build_model
 
     device = torch.device(device)
     cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = compute_dtype(device)
     cfg = ModelConfig.from_depth(depth, vocab_size=vocab_size, seq_len=max(2048, prompt_len + new_tokens))
     model = build_model(cfg, device, seed=seed).to(dtype).eval()  # one bf16 copy shared by all modes
     gpu = torch.cuda.get_device_name(device) if cuda else device.type
@@ -157,9 +158,6 @@ def add_decode_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", action="store_true", help="print the top kernels of the fast step per batch size")
     p.add_argument("--append", help="append JSON records to this file (e.g. docs/benchmarks/results.jsonl)")
     p.set_defaults(func=cmd_decode_bench)
-
-
-register_decode = add_decode_parser
 
 
 def cmd_decode_bench(args: argparse.Namespace) -> int:

@@ -22,15 +22,6 @@ import torch
 
 from .record import append_records, base_record, print_json_last
 
-# The seed report's own figures (A100, nanochat 2025-11), quoted for the comparison column.
-SEED_CLAIMS = {
-    "sft": ("50,164 tok/s (batch 4)", "95,337 tok/s (auto batch 93): 1.9×; ~2.85× with compile (estimated)"),
-    "train": ("91,878 tok/s (batch 32)", "95,408 tok/s (auto batch): 1.04×"),
-    "decode": ("~15 tok/s (no KV cache)", "100.7 tok/s (KV cache): 6.7×"),
-    "diversity": ("all n samples share the first token", "independent first tokens"),
-}
-
-
 def add_report_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="reproduce the seed report's headline table, side by side")
     p.add_argument("--only", default="train,sft,decode,diversity,autobatch",

@@ -1,6 +1,7 @@
 """Robust file downloads: resumable, retried, locked, verified, atomic.
 
-Owns `download(url, dest, ...)`, `validate_parquet(path)` and `download_shards(cfg, indices)`.
+Owns `download(url, dest, ...)`, `validate_parquet(path)`, the shard layout (`shard_name`, `shard_dir`,
+`shard_url`) and `download_shards(cfg, indices)`; `sources.py` reads the shards (one direction).
 Standard library HTTP only (urllib), so a bare install can fetch shards.
 
 How one download goes:
@@ -26,7 +27,7 @@ import urllib.request
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from ..common import log
+from ..common import downloads_dir, log
 from ..config import DataConfig
 
 BLOCK = 1 << 20
@@ -187,16 +188,21 @@ def download(url: str, dest: Path, *, expected_size: int | None = None, sha256: 
         raise DownloadError(f"download of {url} failed after {retries + 1} attempts; last error: {last}")
 
 
-def shard_url(cfg: DataConfig, index: int) -> str:
-    from .sources import shard_name
+def shard_name(index: int) -> str:
+    return f"shard_{index:05d}.parquet"
 
+
+def shard_dir() -> Path:
+    """Where downloaded shards live (shared by every run)."""
+    return downloads_dir() / "shards"
+
+
+def shard_url(cfg: DataConfig, index: int) -> str:
     return f"{cfg.shard_url.rstrip('/')}/{shard_name(index)}"
 
 
 def download_shards(cfg: DataConfig, indices: Iterable[int], progress: bool = True) -> list[Path]:
     """Download (or find already downloaded) FineWeb-Edu shards; returns their local paths in order."""
-    from .sources import shard_dir, shard_name
-
     paths = []
     for i in indices:
         dest = shard_dir() / shard_name(i)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import DataConfig
+from .download import download_shards, shard_dir, shard_name
 
 TXT_DOC_CHARS = 4000
 JSONL_CHUNK_BYTES = 1 << 20
@@ -300,16 +301,6 @@ def _line_number(path: Path, pos: int) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def shard_name(index: int) -> str:
-    return f"shard_{index:05d}.parquet"
-
-
-def shard_dir() -> Path:
-    from ..common import downloads_dir
-
-    return downloads_dir() / "shards"
-
-
 class ShardSource(FileSource):
     """FineWeb-Edu parquet shards as nanochat uses them: shards 0..num_shards-1, the last one is val.
 
@@ -321,8 +312,6 @@ class ShardSource(FileSource):
         if cfg.num_shards < 1:
             raise ValueError(f"num_shards must be >= 1, got {cfg.num_shards}")
         if download:
-            from .download import download_shards
-
             paths = download_shards(cfg, range(cfg.num_shards))
         else:
             paths = [shard_dir() / shard_name(i) for i in range(cfg.num_shards)]

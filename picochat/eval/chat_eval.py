@@ -54,12 +54,11 @@ def load_eval_task(name: str, size: int = 200, seed: int = 1, split: str = "test
 # scoring
 
 
-def generate_completions(model, tokenizer, prompts: list[list[int]], max_tokens: int, batch_size: int
-                         ) -> list[list[int]]:
-    """Greedy completions (tools on) of rendered prompts, `batch_size` at a time, through the decode loop."""
+def generate_completions(model, tokenizer, prompts: list[list[int]], max_tokens: int, batch_size: int) -> list[str]:
+    """Greedy completions (tools on) of rendered prompts through the decode loop, as visible text."""
     from .chat_suite import generate_greedy
 
-    return [row or [] for row in generate_greedy(model, tokenizer, prompts, max_tokens, batch_size)]
+    return [text or "" for text in generate_greedy(model, tokenizer, prompts, max_tokens, batch_size)]
 
 
 def _categorical(model, tokenizer, convs: list[dict]) -> list[bool]:
@@ -88,7 +87,7 @@ def evaluate_task(model, tokenizer, task, max_examples: int | None = None, devic
             if room < 1:
                 raise ValueError(f"{task.name}: a prompt fills the model's whole context of {model.config.seq_len}")
             outs = generate_completions(model, tokenizer, prompts, min(max_tokens, room), batch_size)
-            correct = [bool(task.evaluate(c, tokenizer.decode(o))) for c, o in zip(convs, outs)]
+            correct = [bool(task.evaluate(c, text)) for c, text in zip(convs, outs)]
     finally:
         model.train(was_training)
     k = sum(correct)

@@ -33,7 +33,7 @@ ITEM_TEXT_CHARS = 600  # of each completion kept in the per-item results
 class ChatEvalConfig:
     max_examples: int | None = None  # per task; None = all
     max_tokens: int = 512  # longest generated answer (GSM8K, HumanEval)
-    batch_size: int = 64  # prompts decoded together
+    batch_size: int = 64  # rows the decode loop keeps running (scheduler slots)
     sandbox_workers: int = 8  # HumanEval programs run at once
     batch_tokens: int = 8192  # tokens per forward when scoring letters
 
@@ -74,25 +74,37 @@ def load_task(name: str, source: str | None = None, synthetic_size: int = 200, s
 # generation (one decode loop for every generative task)
 
 
-def generate_greedy(model, tokenizer, prompts: Sequence[Sequence[int]], max_tokens: int, batch_size: int,
-                    progress: Callable[[int], None] | None = None) -> list[list[int] | None]:
-    """Greedy completions (tools on) of rendered prompts; None for a prompt that fills the context.
-    Prompts are decoded `batch_size` at a time, grouped by length so rows finish together."""
-    from ..infer.engine import Engine
+def generate_greedy(model, tokenizer, prompts: Sequence[Sequence[int]], max_tokens: int, slots: int,
+                    progress: Callable[[int], None] | None = None) -> list[str | None]:
+    """Greedy completions (tools on) of rendered prompts, as visible text (tool calls and their outputs
+    included, special tokens left out); None for a prompt that leaves no room in the context.
 
-    engine = Engine(model, tokenizer)
+    Every prompt is submitted to the scheduler (the one decode loop) at once; it keeps `slots` rows
+    decoding and starts the next prompt the step a row finishes (continuous batching)."""
+    from ..infer.request import SamplingParams
+    from ..infer.scheduler import Scheduler, SchedulerConfig
+
     limit = model.config.seq_len
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[list[int] | None] = [None] * len(prompts)
-    fits = [i for i in order if len(prompts[i]) < limit]
-    for k in range(0, len(fits), batch_size):
-        chunk = fits[k:k + batch_size]
-        room = min(max_tokens, limit - max(len(prompts[i]) for i in chunk))
-        rows = engine.generate_batch([prompts[i] for i in chunk], max_tokens=room, temperature=0.0, tools=True)
-        for i, row in zip(chunk, rows):
-            out[i] = row
-        if progress:
-            progress(len(chunk))
+    config = SchedulerConfig(slots=max(1, min(slots, len(prompts))), max_queue=max(1, len(prompts)))
+    sched = Scheduler(model, tokenizer, config)
+    handles = {}
+    for i, p in enumerate(prompts):
+        room = min(max_tokens, limit - len(p))
+        if room >= 1:
+            handles[i] = sched.submit(list(p), SamplingParams(max_tokens=room, temperature=0.0, tools=True))
+    out: list[str | None] = [None] * len(prompts)
+    pending = dict(handles)
+    try:
+        while pending:
+            sched.advance()
+            for i in [i for i, h in pending.items() if h.done]:
+                out[i] = pending.pop(i).result().samples[0].text
+                if progress:
+                    progress(1)
+    finally:
+        sched.close()
+    if progress and len(handles) < len(prompts):
+        progress(len(prompts) - len(handles))
     return out
 
 
@@ -120,10 +132,9 @@ def score_choice(model, tokenizer, convs: list[dict], cfg: ChatEvalConfig) -> li
 def score_generation(model, tokenizer, task, convs: list[dict], cfg: ChatEvalConfig, progress: bool) -> list[dict]:
     prompts = [tokenizer.render_for_completion({"messages": c["messages"][:-1]}) for c in convs]
     with _bar(len(prompts), f"{task.name} (generating)", progress) as bar:
-        outs = generate_greedy(model, tokenizer, prompts, cfg.max_tokens, cfg.batch_size, bar.update)
+        texts = generate_greedy(model, tokenizer, prompts, cfg.max_tokens, cfg.batch_size, bar.update)
     items = []
-    for c, o in zip(convs, outs):
-        text = None if o is None else tokenizer.decode(o)
+    for c, text in zip(convs, texts):
         ok = text is not None and bool(task.evaluate(c, text))
         items.append({"answer": (text or "<prompt fills the context>")[:ITEM_TEXT_CHARS],
                       "expected": str(c.get("answer", ""))[:ITEM_TEXT_CHARS], "correct": ok})
@@ -136,8 +147,7 @@ def score_execution(model, tokenizer, task, convs: list[dict], cfg: ChatEvalConf
 
     prompts = [tokenizer.render_for_completion({"messages": c["messages"][:-1]}) for c in convs]
     with _bar(len(prompts), "humaneval (generating)", progress) as bar:
-        outs = generate_greedy(model, tokenizer, prompts, cfg.max_tokens, cfg.batch_size, bar.update)
-    texts = [None if o is None else tokenizer.decode(o) for o in outs]
+        texts = generate_greedy(model, tokenizer, prompts, cfg.max_tokens, cfg.batch_size, bar.update)
 
     def run(i: int) -> dict:
         if texts[i] is None:

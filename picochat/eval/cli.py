@@ -85,7 +85,7 @@ def run_chat(run: str, tasks: list[str], stage: str | None = None, cfg=None, sou
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..cli import add_run_arg
+    from ..options import add_run_arg
     from ..data.cli import add_source_args
     from .chat_eval import add_legacy_args, cmd_eval
 

@@ -20,6 +20,7 @@ import itertools
 import math
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Union
@@ -144,11 +145,20 @@ class RequestHandle:
         self._done = threading.Event()
         self._loop_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self._lock = threading.Lock()
+        # time.monotonic() stamps, set by the scheduler: for TTFT and latency metrics
+        self.submitted_at: float = time.monotonic()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
 
     # -- scheduler side --------------------------------------------------------------------------
     def _push(self, event: Event) -> None:
-        self._queue.put(event)
-        if isinstance(event, DoneEvent):
+        self._push_many((event,))
+
+    def _push_many(self, events: Sequence[Event]) -> None:
+        """Several events at once (a decode chunk's): one wake-up of asyncio readers, not one each."""
+        for event in events:
+            self._queue.put(event)
+        if events and isinstance(events[-1], DoneEvent):
             self._done.set()
         with self._lock:
             waiters = list(self._loop_waiters)

@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from ..cli import add_run_arg
+from ..options import add_run_arg
 from ..common import DistInfo
 from ..config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 
@@ -30,11 +30,11 @@ def add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     p.add_argument("--sample-every", type=int, default=defaults.sample_every)
     p.add_argument("--save-every", type=int, default=defaults.save_every)
     p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA)")
     p.add_argument("--resume", action="store_true", help="continue from the latest good checkpoint")
-    o = OptimConfig()
+    o = defaults.optim
     p.add_argument("--matrix-lr", type=float, default=o.matrix_lr)
     p.add_argument("--embedding-lr", type=float, default=o.embedding_lr)
     p.add_argument("--unembedding-lr", type=float, default=o.unembedding_lr)
@@ -93,10 +93,11 @@ class PretrainBatches:
 def pretrain(cfg: TrainConfig, data: DataConfig, on_step=None) -> dict:
     from ..data.loader import PretrainLoader
     from ..data.sources import open_source
-    from ..tokenizer_cli import load_run_tokenizer
-    from .loop import Trainer, bpb_batches
+    from ..runs import load_tokenizer
+    from ..eval.bpb import bpb_batches
+    from .loop import Trainer
 
-    tokenizer = load_run_tokenizer(cfg.run)
+    tokenizer = load_tokenizer(cfg.run)
     model_cfg = ModelConfig.from_depth(cfg.depth, vocab_size=tokenizer.vocab_size, seq_len=cfg.seq_len)
     source = open_source(data)
 

@@ -20,9 +20,10 @@ from typing import Protocol
 
 import torch
 
-from ..common import (DistInfo, autocast, detect_device, gpu_name, init_distributed, log,
+from ..common import (DistInfo, autocast, compute_dtype, detect_device, gpu_name, init_distributed, log,
                       seed_everything, synchronize)
 from ..config import ModelConfig, TrainConfig
+from ..eval.bpb import bpb_batches, evaluate_bpb  # noqa: F401  (bpb_batches: the stages' validation batches)
 from . import checkpoint as ckpt
 from .. import runs
 from ..runs import RunPaths
@@ -62,43 +63,6 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
-
-def evaluate_bpb(model, batches: Iterator[dict], token_bytes: torch.Tensor, device: torch.device) -> float:
-    """Bits per byte: summed cross-entropy (nats) over the byte length of the predicted tokens.
-    Independent of the vocabulary, so runs with different tokenizers compare. Specials count 0 bytes
-    and are left out."""
-    total_nats = torch.zeros((), dtype=torch.float64, device=device)
-    total_bytes = torch.zeros((), dtype=torch.float64, device=device)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for batch in batches:
-            x, y = batch["inputs"].to(device), batch["targets"].to(device)
-            with autocast(device):
-                losses = model(x, y, loss_reduction="none").view(-1)
-            y = y.view(-1)
-            nbytes = token_bytes[y.clamp(min=0)] * (y >= 0)
-            keep = nbytes > 0
-            total_nats += (losses.double() * keep).sum()
-            total_bytes += nbytes.double().sum()
-    model.train(was_training)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        for t in (total_nats, total_bytes):
-            torch.distributed.all_reduce(t)
-    return (total_nats / (math.log(2) * total_bytes.clamp(min=1))).item()
-
-
-def bpb_batches(source, tokenizer, seq_len: int, max_tokens: int, device: torch.device, rank: int = 0,
-                world_size: int = 1) -> Iterator[dict]:
-    """The fixed held-out batches validation bits-per-byte is measured on (8 rows on CUDA, 4
-    elsewhere; `max_tokens` over all ranks): training's log and `picochat eval --bpb` share them."""
-    from ..data.loader import val_batches
-
-    B = 8 if device.type == "cuda" else 4
-    n = max(1, max_tokens // (B * seq_len * world_size))
-    for x, y in val_batches(source, tokenizer, B, seq_len, n, rank, world_size, device):
-        yield {"inputs": x, "targets": y}
 
 
 @torch.no_grad()
@@ -152,9 +116,6 @@ class Trainer:
         self.train_model = torch.compile(wrapped, dynamic=False) if use_compile else wrapped
         self.compiled = use_compile
 
-    def _tokens_per_row(self) -> int:
-        return self.cfg.seq_len * self.dist.world_size
-
     def _choose_device_batch(self) -> int:
         cfg, T, W = self.cfg, self.cfg.seq_len, self.dist.world_size
         if cfg.device_batch_size == "auto":
@@ -165,7 +126,7 @@ class Trainer:
                 train_step=self._probe_step, model=self.model, optimizers=self.optimizers, seq_len=T,
                 total_batch_tokens=cfg.total_batch_tokens, world_size=W, device=self.device,
                 cache_key={"model": self.model_cfg.to_dict(), "seq_len": T, "compile": self.compiled,
-                           "dtype": str(torch.bfloat16 if self.device.type == "cuda" else torch.float32),
+                           "dtype": str(compute_dtype(self.device)),
                            "stage": cfg.stage},
                 default=default)
             return result.device_batch_size

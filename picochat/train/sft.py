@@ -19,39 +19,18 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..common import DistInfo, log
-from ..runs import RunPaths
-from ..config import ModelConfig, TrainConfig
+from ..config import ChatDataConfig, ModelConfig, TrainConfig
+from ..recipes import RECIPES, recipe_for_command, scale_lr
+from ..runs import STAGES, RunPaths
 from .cli import add_train_args, train_config_from_args
-
-# command -> (stage written, stages to start from in order of preference)
-STAGES: dict[str, tuple[str, tuple[str, ...]]] = {"midtrain": ("mid", ("base",)), "sft": ("sft", ("mid", "base"))}
-
-
-@dataclass
-class ChatDataConfig:
-    """Where midtraining/SFT conversations come from and how they are batched."""
-
-    mode: str = "packed"  # packed | padded (padded: the seed's baseline, for benchmarks)
-    epochs: float = 1.0  # passes over the mixture when --num-steps is -1
-    synthetic_size: int = 2000  # conversations of the offline synthetic tasks per epoch
-    synthetic_weight: float = 1.0  # 0 leaves them out
-    smoltalk: str | None = None
-    smoltalk_weight: float = 1.0
-    mmlu: str | None = None
-    mmlu_weight: float = 1.0
-    gsm8k: str | None = None
-    gsm8k_weight: float = 1.0
-    buffer_size: int | None = None  # pending conversations for best-fit packing (None: batcher default)
-    val_size: int = 200  # held-out synthetic conversations for validation bits-per-byte
-    seed: int = 0
-
+# ChatDataConfig (in config) and scale_lr (in recipes) are imported here too for callers of this module
 
 # ---------------------------------------------------------------------------------------------------
 # data
@@ -221,16 +200,16 @@ def starting_checkpoint(run: str, stage: str, prefer: tuple[str, ...]) -> Path:
 def chat_train(cfg: TrainConfig, data: ChatDataConfig, start_from: tuple[str, ...] | None = None,
                on_step=None) -> dict:
     """Midtrain or SFT (by `cfg.stage`: "mid" or "sft") from the run's previous stage."""
-    from ..tokenizer_cli import load_run_tokenizer
+    from ..runs import load_tokenizer
     from ..runs import read_meta
     from .loop import Trainer
 
     if data.mode not in ("packed", "padded"):
         raise ValueError(f"--mode must be packed or padded, got {data.mode!r}")
     if start_from is None:
-        start_from = {"mid": ("base",), "sft": ("mid", "base")}[cfg.stage]
+        start_from = STAGES[cfg.stage].starts_from
     start = starting_checkpoint(cfg.run, cfg.stage, start_from)
-    tokenizer = load_run_tokenizer(cfg.run)
+    tokenizer = load_tokenizer(cfg.run)
     meta = read_meta(start)
     # the architecture is the checkpoint's; only the training length may change (rotary tables are
     # recomputed buffers, not weights, so any seq_len loads)
@@ -261,17 +240,6 @@ def chat_train(cfg: TrainConfig, data: ChatDataConfig, start_from: tuple[str, ..
 # command line
 
 
-def _defaults(command: str) -> tuple[TrainConfig, dict]:
-    """Per-stage defaults: midtraining reuses the pretraining batch at full LR; SFT takes smaller
-    steps at a lower LR that decays to zero over the whole run (it refines, it should not relearn)."""
-    common = dict(depth=0, seq_len=2048, device_batch_size="auto", num_steps=-1, sample_every=0)
-    if command == "midtrain":
-        return (TrainConfig(stage="mid", total_batch_tokens=2**19, eval_every=250, save_every=1000, **common),
-                {"init_lr_frac": 1.0, "warmdown_frac": 0.8})
-    return (TrainConfig(stage="sft", total_batch_tokens=2**16, eval_every=100, save_every=1000, **common),
-            {"init_lr_frac": 0.1, "warmdown_frac": 1.0})
-
-
 def add_chat_data_args(p: argparse.ArgumentParser) -> None:
     d = ChatDataConfig()
     p.add_argument("--mode", choices=("packed", "padded"), default=d.mode,
@@ -290,20 +258,18 @@ def add_chat_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    helps = {"midtrain": "continue the base model on conversations (stage 'mid')",
-             "sft": "supervised fine-tuning on conversations (stage 'sft', from mid or base)"}
-    for command in ("midtrain", "sft"):
-        defaults, extra = _defaults(command)
-        stage, prefer = STAGES[command]
-        p = sub.add_parser(command, help=helps[command],
-                           description=f"{helps[command]}. Starts from the latest {' or '.join(prefer)} "
+    for stage in ("mid", "sft"):
+        recipe = RECIPES[stage]
+        prefer = STAGES[stage].starts_from
+        p = sub.add_parser(recipe.command, help=recipe.summary,
+                           description=f"{recipe.summary}. Starts from the latest {' or '.join(prefer)} "
                                        "checkpoint of the run; depth and vocabulary come from it. Runs alone or "
-                                       f"under `torchrun --nproc_per_node=N -m picochat {command} ...`.")
-        add_train_args(p, defaults)
+                                       f"under `torchrun --nproc_per_node=N -m picochat {recipe.command} ...`.")
+        add_train_args(p, recipe.train)
         add_chat_data_args(p)
-        p.add_argument("--init-lr-frac", type=float, default=extra["init_lr_frac"],
+        p.add_argument("--init-lr-frac", type=float, default=recipe.lr_frac,
                        help="scale every learning rate by this (SFT refines gently)")
-        p.set_defaults(func=cmd_chat_train, command_name=command, warmdown_frac=extra["warmdown_frac"])
+        p.set_defaults(func=cmd_chat_train, command_name=recipe.command)
 
 
 def chat_data_config_from_args(args: argparse.Namespace) -> ChatDataConfig:
@@ -314,20 +280,13 @@ def chat_data_config_from_args(args: argparse.Namespace) -> ChatDataConfig:
                           val_size=args.val_size, seed=args.data_seed)
 
 
-def scale_lr(cfg: TrainConfig, frac: float) -> TrainConfig:
-    o = cfg.optim
-    optim = replace(o, matrix_lr=o.matrix_lr * frac, embedding_lr=o.embedding_lr * frac,
-                    unembedding_lr=o.unembedding_lr * frac, scalar_lr=o.scalar_lr * frac)
-    return replace(cfg, optim=optim)
-
-
 def cmd_chat_train(args: argparse.Namespace) -> int:
     from ..common import cleanup_distributed
 
-    stage, prefer = STAGES[args.command_name]
+    stage = recipe_for_command(args.command_name).stage
     cfg = scale_lr(train_config_from_args(args, stage), args.init_lr_frac)
     try:
-        chat_train(cfg, chat_data_config_from_args(args), prefer)
+        chat_train(cfg, chat_data_config_from_args(args))
     finally:
         cleanup_distributed()
     return 0

@@ -1,0 +1,275 @@
+"""The decode batch: one persistent KV cache of `slots` rows and what runs on it.
+
+`DecodeBatch` owns the device side of continuous batching: the cache (slots x context, plus a
+little slack that rows running past their end during a chunk write into), each slot's next input
+id and position, each slot's sampling settings, prefill of prompt chunks into chosen slots, and
+chunks of decode steps over the first `bucket` slots (slots are handed out lowest first, so the
+running rows sit at the front). A decode step runs through one `CachedRunner` per bucket size whose
+cache and inputs are views of the batch's own: eager, or replayed from CUDA graphs (the torch step,
+or the Triton step for small buckets). The host reads a chunk's tokens once, after the chunk.
+
+The scheduler (`scheduler.py`) decides which rows run, what is forced into them and when a slot is
+parked or reused; this module never looks at requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..model.attention import KVCache
+from .runners import CachedRunner, NaiveRunner, bucket_size
+from .sampling import sample_rows
+
+MAX_LOGPROBS = 20  # top alternatives a row may ask for (SamplingParams.logprobs)
+
+
+@dataclass
+class ChunkOut:
+    """A launched chunk: host copies of its tokens (k, bucket) and, when asked, logprobs, filled
+    once `ready()` returns (the device may still be running the chunk when this is made)."""
+
+    seq: int
+    k: int
+    bucket: int
+    tokens: torch.Tensor
+    logprob: torch.Tensor | None
+    top_ids: torch.Tensor | None
+    top_logprob: torch.Tensor | None
+    event: object | None
+
+    def ready(self) -> "ChunkOut":
+        if self.event is not None:
+            self.event.synchronize()
+            self.event = None
+        return self
+
+
+class DecodeBatch:
+    def __init__(self, model, slots: int, context: int, *, k_max: int, dtype: torch.dtype, graph: bool = False,
+                 compile: str | None = None, window_step: int = 256, kernels_for=lambda bucket: "torch",
+                 naive: bool = False):
+        c = model.config
+        self.model, self.slots, self.context, self.k_max = model, slots, context, k_max
+        self.device = next(model.parameters()).device
+        # a row may run up to two chunks past its last token (it stopped mid-chunk, and the next
+        # chunk was already launched): those junk writes land in the slack, never out of bounds
+        self.length = context + 2 * k_max
+        if self.length > model.rotary_len:
+            raise ValueError(f"context {context} + {2 * k_max} slack exceeds the model's {model.rotary_len} positions")
+        dev = self.device
+        self.naive = naive
+        if naive:  # the baseline: no cache, a token buffer, every step a forward over whole prefixes
+            self.cache, self.seq = None, torch.zeros(slots, self.length, dtype=torch.long, device=dev)
+            self.pos = torch.zeros(slots, dtype=torch.long, device=dev)
+        else:
+            slots_len = self.length + (1 if compile else 0)
+            self.cache = KVCache.allocate(c.n_layer, slots, c.n_kv_head, slots_len, c.head_dim, dev, dtype)
+            self.pos = self.cache.pos
+        self.idx = torch.zeros(slots, 1, dtype=torch.long, device=dev)
+        self.temperature = torch.zeros(slots, dtype=torch.float32, device=dev)
+        self.top_k = torch.zeros(slots, dtype=torch.long, device=dev)
+        self.top_p = torch.ones(slots, dtype=torch.float32, device=dev)
+        self.keys = torch.zeros(slots, dtype=torch.long, device=dev)
+        self.fmask = torch.zeros(k_max, slots, dtype=torch.bool, device=dev)
+        self.ftok = torch.zeros(k_max, slots, dtype=torch.long, device=dev)
+        self.out = torch.zeros(k_max, slots, dtype=torch.long, device=dev)
+        self.out_lp = torch.zeros(k_max, slots, dtype=torch.float32, device=dev)
+        self.out_top_ids = torch.zeros(k_max, slots, MAX_LOGPROBS, dtype=torch.long, device=dev)
+        self.out_top_lp = torch.zeros(k_max, slots, MAX_LOGPROBS, dtype=torch.float32, device=dev)
+        self.bound = [0] * slots  # host-side upper bound of each slot's device position
+        self.buckets = sorted({min(bucket_size(n), slots) for n in range(1, slots + 1)})
+        self.runners: dict[int, CachedRunner] = {}
+        self._seq = 0
+        # every bucket's graphs share one memory pool: they replay one at a time on one stream and
+        # each step's outputs are consumed before the next replay
+        pool = torch.cuda.graph_pool_handle() if graph else None
+        self._runner_args = dict(dtype=dtype, graph=graph, compile=compile, window_step=window_step,
+                                 graph_pool=pool)
+        self._kernels_for = kernels_for
+        if graph:  # capture every bucket's graphs now: capturing writes junk into the cache rows
+            for b in self.buckets:
+                self.runner(b)
+
+    # -- runners ---------------------------------------------------------------------------------
+    def bucket_for(self, top_slot: int) -> int:
+        """The smallest bucket holding slots 0..top_slot."""
+        return next(b for b in self.buckets if b > top_slot)
+
+    def runner(self, bucket: int) -> CachedRunner | NaiveRunner:
+        runner = self.runners.get(bucket)
+        if runner is None and self.naive:
+            runner = NaiveRunner(self.model, bucket, self.length, self.k_max, seq=self.seq[:bucket],
+                                 pos=self.pos[:bucket], idx=self.idx[:bucket])
+            self.runners[bucket] = runner
+        elif runner is None:
+            view = self.cache.view(rows=bucket)
+            runner = CachedRunner(self.model, bucket, self.length, self.k_max, cache=view, idx=self.idx[:bucket],
+                                  kernels=self._kernels_for(bucket), **self._runner_args)
+            self.runners[bucket] = runner
+        return runner
+
+    # -- slot state ------------------------------------------------------------------------------
+    def set_rows(self, slots: list[int], pos: list[int], tokens: list[int]) -> None:
+        """Set slots' positions and next input ids (rewinds, parking, resumed rows)."""
+        if not slots:
+            return
+        index = torch.tensor(slots, dtype=torch.long).to(self.device)
+        self.pos[index] = torch.tensor(pos, dtype=torch.long).to(self.device)
+        self.idx[index, 0] = torch.tensor(tokens, dtype=torch.long).to(self.device)
+        for s, p in zip(slots, pos):
+            self.bound[s] = p
+
+    def set_sampling(self, slots: list[int], temperature: list[float], top_k: list[int], top_p: list[float],
+                     keys: list[int]) -> None:
+        index = torch.tensor(slots, dtype=torch.long).to(self.device)
+        self.temperature[index] = torch.tensor(temperature, dtype=torch.float32).to(self.device)
+        self.top_k[index] = torch.tensor(top_k, dtype=torch.long).to(self.device)
+        self.top_p[index] = torch.tensor(top_p, dtype=torch.float32).to(self.device)
+        self.keys[index] = torch.tensor(keys, dtype=torch.long).to(self.device)
+
+    def copy_prefix(self, src: int, dst: list[int], length: int) -> None:
+        """Give slots `dst` the first `length` cached positions of slot `src` (n samples)."""
+        if not dst:
+            return
+        index = torch.tensor(dst, dtype=torch.long).to(self.device)
+        if self.naive:
+            self.seq[index, :length] = self.seq[src, :length].unsqueeze(0)
+            return
+        for kv in (*self.cache.k, *self.cache.v):
+            kv[index, :, :length] = kv[src, :, :length].unsqueeze(0)
+
+    # -- prefill ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, slots: list[int], chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """Feed each slot its chunk of prompt at positions start.. (right-padded into one forward;
+        every start + longest chunk must fit in `length`). Returns (len(slots), V) logits of each
+        chunk's last token; leaves each slot's position after its chunk."""
+        lens = [len(c) for c in chunks]
+        ends = [s + n for s, n in zip(starts, lens)]
+        logits = self._prefill_naive(slots, chunks, starts, ends) if self.naive else \
+            self._prefill_cached(slots, chunks, starts)
+        self.set_rows(slots, ends, [0] * len(slots))
+        return logits
+
+    def _prefill_cached(self, slots: list[int], chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
+        B, T = len(slots), max(len(c) for c in chunks)
+        ids = torch.zeros(B, T, dtype=torch.long)
+        for b, c in enumerate(chunks):
+            ids[b, :len(c)] = torch.tensor(c, dtype=torch.long)
+        ids = ids.to(self.device)
+        last = torch.tensor([len(c) - 1 for c in chunks], dtype=torch.long).to(self.device)
+        start_t = torch.tensor(starts, dtype=torch.long).to(self.device)
+        window = min(self.length, -(-max(s + T for s in starts) // 64) * 64)  # the slots this forward reads
+        lo = min(slots)
+        if slots == list(range(lo, lo + B)):  # contiguous: write straight into the cache
+            view = KVCache([k[lo:lo + B, :, :window] for k in self.cache.k],
+                           [v[lo:lo + B, :, :window] for v in self.cache.v], self.pos[lo:lo + B])
+            view.pos.copy_(start_t)
+            return self.model(ids, kv_cache=view, logits_at=last)[:, 0]
+        # scattered slots: gather their rows, run, scatter them back
+        index = torch.tensor(slots, dtype=torch.long).to(self.device)
+        view = KVCache([k[index, :, :window] for k in self.cache.k], [v[index, :, :window] for v in self.cache.v],
+                       start_t)
+        logits = self.model(ids, kv_cache=view, logits_at=last)[:, 0]
+        for full, part in zip((*self.cache.k, *self.cache.v), (*view.k, *view.v)):
+            full[index, :, :window] = part
+        return logits
+
+    def _prefill_naive(self, slots: list[int], chunks: list[list[int]], starts: list[int],
+                       ends: list[int]) -> torch.Tensor:
+        for slot, start, c in zip(slots, starts, chunks):
+            self.seq[slot, start:start + len(c)] = torch.tensor(c, dtype=torch.long).to(self.device)
+        index = torch.tensor(slots, dtype=torch.long).to(self.device)
+        last = torch.tensor([e - 1 for e in ends], dtype=torch.long).to(self.device)
+        return self.model(self.seq[index, :max(ends)], logits_at=last)[:, 0]
+
+    # -- decode ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, logits: torch.Tensor, slots: torch.Tensor | slice, *, top_k_max: int, any_top_p: bool,
+               positions: torch.Tensor) -> torch.Tensor:
+        return sample_rows(logits, self.temperature[slots], self.top_k[slots], self.top_p[slots], self.keys[slots],
+                           positions, top_k_max=top_k_max, any_top_p=any_top_p)
+
+    @torch.no_grad()
+    def launch(self, bucket: int, k: int, *, sampling: bool, top_k_max: int = 0, any_top_p: bool = False,
+               forced: dict[int, list[int]] | None = None, logprobs: int | None = None) -> ChunkOut:
+        """Run k decode steps over slots 0..bucket-1 and start copying their tokens to the host.
+        `forced`: slot -> tokens fed in place of the sampled ones for the chunk's first steps;
+        `logprobs`: None, or how many top alternatives to record (0: the chosen token's only)."""
+        runner = self.runner(bucket)
+        runner.hi = max(self.bound[:bucket])
+        if forced:
+            fmask = torch.zeros(k, bucket, dtype=torch.bool)
+            ftok = torch.zeros(k, bucket, dtype=torch.long)
+            for s, toks in forced.items():
+                toks = toks[:k]
+                fmask[:len(toks), s] = True
+                ftok[:len(toks), s] = torch.tensor(toks, dtype=torch.long)
+            self.fmask[:k, :bucket].copy_(fmask)
+            self.ftok[:k, :bucket].copy_(ftok)
+        rows = slice(0, bucket)
+        for j in range(k):
+            logits, tok = runner.step()  # tok: greedy, already the next step's input
+            if sampling:
+                tok = self.sample(logits, rows, top_k_max=top_k_max, any_top_p=any_top_p, positions=runner.pos)
+            if forced:
+                tok = torch.where(self.fmask[j, :bucket], self.ftok[j, :bucket], tok)
+            if sampling or forced:
+                self.idx[:bucket, 0].copy_(tok)
+            self.out[j, :bucket].copy_(tok)
+            if logprobs is not None:
+                self._record_logprobs(j, bucket, logits, tok, logprobs)
+        for s in range(bucket):
+            self.bound[s] = min(self.bound[s] + k, self.length - 1)
+        self._seq += 1
+        return self._read(self._seq, k, bucket, logprobs)
+
+    def _record_logprobs(self, j: int, bucket: int, logits: torch.Tensor, tok: torch.Tensor, top: int) -> None:
+        lp = logits.float().log_softmax(dim=-1)
+        self.out_lp[j, :bucket] = lp.gather(1, tok[:, None])[:, 0]
+        if top > 0:
+            values, ids = lp.topk(top, dim=-1)
+            self.out_top_lp[j, :bucket, :top] = values
+            self.out_top_ids[j, :bucket, :top] = ids
+
+    def _read(self, seq: int, k: int, bucket: int, logprobs: int | None) -> ChunkOut:
+        cuda = self.device.type == "cuda"
+
+        def copy(t: torch.Tensor) -> torch.Tensor:
+            if not cuda:
+                return t.clone()
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            return host
+
+        tokens = copy(self.out[:k, :bucket])
+        lp = top_ids = top_lp = None
+        if logprobs is not None:
+            lp = copy(self.out_lp[:k, :bucket])
+            if logprobs > 0:
+                top_ids = copy(self.out_top_ids[:k, :bucket, :logprobs])
+                top_lp = copy(self.out_top_lp[:k, :bucket, :logprobs])
+        event = None
+        if cuda:
+            event = torch.cuda.Event()
+            event.record()
+        return ChunkOut(seq, k, bucket, tokens, lp, top_ids, top_lp, event)
+
+    def first_tokens(self, logits: torch.Tensor, slots: list[int], positions: list[int], *, top_k_max: int,
+                     any_top_p: bool, logprobs: int | None) -> tuple[list[int], list | None, list | None]:
+        """Sample each slot's first token from its prompt's logits (one row per slot), make it the
+        slot's next input; returns tokens, chosen logprobs and top alternatives (host lists)."""
+        index = torch.tensor(slots, dtype=torch.long).to(self.device)
+        pos = torch.tensor(positions, dtype=torch.long).to(self.device)
+        tok = self.sample(logits, index, top_k_max=top_k_max, any_top_p=any_top_p, positions=pos)
+        self.idx[index, 0] = tok
+        lp = top = None
+        if logprobs is not None:
+            full = logits.float().log_softmax(dim=-1)
+            lp = full.gather(1, tok[:, None])[:, 0].tolist()
+            if logprobs > 0:
+                values, ids = full.topk(logprobs, dim=-1)
+                top = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+        return tok.tolist(), lp, top

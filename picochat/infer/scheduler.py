@@ -1,0 +1,567 @@
+"""Continuous batching: the one decode loop every generating caller submits requests to.
+
+`Scheduler(model, tokenizer, SchedulerConfig(...))` owns a `DecodeBatch` (one persistent KV cache
+of `slots` rows x context) and a bounded queue. `submit(prompt_tokens, SamplingParams)` validates
+the request (`RequestError` naming the field, `ContextOverflowError` with the token counts,
+`QueueFullError` when the queue is at its bound) and returns a `RequestHandle` whose events stream
+as the request runs (`request.py`). Each scheduler step:
+  1. drops cancelled requests (their slots are free for this very step);
+  2. admits queued requests into free slots (n slots for n samples, lowest slots first) and
+     prefills prompt chunks under a per-step token budget, so a long prompt does not stall the
+     running rows; a finished prompt's cache is copied to its other samples' slots and each sample
+     draws its first token independently;
+  3. launches a chunk of decode steps over the running rows and reads the previous chunk's tokens
+     (on CUDA the next chunk is already running while the host reads: rows that stopped or called
+     a tool meanwhile ran on and are rewound, which is just resetting their position).
+Run it from a background thread (`start()`/`close()`, or `with Scheduler(...)`), or drive it
+synchronously with `step()` / `run_until_idle()` (tests, evaluation).
+
+Sampling is per row (temperature, top-k, top-p) with counter-based noise keyed by the request's
+seed, the sample and the position, so a seeded request samples the same tokens whatever shares
+the batch. Tool calls run on a small thread pool; the row pauses and then has the tool's output
+forced in (`sampled=False`). `refresh_weights` copies new weights into the model in place (RL),
+keeping the cache and the captured graphs.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import queue
+import random
+import threading
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass
+
+import torch
+
+from .batch import DecodeBatch
+from .modelprep import KERNELS, prepare_model, resolve_dtype, triton_unusable
+from .parts import MessageParser, StopMatcher
+from .request import DoneEvent, Event, QueueFullError, RequestError, RequestHandle, SamplingParams
+from .rows import RUNNING, Request, Sample
+from .sampling import stream_key
+
+log = logging.getLogger("picochat")
+
+# Batch buckets up to this size use the Triton kernels when kernels="auto": they win where the step
+# is bound by kernel count (small batches); larger batches are matrix products for cuBLAS/Inductor.
+TRITON_MAX_ROWS = 8
+DEFAULT_MAX_TOKENS = 256
+
+
+class ContextOverflowError(RequestError):
+    """A prompt plus the tokens asked for do not fit in the context."""
+
+    def __init__(self, prompt_tokens: int, max_tokens: int, limit: int):
+        self.prompt_tokens, self.max_tokens, self.limit = prompt_tokens, max_tokens, limit
+        super().__init__(f"prompt of {prompt_tokens} tokens + max_tokens {max_tokens} = "
+                         f"{prompt_tokens + max_tokens} tokens exceeds the model's context of {limit} tokens",
+                         param="max_tokens" if prompt_tokens < limit else "prompt")
+
+
+@dataclass
+class SchedulerConfig:
+    slots: int | None = None  # rows of the persistent cache; None: from free memory on CUDA, 8 elsewhere
+    max_context: int | None = None  # prompt + completion per row; None: the model's seq_len
+    max_queue: int = 1024  # requests waiting for a slot before submit raises QueueFullError
+    prefill_budget: int = 2048  # prompt tokens prefilled per scheduler step (chunked prefill)
+    sync_every: int | None = None  # decode steps per chunk between host reads; None: 16 fast, 1 eager
+    mode: str | None = None  # "fast" (CUDA graphs), "eager", or "naive" (no cache: a baseline); None: fast on CUDA
+    kernels: str = "auto"  # fast mode's step: "triton", "torch", or auto (Triton up to TRITON_MAX_ROWS)
+    compile: bool | str = False  # torch.compile the torch step (True or a torch.compile mode)
+    dtype: str | None = None  # "bfloat16" | "float32" | ...; None: bf16 on CUDA, fp32 elsewhere
+    fuse: bool | None = None  # one q/k/v projection (default: in fast mode)
+    window_step: int | None = None  # attention window granularity (see runners.CachedRunner)
+    memory_fraction: float = 0.5  # of free device memory the cache may take when `slots` is None
+    max_slots: int = 256
+    pipeline: bool | None = None  # launch the next chunk before reading one; None: in fast mode
+    tool_workers: int = 4
+
+    def __post_init__(self) -> None:
+        def check(name: str, ok: bool, allowed: str) -> None:
+            if not ok:
+                raise ValueError(f"SchedulerConfig.{name} must be {allowed} (got {getattr(self, name)!r})")
+
+        for name in ("slots", "max_context", "sync_every", "window_step"):
+            value = getattr(self, name)
+            check(name, value is None or (isinstance(value, int) and value >= 1), "an integer >= 1 or None")
+        for name in ("max_queue", "prefill_budget", "max_slots", "tool_workers"):
+            check(name, isinstance(getattr(self, name), int) and getattr(self, name) >= 1, "an integer >= 1")
+        check("mode", self.mode in (None, "fast", "eager", "naive"), "'fast', 'eager', 'naive' or None")
+        check("kernels", self.kernels in KERNELS, f"one of {KERNELS}")
+        check("memory_fraction", 0 < self.memory_fraction <= 1, "in (0, 1]")
+
+
+class Scheduler:
+    def __init__(self, model, tokenizer=None, config: SchedulerConfig | None = None, *, tool_runner=None):
+        """`tool_runner(expr) -> str` runs a tool call (default: the calculator, `tools.py`)."""
+        cfg = self.config = config or SchedulerConfig()
+        device = next(model.parameters()).device
+        self.device = device
+        mode = cfg.mode or ("fast" if device.type == "cuda" else "eager")
+        if mode == "fast" and device.type != "cuda":
+            log.warning(f"fast decode needs CUDA; using eager on {device.type}")
+            mode = "eager"
+        if cfg.kernels == "triton" and mode != "fast":
+            raise ValueError(f"kernels='triton' needs mode 'fast' (CUDA); mode is {mode!r}")
+        self.mode, self.tokenizer = mode, tokenizer
+        dtype = resolve_dtype(cfg.dtype, device)
+        if mode not in ("fast", "eager", "naive"):
+            raise ValueError(f"unknown mode {mode!r}")
+        fuse = cfg.fuse if cfg.fuse is not None else (mode == "fast" and hasattr(model, "fuse_for_inference"))
+        self.model, self.fused = prepare_model(model, dtype, fuse), bool(fuse)
+        self.dtype = dtype
+        self.max_context = cfg.max_context or model.config.seq_len
+        self.sync_every = cfg.sync_every or (16 if mode == "fast" else 1)
+        self.pipeline = cfg.pipeline if cfg.pipeline is not None else mode == "fast"
+        self.kernels = cfg.kernels
+        self.triton_unusable = triton_unusable(self.model) if mode == "fast" else "not fast mode"
+        if cfg.kernels == "triton" and self.triton_unusable:
+            raise ValueError(f"kernels='triton' cannot run here: {self.triton_unusable}")
+        slots = cfg.slots or self._slots_from_memory()
+        compile_mode = ("default" if cfg.compile is True else cfg.compile) or None
+        self.batch = self._build_batch(slots, compile_mode, cfg.window_step or (64 if mode == "fast" else 256))
+        self.slots = slots
+        self._free = list(range(slots))  # a heap: the lowest free slot first keeps running rows in front
+        self._rows: dict[int, Sample] = {}  # slot -> running sample (text, forcing or waiting)
+        self._outboxes: list[Request] = []  # requests with events to deliver at the end of the step
+        self._prefilling: list[Request] = []
+        self._queue: deque[Request] = deque()
+        self._inflight = None  # (ChunkOut, {slot: sample}) launched and not yet read
+        self._lock = threading.Lock()  # the queue
+        self._step_lock = threading.RLock()  # one step at a time; weights refresh between steps
+        self._wake = threading.Condition(self._lock)
+        self._tool_runner = tool_runner or _run_tool
+        self._pool: ThreadPoolExecutor | None = None
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self._rng = random.Random()
+        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests": 0, "steps": 0, "chunks": 0,
+                         "finished": {"stop": 0, "length": 0, "cancelled": 0}}
+        self._special_stops = frozenset(
+            tokenizer.special(n) for n in ("<|assistant_end|>", "<|bos|>")) if tokenizer is not None else frozenset()
+
+    # -- construction ----------------------------------------------------------------------------
+    def _slots_from_memory(self) -> int:
+        if self.device.type != "cuda":
+            return 8
+        c = self.model.config
+        length = self.max_context + 2 * self.sync_every
+        per_slot = 2 * c.n_layer * c.n_kv_head * c.head_dim * length * torch.finfo(self.dtype).bits // 8
+        free, _ = torch.cuda.mem_get_info(self.device)
+        n = max(1, min(self.config.max_slots, int(free * self.config.memory_fraction) // per_slot))
+        return 1 << (n.bit_length() - 1)  # a power of two: the top bucket is then a full graph bucket
+
+    def _build_batch(self, slots: int, compile_mode, window_step: int) -> DecodeBatch:
+        def build(kernels_for) -> DecodeBatch:
+            return DecodeBatch(self.model, slots, self.max_context, k_max=self.sync_every, dtype=self.dtype,
+                               graph=self.mode == "fast", compile=compile_mode, window_step=window_step,
+                               kernels_for=kernels_for, naive=self.mode == "naive")
+
+        try:
+            return build(self.kernels_for)
+        except Exception as e:
+            if self.mode != "fast" or self.kernels != "auto" or self.triton_unusable:
+                raise
+            # auto: Triton kernels that do not build or run on this GPU cost speed, never the answer
+            log.warning(f"Triton decode step failed ({type(e).__name__}: {e}); using the torch step")
+            self.triton_unusable = f"failed on this device: {type(e).__name__}"
+            torch.cuda.synchronize(self.device)
+            return build(self.kernels_for)
+
+    def kernels_for(self, bucket_rows: int) -> str:
+        """"triton" or "torch": what a fast-mode bucket of this many rows steps with."""
+        if self.mode != "fast":
+            return "torch"
+        if self.kernels == "auto":
+            return "torch" if self.triton_unusable or bucket_rows > TRITON_MAX_ROWS else "triton"
+        return self.kernels
+
+    # -- submitting ------------------------------------------------------------------------------
+    def validate(self, prompt_tokens, params: SamplingParams) -> tuple[list[int], int]:
+        """The prompt as ints and the max_tokens it will run with; raises RequestError."""
+        if not isinstance(params, SamplingParams):
+            raise RequestError("params must be a SamplingParams", param="params")
+        try:
+            prompt = [int(t) for t in prompt_tokens]
+        except (TypeError, ValueError):
+            raise RequestError("prompt must be a sequence of token ids", param="prompt") from None
+        if not prompt:
+            raise RequestError("prompt must hold at least one token", param="prompt")
+        vocab = self.model.config.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise RequestError(f"prompt token ids must lie in [0, {vocab})", param="prompt")
+        if params.n > self.slots:
+            raise RequestError(f"n must be at most {self.slots} (the scheduler's slots); got {params.n}", param="n")
+        max_tokens = params.max_tokens
+        if max_tokens is None:
+            max_tokens = max(1, min(DEFAULT_MAX_TOKENS, self.max_context - len(prompt)))
+        if len(prompt) + max_tokens > self.max_context:
+            raise ContextOverflowError(len(prompt), max_tokens, self.max_context)
+        return prompt, max_tokens
+
+    def submit(self, prompt_tokens, params: SamplingParams | None = None,
+               request_id: str | None = None) -> RequestHandle:
+        params = params or SamplingParams()
+        prompt, max_tokens = self.validate(prompt_tokens, params)
+        handle = RequestHandle(prompt, params, request_id)
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        stops = self._special_stops if params.stop_token_ids is None else frozenset(params.stop_token_ids)
+        request = Request(handle, params, max_tokens, stops, [stream_key(seed, i) for i in range(params.n)],
+                          self._outboxes)
+        with self._lock:
+            if self._closing:
+                raise RuntimeError("the scheduler is closed")
+            if len(self._queue) >= self.config.max_queue:
+                raise QueueFullError(f"the queue is full ({self.config.max_queue} requests waiting); retry later")
+            self._queue.append(request)
+            self.counters["requests"] += 1
+            self._wake.notify_all()
+        return handle
+
+    # -- the loop --------------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        return bool(self._queue or self._prefilling or self._rows or self._inflight)
+
+    def step(self) -> bool:
+        """One scheduling round (see the module docstring). Returns whether work remains."""
+        with self._step_lock, torch.no_grad():
+            self.counters["steps"] += 1
+            self._drop_cancelled()
+            if self._inflight is not None and not self._can_run_ahead():
+                self._consume(*self._inflight)
+                self._inflight = None
+            self._resolve_tools()
+            self._admit()
+            self._prefill()
+            launched = self._launch()
+            if self._inflight is not None:
+                self._consume(*self._inflight)
+            self._inflight = launched
+            if launched is not None and not self.pipeline:
+                self._consume(*launched)
+                self._inflight = None
+            self._deliver()
+            return self.busy
+
+    def _deliver(self) -> None:
+        for req in self._outboxes:
+            req.deliver()
+        self._outboxes.clear()
+
+    def run_until_idle(self) -> None:
+        """Drive the loop on this thread until every submitted request has finished."""
+        while self.busy:
+            self.advance()
+
+    def advance(self) -> None:
+        """One step driven from the caller's thread (no background thread); when every live row
+        waits on a tool, wait for one to return instead of spinning."""
+        if self._thread is not None:
+            raise RuntimeError("the scheduler runs on its background thread; read the handles instead")
+        if self.step() and not self._launchable():
+            self._wait_for_tools()
+
+    def iter_events(self, handle: RequestHandle) -> Iterator[Event]:
+        """`handle`'s events as they come: from the background thread if it runs, else by driving
+        the loop here (the chat CLI, scripts)."""
+        if self._thread is not None:
+            yield from handle.events()
+            return
+        while True:
+            try:
+                event = handle._queue.get_nowait()
+            except queue.Empty:
+                self.advance()
+                continue
+            yield event
+            if isinstance(event, DoneEvent):
+                return
+
+    def _launchable(self) -> bool:
+        return bool(self._queue or self._prefilling or self._inflight
+                    or any(s.state != "waiting" for s in self._rows.values()))
+
+    def _wait_for_tools(self, timeout: float | None = None) -> None:
+        pending = [s.tool for s in self._rows.values() if s.state == "waiting" and s.tool is not None]
+        if pending:
+            wait_futures(pending, timeout=timeout, return_when="FIRST_COMPLETED")
+
+    def start(self) -> "Scheduler":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="picochat-scheduler", daemon=True)
+            self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closing and not self.busy:
+                    self._wake.wait()
+                if self._closing:
+                    return
+            try:
+                self.step()
+            except Exception:  # a failed step must not leave every caller waiting forever
+                log.exception("scheduler step failed; cancelling the running requests")
+                self._abort_all()
+            if not self._launchable():
+                self._wait_for_tools(timeout=0.05)
+
+    def close(self) -> None:
+        """Stop the background thread; requests still queued or running finish as cancelled."""
+        with self._lock:
+            self._closing = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._abort_all()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+
+    def __enter__(self) -> "Scheduler":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _abort_all(self) -> None:
+        with self._step_lock:
+            with self._lock:
+                queued = list(self._queue)
+                self._queue.clear()
+            for req in queued:
+                req.handle.cancel()
+            for req in list(self._prefilling):
+                req.handle.cancel()
+            for sample in list(self._rows.values()):
+                sample.request.handle.cancel()
+            self._inflight = None
+            self._drop_cancelled(queued)
+            self._deliver()
+
+    # -- stats -----------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Gauges and counters for metrics: requests running and waiting, slots, tokens, finishes."""
+        with self._lock:
+            waiting = len(self._queue)
+        # snapshots: another thread may be stepping (list() of a dict view runs without a GIL release)
+        running = {id(s.request) for s in list(self._rows.values())} | {id(r) for r in list(self._prefilling)}
+        c = self.counters
+        return {"running": len(running), "waiting": waiting, "slots_used": self.slots - len(self._free),
+                "slots_total": self.slots, "prompt_tokens": c["prompt_tokens"],
+                "generation_tokens": c["generation_tokens"], "requests": c["requests"], "steps": c["steps"],
+                "chunks": c["chunks"], "finished": dict(c["finished"])}
+
+    # -- weights ---------------------------------------------------------------------------------
+    def refresh_weights(self, source) -> None:
+        """Copy new weights (a model or a state dict of the same architecture, fused or not) into
+        the scheduler's model in place, between steps; the cache and captured graphs stay."""
+        from .modelprep import load_weights_in_place
+
+        with self._step_lock:
+            load_weights_in_place(self.model, source)
+
+    # -- scheduling steps (called under _step_lock) ----------------------------------------------
+    def _drop_cancelled(self, queued: list[Request] | None = None) -> None:
+        with self._lock:
+            gone = [r for r in self._queue if r.cancelled]
+            for r in gone:
+                self._queue.remove(r)
+        for req in gone + (queued or []):
+            req.finish_unstarted("cancelled")
+            self.counters["finished"]["cancelled"] += req.params.n
+        for req in [r for r in self._prefilling if r.cancelled]:
+            self._prefilling.remove(req)
+            self._release(req.slots)
+            req.finish_unstarted("cancelled")
+            self.counters["finished"]["cancelled"] += req.params.n
+        for sample in [s for s in self._rows.values() if s.request.cancelled]:
+            self._end(sample, "cancelled")
+
+    def _release(self, slots: list[int]) -> None:
+        for s in slots:
+            self._rows.pop(s, None)
+            heapq.heappush(self._free, s)
+
+    def _end(self, sample: Sample, reason: str) -> None:
+        if self._rows.get(sample.slot) is sample:
+            self._release([sample.slot])
+        self.counters["finished"][reason] += 1
+        sample.finish(reason)
+
+    def _tools(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.config.tool_workers, thread_name_prefix="picochat-tool")
+        return self._pool
+
+    def _resolve_tools(self) -> None:
+        tok = self.tokenizer
+        for sample in self._rows.values():
+            if sample.state == "waiting" and sample.tool is not None and sample.tool.done():
+                result = sample.tool.result()
+                sample.forced = deque([tok.special("<|output_start|>"), *tok.encode(result),
+                                       tok.special("<|output_end|>")])
+                sample.state, sample.tool, sample.resync = "forcing", None, True
+
+    def _admit(self) -> None:
+        with self._lock:
+            while self._queue and len(self._free) >= self._queue[0].params.n:
+                req = self._queue.popleft()
+                req.slots = [heapq.heappop(self._free) for _ in range(req.params.n)]
+                self._prefilling.append(req)
+                p = req.params
+                n = p.n
+                self.batch.set_sampling(req.slots, [float(p.temperature)] * n, [p.top_k or 0] * n,
+                                        [1.0 if p.top_p is None else float(p.top_p)] * n, req.keys)
+
+    def _prefill(self) -> None:
+        """Prefill prompt chunks under the step's token budget; start the requests whose prompt is in."""
+        budget, group = self.config.prefill_budget, []
+        for req in self._prefilling:
+            if budget <= 0:
+                break
+            chunk = req.prompt[req.prefilled:req.prefilled + budget]
+            longest = max([len(chunk)] + [len(c) for _, c in group])
+            if any(r.prefilled + longest > self.batch.length for r, _ in group + [(req, chunk)]):
+                continue  # right-padding would run past the cache: this one waits for the next step
+            group.append((req, chunk))
+            budget -= len(chunk)
+        if not group:
+            return
+        logits = self.batch.prefill([r.slots[0] for r, _ in group], [c for _, c in group],
+                                    [r.prefilled for r, _ in group])
+        done = []
+        for i, (req, chunk) in enumerate(group):
+            req.prefilled += len(chunk)
+            if req.prefilled == len(req.prompt):
+                done.append((req, i))
+        if done:
+            self._start(done, logits)
+
+    def _start(self, done: list[tuple[Request, int]], logits: torch.Tensor) -> None:
+        """Prompts fully in the cache: copy to the other samples' slots, draw every first token."""
+        rows, slots, positions = [], [], []
+        for req, i in done:
+            P = len(req.prompt)
+            self.batch.copy_prefix(req.slots[0], req.slots[1:], P)
+            self.batch.set_rows(req.slots[1:], [P] * (len(req.slots) - 1), [0] * (len(req.slots) - 1))
+            rows += [i] * len(req.slots)
+            slots += req.slots
+            positions += [P] * len(req.slots)
+            self._prefilling.remove(req)
+            self.counters["prompt_tokens"] += P
+        params = [req.params for req, _ in done]
+        top_k_max = max((p.top_k or 0) for p in params)
+        any_top_p = any(p.top_p is not None and p.top_p < 1 for p in params)
+        lp_k = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+        tokens, lps, tops = self.batch.first_tokens(logits[rows], slots, positions, top_k_max=top_k_max,
+                                                   any_top_p=any_top_p, logprobs=lp_k)
+        j = 0
+        for req, _ in done:
+            for index, slot in enumerate(req.slots):
+                sample = Sample(req, index, slot, pos=len(req.prompt), since=self.batch._seq + 1,
+                                parser=MessageParser(self.tokenizer), stops=StopMatcher(req.params.stop))
+                req.samples.append(sample)
+                self._rows[slot] = sample
+            for sample in req.samples:
+                lp, top = _logprobs_for(req.params, lps, tops, j)
+                self._accept(sample, tokens[j], lp, top)
+                j += 1
+
+    def _accept(self, sample: Sample, token: int, lp=None, top=None) -> None:
+        req = sample.request
+        call = sample.accept(token, lp, top, tools=req.params.tools and self.tokenizer is not None)
+        self.counters["generation_tokens"] += 1
+        if call is not None:
+            sample.tool = self._tools().submit(self._tool_runner, call)
+            sample.tool.add_done_callback(lambda _: self._notify())
+        if sample.reason is not None:
+            self._end(sample, sample.reason)
+
+    def _notify(self) -> None:
+        with self._lock:
+            self._wake.notify_all()
+
+    def _can_run_ahead(self) -> bool:
+        """Whether the next chunk may launch before the host reads the one in flight: only when no
+        running row needs the host in between (tool output to force in, a rewind pending)."""
+        return all(s.state == "text" and not s.resync for s in self._rows.values())
+
+    def _launch(self):
+        running = [s for s in self._rows.values() if s.state in RUNNING]
+        if not running:
+            return None
+        top_slot = max(self._rows)
+        bucket = self.batch.bucket_for(top_slot)
+        seq = self.batch._seq + 1
+        fixes = []
+        prefilling = {slot: r.prefilled for r in self._prefilling for slot in r.slots}
+        for slot in range(bucket):
+            sample = self._rows.get(slot)
+            if sample is None:  # free, or holding a prompt being prefilled: keep it parked
+                park = prefilling.get(slot, 0)
+                if self.batch.bound[slot] != park:
+                    fixes.append((slot, park, 0))
+            elif sample.state == "waiting" or sample.resync:
+                fixes.append((slot, sample.pos, sample.last))
+                sample.resync = False
+                sample.since = seq
+        if fixes:
+            self.batch.set_rows(*map(list, zip(*fixes)))
+        params = [s.request.params for s in running]
+        k = min(self.sync_every, max(s.request.max_tokens - s.emitted for s in running))
+        forced = {s.slot: list(s.forced)[:k] for s in running if s.state == "forcing"}
+        chunk = self.batch.launch(
+            bucket, k, sampling=any(p.temperature > 0 for p in params),
+            top_k_max=max((p.top_k or 0) for p in params if p.temperature > 0) if any(
+                p.temperature > 0 for p in params) else 0,
+            any_top_p=any(p.top_p is not None and p.top_p < 1 and p.temperature > 0 for p in params),
+            forced=forced or None,
+            logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=None))
+        self.counters["chunks"] += 1
+        return chunk, dict(self._rows)
+
+    def _consume(self, chunk, owners: dict[int, Sample]) -> None:
+        """Read a chunk's tokens and hand each to the sample that owned its slot at launch."""
+        chunk.ready()
+        tokens = chunk.tokens.tolist()
+        lps = chunk.logprob.tolist() if chunk.logprob is not None else None
+        top_ids = chunk.top_ids.tolist() if chunk.top_ids is not None else None
+        top_lp = chunk.top_logprob.tolist() if chunk.top_logprob is not None else None
+        for j in range(chunk.k):
+            for slot, sample in owners.items():
+                if slot >= chunk.bucket or sample.state not in RUNNING or chunk.seq < sample.since:
+                    continue  # stopped, paused or rewound: the rest of its tokens are discarded
+                sample.pos += 1  # the pending token was fed at sample.pos during step j
+                lp = top = None
+                if sample.request.params.logprobs is not None:
+                    lp = lps[j][slot]
+                    n = sample.request.params.logprobs
+                    top = list(zip(top_ids[j][slot][:n], top_lp[j][slot][:n])) if n else None
+                # a row that stops or calls a tool here runs on to the chunk's end (and through a
+                # chunk already launched): its slot is parked, or it is rewound, before the next one
+                self._accept(sample, tokens[j][slot], lp, top)
+
+
+def _logprobs_for(params: SamplingParams, lps, tops, j: int):
+    if params.logprobs is None or lps is None:
+        return None, None
+    top = tops[j][:params.logprobs] if (tops is not None and params.logprobs) else None
+    return lps[j], top
+
+
+def _run_tool(expr: str) -> str:
+    try:  # imported lazily: the scheduler works without the tool module present
+        from .tools import run_python_tool
+
+        return run_python_tool(expr)
+    except Exception as e:  # the tool promises never to raise; stay safe if it does anyway
+        return f"Error: {type(e).__name__}: {e}"

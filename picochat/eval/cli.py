@@ -119,7 +119,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--tasks", default=DEFAULT_CHAT_TASKS, help="comma list: benchmarks and/or synthetic task names")
     c.add_argument("--max-examples", type=int, default=None, help="items per task (default: all)")
     c.add_argument("--max-tokens", type=int, default=512, help="longest generated answer")
-    c.add_argument("--batch-size", type=int, default=64, help="prompts decoded together")
+    c.add_argument("--batch-size", type=int, default=64, help="rows the decode loop keeps running (scheduler slots)")
     c.add_argument("--sandbox-workers", type=int, default=8, help="HumanEval programs run at once")
     c.add_argument("--data", action="append", default=[], metavar="TASK=PATH_OR_URL",
                    help="data for a task (parquet/jsonl file, folder or URL); default: the public parquet URL")

@@ -204,7 +204,8 @@ def samples_section(results: dict[str, dict], count: int = 4) -> str | None:
 def other_section(name: str, r: dict) -> str:
     if "tasks" in r and all("trivial" in t for t in r["tasks"]):  # the demo's held-out tasks
         rows = [[t["task"], t["n"], f"{100 * t['accuracy']:.1f}%", f"{100 * t['trivial']:.1f}%"] for t in r["tasks"]]
-        return f"## Held-out tasks ({r.get('stage', name)})\n\n" + _table(["task", "n", "accuracy", "trivial"], rows)
+        return (f"## Chat evaluation ({r.get('stage', name)}): held-out synthetic tasks\n\n"
+                + _table(["task", "n", "accuracy", "trivial"], rows))
     if "val_bpb" in r:
         return (f"## Validation bits per byte ({r.get('stage', name)})\n\n{r['val_bpb']:.4f} bits per byte on "
                 f"{_fmt(r.get('max_tokens'))} held-out tokens of the {r.get('source')} source (step {r.get('step')}).")

@@ -30,7 +30,8 @@ def test_report_card_end_to_end(home, tiny_run, tmp_path, capsys) -> None:
     assert main(["report", "--run", tiny_run]) == 0
     paths = RunPaths.for_run(tiny_run)
     report = paths.report.read_text()
-    for heading in ("## System", "## Training", "## CORE (base)", "## Held-out tasks (base)", "## Totals"):
+    for heading in ("## System", "## Training", "## CORE (base)", "## Chat evaluation (base): held-out synthetic tasks",
+                    "## Totals"):
         assert heading in report, heading
     assert "| base | 4 | d1 × 64 |" in report and "**CORE**" in report and "n/a (CPU run)" in report
     png = paths.root / "loss_base.png"

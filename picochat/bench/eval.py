@@ -33,6 +33,9 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-per-task", type=int, default=500, help="CORE items per task")
     p.add_argument("--max-examples", type=int, default=None, help="chat items per task (default: all)")
     p.add_argument("--data", action="append", default=[], metavar="TASK=PATH_OR_URL", help="chat task data")
+    p.add_argument("--standin", type=int, default=0, metavar="N",
+                   help="time on generated stand-in data of the real layouts and shapes, N items per set, for tasks "
+                        "without --bundle/--data (machines without network; scores meaningless)")
     p.add_argument("--eager", action="store_true", help="also run the eager per-item baseline on a subset")
     p.add_argument("--eager-items", type=int, default=50, help="items per task in the eager comparison")
     p.add_argument("--device", default="auto")
@@ -51,6 +54,26 @@ def _model(args, stage: str | None, device):
 
     tok = Tokenizer.load(RunPaths.for_run(args.run).tokenizer)
     return build_model(ModelConfig.from_depth(args.depth, vocab_size=tok.vocab_size), device, seed=0).eval(), tok
+
+
+def _standin(args) -> set[str]:
+    """Write stand-in data for the tasks given none; returns their names (see eval_standin.py)."""
+    import tempfile
+    from pathlib import Path
+
+    from .eval_standin import write_chat_sets, write_core_bundle
+
+    root = Path(tempfile.mkdtemp(prefix="picochat-eval-standin-"))
+    used = set()
+    if args.bundle is None:
+        args.bundle = str(write_core_bundle(root / "bundle", args.standin))
+        used.add("core")
+    given = {pair.partition("=")[0] for pair in args.data}
+    for name, path in write_chat_sets(root / "chat", args.standin).items():
+        if name not in given:
+            args.data.append(f"{name}={path}")
+            used.add(name)
+    return used
 
 
 def _timed(fn):
@@ -110,6 +133,7 @@ def cmd_bench_eval(args: argparse.Namespace) -> int:
 
     device = detect_device(args.device)
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    standin = _standin(args) if args.standin > 0 else set()
     records: list[dict] = []
     if "core" in names:
         bench_core(args, device, records)
@@ -118,7 +142,7 @@ def cmd_bench_eval(args: argparse.Namespace) -> int:
         bench_chat(args, chat, device, records)
     depth = args.depth
     base = base_record("eval", device, depth)
-    records = [{**base, **r} for r in records]
+    records = [{**base, **r, "data": "standin" if r["task"].split(":")[0] in standin else "real"} for r in records]
     print(f"{'task':<36} {'mode':<6} {'items':>7} {'seconds':>9} {'items/s':>9} {'score':>8}")
     for r in records:
         rate = r["items"] / r["seconds"] if r["seconds"] else float("nan")

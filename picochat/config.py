@@ -99,6 +99,8 @@ class OptimConfig:
     warmdown_frac: float = 0.2
     final_lr_frac: float = 0.0
     grad_clip: float = 0.0  # 0 = off
+    muon_coefficients: str = "polar_express"  # polar_express | keller (torch.optim.Muon's quintic)
+    muon_impl: str = "picochat"  # picochat (batched, train/muon.py) | torch (torch.optim.Muon: the baseline)
 
 
 @dataclass

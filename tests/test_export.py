@@ -324,3 +324,18 @@ def test_export_does_not_import_training_code(exported, tmp_path):
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "o")], capture_output=True, text=True,
                           env={**os.environ, "PICOCHAT_HOME": str(home)}, timeout=300)
     assert done.returncode == 0, done.stderr
+
+
+def test_verify_passes_on_an_export_and_catches_a_wrong_one(monkeypatch, exported, tmp_path, capsys):
+    from picochat.export.hf import ExportError
+    from picochat.export.verify import verify_export
+
+    home, _ = exported["gqa"]
+    monkeypatch.setenv("PICOCHAT_HOME", str(home))
+    assert export("gqa", tmp_path / "v", "--verify") == 0
+    assert "verified: transformers' logits match picochat's" in capsys.readouterr().out
+    config = json.loads((tmp_path / "v" / "config.json").read_text())
+    config["rope_parameters"]["rope_theta"] = config["rope_theta"] = 10000.0  # picochat's default, not this model's
+    (tmp_path / "v" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError, match="logits differ"):
+        verify_export("gqa", tmp_path / "v")

@@ -180,7 +180,8 @@ def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_r
                     prompt_median: int = 256, output_median: int = 256, sigma: float = 0.5,
                     slots: int | None = None, device: str | torch.device = "cuda", vocab_size: int = 32768,
                     seq_len: int = 2048, serial_requests: int = 16, seed: int = 0, sync_every: int | None = None,
-                    kernels: str = "auto", prefill_budget: int = 2048) -> list[dict]:
+                    kernels: str = "auto", prefill_budget: int | None = None,
+                    compile: bool | str = False) -> list[dict]:
     from ..config import ModelConfig
     from ..infer.scheduler import Scheduler, SchedulerConfig
     from ..model.gpt import build_model
@@ -193,13 +194,14 @@ def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_r
     top = max(list(concurrency) + [1])
     slots = slots or max(top, 1)
     config = SchedulerConfig(slots=slots, sync_every=sync_every, kernels=kernels, prefill_budget=prefill_budget,
-                             max_queue=100_000)
+                             max_queue=100_000, compile=compile if cuda else False)
     t0 = time.perf_counter()
     sched = Scheduler(model, None, config).start()
     build_s = time.perf_counter() - t0
     common = {"prompt_median": prompt_median, "output_median": output_median, "length_sigma": sigma,
               "slots": slots, "mode_step": sched.mode, "sync_every": sched.sync_every, "dtype": str(dtype)[6:],
-              "vocab_size": vocab_size, "seq_len": seq_len, "scheduler_build_s": round(build_s, 2)}
+              "vocab_size": vocab_size, "seq_len": seq_len, "scheduler_build_s": round(build_s, 2),
+              "compile": config.compile or False, "kernels": kernels}
     print(f"scheduler: {slots} slots x {sched.max_context} context, {sched.mode} decode, built in {build_s:.1f} s")
     # warm-up: every bucket size the runs will use, prefill shapes, the host paths
     warm = make_workload(max(8, 2 * top), prompt_median, min(output_median, 32), 0.0, vocab_size,
@@ -284,8 +286,12 @@ def add_batch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=2048, help="the model's context")
     p.add_argument("--vocab-size", type=int, default=32768)
     p.add_argument("--sync-every", type=int, default=None)
-    p.add_argument("--prefill-budget", type=int, default=2048, help="prompt tokens prefilled per scheduler step")
-    p.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton"))
+    p.add_argument("--prefill-budget", type=int, default=None,
+                   help="padded prompt tokens per prefill forward (default 8192 on CUDA, 2048 elsewhere)")
+    p.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton"),
+                   help="the decode step of each batch bucket (auto: Triton up to 8 rows, torch above)")
+    p.add_argument("--compile", nargs="?", const="default", default=False, metavar="MODE",
+                   help="torch.compile the torch step of the larger buckets before capture (minutes)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", default=None, help="write the latency-throughput plot here (PNG)")
@@ -316,7 +322,7 @@ def cmd_batch_bench(args: argparse.Namespace) -> int:
     records = run_batch_bench(args.depth, conc, rates, modes, args.num_requests, args.prompt_median,
                               args.output_median, args.length_sigma, args.slots, device, args.vocab_size,
                               args.seq_len, args.serial_requests, args.seed, args.sync_every, args.kernels,
-                              args.prefill_budget)
+                              args.prefill_budget, args.compile)
     base = base_record("batch", device, args.depth)
     records = [{**base, **r} for r in records]
     print(f"\nbatch · {base['gpu']} · d{args.depth} · prompt/output medians {args.prompt_median}/"

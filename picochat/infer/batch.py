@@ -92,6 +92,14 @@ class DecodeBatch:
             for b in self.buckets:
                 self.runner(b)
 
+    def _dev(self, values, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A small host tensor (or list) on the device. On CUDA through pinned memory without
+        blocking: a plain copy from pageable memory would wait for the running chunk first."""
+        t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
+
     # -- runners ---------------------------------------------------------------------------------
     def bucket_for(self, top_slot: int) -> int:
         """The smallest bucket holding slots 0..top_slot."""
@@ -115,25 +123,25 @@ class DecodeBatch:
         """Set slots' positions and next input ids (rewinds, parking, resumed rows)."""
         if not slots:
             return
-        index = torch.tensor(slots, dtype=torch.long).to(self.device)
-        self.pos[index] = torch.tensor(pos, dtype=torch.long).to(self.device)
-        self.idx[index, 0] = torch.tensor(tokens, dtype=torch.long).to(self.device)
+        index = self._dev(slots, torch.long)
+        self.pos[index] = self._dev(pos, torch.long)
+        self.idx[index, 0] = self._dev(tokens, torch.long)
         for s, p in zip(slots, pos):
             self.bound[s] = p
 
     def set_sampling(self, slots: list[int], temperature: list[float], top_k: list[int], top_p: list[float],
                      keys: list[int]) -> None:
-        index = torch.tensor(slots, dtype=torch.long).to(self.device)
-        self.temperature[index] = torch.tensor(temperature, dtype=torch.float32).to(self.device)
-        self.top_k[index] = torch.tensor(top_k, dtype=torch.long).to(self.device)
-        self.top_p[index] = torch.tensor(top_p, dtype=torch.float32).to(self.device)
-        self.keys[index] = torch.tensor(keys, dtype=torch.long).to(self.device)
+        index = self._dev(slots, torch.long)
+        self.temperature[index] = self._dev(temperature, torch.float32)
+        self.top_k[index] = self._dev(top_k, torch.long)
+        self.top_p[index] = self._dev(top_p, torch.float32)
+        self.keys[index] = self._dev(keys, torch.long)
 
     def copy_prefix(self, src: int, dst: list[int], length: int) -> None:
         """Give slots `dst` the first `length` cached positions of slot `src` (n samples)."""
         if not dst:
             return
-        index = torch.tensor(dst, dtype=torch.long).to(self.device)
+        index = self._dev(dst, torch.long)
         if self.naive:
             self.seq[index, :length] = self.seq[src, :length].unsqueeze(0)
             return
@@ -158,9 +166,9 @@ class DecodeBatch:
         ids = torch.zeros(B, T, dtype=torch.long)
         for b, c in enumerate(chunks):
             ids[b, :len(c)] = torch.tensor(c, dtype=torch.long)
-        ids = ids.to(self.device)
-        last = torch.tensor([len(c) - 1 for c in chunks], dtype=torch.long).to(self.device)
-        start_t = torch.tensor(starts, dtype=torch.long).to(self.device)
+        ids = self._dev(ids)
+        last = self._dev([len(c) - 1 for c in chunks], torch.long)
+        start_t = self._dev(starts, torch.long)
         window = min(self.length, -(-max(s + T for s in starts) // 64) * 64)  # the slots this forward reads
         lo = min(slots)
         if slots == list(range(lo, lo + B)):  # contiguous: write straight into the cache
@@ -169,7 +177,7 @@ class DecodeBatch:
             view.pos.copy_(start_t)
             return self.model(ids, kv_cache=view, logits_at=last)[:, 0]
         # scattered slots: gather their rows, run, scatter them back
-        index = torch.tensor(slots, dtype=torch.long).to(self.device)
+        index = self._dev(slots, torch.long)
         view = KVCache([k[index, :, :window] for k in self.cache.k], [v[index, :, :window] for v in self.cache.v],
                        start_t)
         logits = self.model(ids, kv_cache=view, logits_at=last)[:, 0]
@@ -180,9 +188,9 @@ class DecodeBatch:
     def _prefill_naive(self, slots: list[int], chunks: list[list[int]], starts: list[int],
                        ends: list[int]) -> torch.Tensor:
         for slot, start, c in zip(slots, starts, chunks):
-            self.seq[slot, start:start + len(c)] = torch.tensor(c, dtype=torch.long).to(self.device)
-        index = torch.tensor(slots, dtype=torch.long).to(self.device)
-        last = torch.tensor([e - 1 for e in ends], dtype=torch.long).to(self.device)
+            self.seq[slot, start:start + len(c)] = self._dev(c, torch.long)
+        index = self._dev(slots, torch.long)
+        last = self._dev([e - 1 for e in ends], torch.long)
         return self.model(self.seq[index, :max(ends)], logits_at=last)[:, 0]
 
     # -- decode ----------------------------------------------------------------------------------
@@ -207,8 +215,8 @@ class DecodeBatch:
                 toks = toks[:k]
                 fmask[:len(toks), s] = True
                 ftok[:len(toks), s] = torch.tensor(toks, dtype=torch.long)
-            self.fmask[:k, :bucket].copy_(fmask)
-            self.ftok[:k, :bucket].copy_(ftok)
+            self.fmask[:k, :bucket].copy_(self._dev(fmask))
+            self.ftok[:k, :bucket].copy_(self._dev(ftok))
         rows = slice(0, bucket)
         for j in range(k):
             logits, tok = runner.step()  # tok: greedy, already the next step's input
@@ -257,12 +265,13 @@ class DecodeBatch:
             event.record()
         return ChunkOut(seq, k, bucket, tokens, lp, top_ids, top_lp, event)
 
-    def first_tokens(self, logits: torch.Tensor, slots: list[int], positions: list[int], *, top_k_max: int,
-                     any_top_p: bool, logprobs: int | None) -> tuple[list[int], list | None, list | None]:
-        """Sample each slot's first token from its prompt's logits (one row per slot), make it the
-        slot's next input; returns tokens, chosen logprobs and top alternatives (host lists)."""
-        index = torch.tensor(slots, dtype=torch.long).to(self.device)
-        pos = torch.tensor(positions, dtype=torch.long).to(self.device)
+    def first_tokens(self, logits: torch.Tensor, rows: list[int], slots: list[int], positions: list[int], *,
+                     top_k_max: int, any_top_p: bool, logprobs: int | None) -> tuple[list[int], list | None, list | None]:
+        """Sample each slot's first token from its prompt's logits (`logits[rows[i]]` for slot i),
+        make it the slot's next input; returns tokens, chosen logprobs and top alternatives."""
+        logits = logits.index_select(0, self._dev(rows, torch.long))
+        index = self._dev(slots, torch.long)
+        pos = self._dev(positions, torch.long)
         tok = self.sample(logits, index, top_k_max=top_k_max, any_top_p=any_top_p, positions=pos)
         self.idx[index, 0] = tok
         lp = top = None

@@ -81,7 +81,7 @@ class Engine:
         self.sync_every = sync_every or (16 if mode == "fast" else 1)
         self.compile: str | None = ("default" if compile is True else compile) or None
         # fast mode replays one captured graph per window, so finer windows cost only captures
-        self.window_step = window_step or (64 if mode == "fast" else 256)
+        self.window_step = window_step or 64
         self.max_context = max_context or model.config.seq_len
         if self.max_context > model.rotary_len:
             raise ValueError(f"max_context {self.max_context} exceeds the model's {model.rotary_len} positions")

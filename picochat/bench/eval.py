@@ -96,8 +96,8 @@ def bench_core(args, device, records: list[dict]) -> None:
     if args.eager:
         runs = [("fast", fast_model, args.eager_items), ("eager", model, args.eager_items), *runs]
     for mode, m, items in runs:
-        if device.type == "cuda" and mode == "fast":  # compile every shape once, untimed
-            evaluate_core(m, tok, tasks, min(items, 8), "batched", progress=False)
+        if device.type == "cuda" and mode == "fast":  # compile every length bucket once, untimed
+            _warm_up(m, model.config.seq_len)
         synchronize(device)
         result, seconds = _timed(lambda: evaluate_core(m, tok, tasks, items, "batched" if mode == "fast" else "eager",
                                                        progress=False))
@@ -107,6 +107,13 @@ def bench_core(args, device, records: list[dict]) -> None:
         n = sum(t["n"] for t in result["tasks"])
         records.append({"task": "core", "mode": mode, "items": n, "seconds": seconds, "score": result["core"],
                         "max_per_task": items, "depth": model.config.n_layer})
+
+
+def _warm_up(model, limit: int) -> None:
+    from ..eval.loglik import LENGTH_BUCKETS, Scored, score_rows
+
+    for length in sorted({min(b, limit) for b in LENGTH_BUCKETS}):
+        score_rows(model, [Scored((0,) * length, 1, length)])
 
 
 def bench_chat(args, names: list[str], device, records: list[dict]) -> None:

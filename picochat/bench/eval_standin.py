@@ -79,8 +79,13 @@ def write_core_bundle(root: Path, items: int, seed: int = 0) -> Path:
     return root
 
 
+# test-split sizes of the real sets (facts: the public datasets' row counts)
+CHAT_SIZES = {"arc-easy": 2376, "arc-challenge": 1172, "mmlu": 14042, "gsm8k": 1319}
+
+
 def write_chat_sets(root: Path, items: int, seed: int = 0) -> dict[str, str]:
-    """Stand-in parquet files for ARC-Easy, ARC-Challenge, MMLU and GSM8K; returns task -> path."""
+    """Stand-in parquet files for ARC-Easy, ARC-Challenge, MMLU and GSM8K, each the real test split's
+    size or `items`, whichever is smaller; returns task -> path."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -90,14 +95,15 @@ def write_chat_sets(root: Path, items: int, seed: int = 0) -> dict[str, str]:
     for name, words in (("arc-easy", 22), ("arc-challenge", 28)):
         rows = [{"id": f"{name}-{i}", "question": _text(rng, words),
                  "choices": {"text": [_text(rng, 4) for _ in range(4)], "label": list("ABCD")},
-                 "answerKey": rng.choice("ABCD")} for i in range(items)]
+                 "answerKey": rng.choice("ABCD")} for i in range(min(items, CHAT_SIZES[name]))]
         out[name] = str(root / f"{name}.parquet")
         pq.write_table(pa.Table.from_pylist(rows), out[name])
     rows = [{"question": _text(rng, 45), "subject": "standin", "choices": [_text(rng, 6) for _ in range(4)],
-             "answer": rng.randrange(4)} for _ in range(items)]
+             "answer": rng.randrange(4)} for _ in range(min(items, CHAT_SIZES["mmlu"]))]
     out["mmlu"] = str(root / "mmlu.parquet")
     pq.write_table(pa.Table.from_pylist(rows), out["mmlu"])
-    rows = [{"question": _text(rng, 45), "answer": f"{_text(rng, 30)}\n#### {rng.randrange(1000)}"} for _ in range(items)]
+    rows = [{"question": _text(rng, 45), "answer": f"{_text(rng, 30)}\n#### {rng.randrange(1000)}"}
+            for _ in range(min(items, CHAT_SIZES["gsm8k"]))]
     out["gsm8k"] = str(root / "gsm8k.parquet")
     pq.write_table(pa.Table.from_pylist(rows), out["gsm8k"])
     return out

@@ -49,6 +49,7 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from .common import setup_logging
+    from .train.preemption import TrainingStopped
 
     setup_logging()
     parser = build_parser()
@@ -61,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except TrainingStopped as e:  # a graceful stop on a signal: the loop logged where and how to resume
+        return e.exit_code
+    except (ValueError, OSError, RuntimeError) as e:  # OSError covers FileNotFoundError and a full disk
         if getattr(args, "debug", False):
             raise
         print(f"picochat {args.command}: error: {e}", file=sys.stderr)

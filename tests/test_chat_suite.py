@@ -153,3 +153,12 @@ def test_eval_chat_command_writes_results(site, tok, tiny_run, capsys) -> None:
     assert len(result["tasks"][0]["items"]) == 4 and result["chatcore"] == pytest.approx((0.75 - 0.25) / 0.75)
     assert main(["eval", "chat", "--run", tiny_run, "--tasks", "nonesuch", "--device", "cpu"]) == 1
     assert main(["eval", "chat", "--run", tiny_run, "--data", "novalue", "--device", "cpu"]) == 1
+
+
+def test_run_option_before_or_after_the_subcommand() -> None:
+    from picochat.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["eval", "--run", "r1", "chat"], ["eval", "chat", "--run", "r1"], ["eval", "--run", "r1", "base"]):
+        assert parser.parse_args(argv).run == "r1", argv
+    assert parser.parse_args(["eval", "base"]).run == "default"

@@ -84,6 +84,14 @@ def run_chat(run: str, tasks: list[str], stage: str | None = None, cfg=None, sou
 # the command line
 
 
+def _keep_parent_values(sub_parser: argparse.ArgumentParser) -> None:
+    """`picochat eval --run R base` and `picochat eval base --run R` both work: the subcommand sets
+    --run/--debug only when given after it, instead of overwriting the value given before it."""
+    for action in sub_parser._actions:
+        if action.dest in ("run", "debug"):
+            action.default = argparse.SUPPRESS
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from ..options import add_run_arg
     from ..data.cli import add_source_args
@@ -112,6 +120,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--device", default="auto")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=cmd_eval_base)
+    _keep_parent_values(b)
 
     c = esub.add_parser("chat", help="ARC-Easy/Challenge, MMLU, GSM8K, HumanEval and ChatCORE")
     add_run_arg(c)
@@ -126,6 +135,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--device", default="auto")
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=cmd_eval_chat)
+    _keep_parent_values(c)
 
 
 def cmd_eval_base(args: argparse.Namespace) -> int:

@@ -58,6 +58,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             from .eval.chat_eval import DEFAULT_TASKS, evaluate_run, format_table
 
             print(format_table(evaluate_run(args.run, "sft", DEFAULT_TASKS, args.eval_examples, device=args.device)))
+        if dist_info().is_main:
+            from .report import write_report
+
+            write_report(args.run)
         _barrier()
     finally:
         cleanup_distributed()

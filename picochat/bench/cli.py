@@ -16,6 +16,7 @@ PROVIDERS = (
     ("picochat.bench.autobatch", "add_autobatch_parser"),
     ("picochat.bench.report", "add_report_parser"),
     ("picochat.bench.serve", "add_serve_parser"),
+    ("picochat.bench.eval", "add_eval_parser"),
 )
 
 

@@ -120,10 +120,15 @@ class TrainConfig:
     eval_tokens: int = 2**20
     sample_every: int = 1000
     save_every: int = 1000  # 0: only at the end; -1: never (benchmarks)
+    keep_last: int = 2  # checkpoints kept per stage (0: all); older ones go once a new one verifies
     compile: bool | None = None  # None: on for CUDA
     device: str = "auto"
     resume: bool = False
     optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self) -> None:
+        if self.keep_last < 0:
+            raise ValueError(f"keep_last must be >= 0 (0 keeps every checkpoint), got {self.keep_last}")
 
 
 @dataclass
@@ -136,6 +141,7 @@ class DataConfig:
     embedded_docs: int = 20000
     embedded_seed: int = 1234
     val_fraction: float = 0.01
+    strict_data: bool = False  # a damaged file met while training: error instead of skipping it
 
 
 @dataclass

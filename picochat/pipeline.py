@@ -66,6 +66,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
             last = "rl" if args.rl_steps else "sft"
             print(format_table(evaluate_run(args.run, last, DEFAULT_TASKS, args.eval_examples, device=args.device)))
+        if dist_info().is_main:
+            from .report import write_report
+
+            write_report(args.run)
         _barrier()
     finally:
         cleanup_distributed()

@@ -17,6 +17,7 @@ PROVIDERS = (
     ("picochat.bench.report", "add_report_parser"),
     ("picochat.bench.rl", "add_rl_parser"),
     ("picochat.bench.serve", "add_serve_parser"),
+    ("picochat.bench.eval", "add_eval_parser"),
 )
 
 

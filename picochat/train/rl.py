@@ -271,6 +271,10 @@ class RLTrainer:
                   "samples_per_prompt": cfg.samples_per_prompt, "world_size": self.dist.world_size,
                   "init_from": str(self.start), "first_eval": first_eval, "final_eval": last_eval,
                   "final_reward": stats["reward"] if stats else None}
+        k = f"pass@{cfg.eval_samples}"
+        for when, ev in (("before", first_eval), ("after", last_eval)):  # flat, for the report card's table
+            if ev is not None:
+                result[f"pass@1 {when}"], result[f"{k} {when}"] = ev["pass@1"], ev[k]
         if self.dist.is_main:
             runs.write_result(cfg.run, STAGE, result)
         self.rollouts.close()
@@ -289,7 +293,7 @@ class RLTrainer:
         t2 = time.perf_counter()
         rollout_s, update_s = _all_reduce([t1 - t0, t2 - t1], self.device)
         W = self.dist.world_size
-        stats.update(step=step, rollout_s=rollout_s / W, update_s=update_s / W,
+        stats.update(step=step, rollout_s=rollout_s / W, update_s=update_s / W, seconds=(rollout_s + update_s) / W,
                      rollout_tok_per_s=stats["completion_tokens"] / max(1e-9, rollout_s / W))
         if self.dist.is_main:
             log.info(f"rl step {step + 1}/{num_steps}: reward {stats['reward']:.3f}, loss {stats['loss']:+.4f}, "

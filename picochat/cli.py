@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "sft": "picochat.train.sft",  # registers both `midtrain` and `sft`
     "eval": "picochat.eval.chat_eval",
     "chat": "picochat.infer.chat_cli",
+    "export": "picochat.export",
     "run": "picochat.pipeline",
     "bench": "picochat.bench.cli",
     "demo": "picochat.demo",

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from picochat.config import ModelConfig
 from picochat.infer import engine as engine_mod
 from picochat.infer.engine import ContextOverflowError, Engine
-from picochat.infer.sampling import StreamDecoder, sample_next
+from picochat.infer import batch as batch_mod
+from picochat.infer.sampling import StreamDecoder, sample_next, sample_rows
 from picochat.model.gpt import build_model
 from picochat.tokenizer import Tokenizer
 
@@ -80,9 +81,9 @@ def test_cached_logits_match_full_forward(monkeypatch, n_layer, n_head, n_kv_hea
 
     def recording(logits, *args, **kwargs):
         seen.append(logits.clone())
-        return sample_next(logits, *args, **kwargs)
+        return sample_rows(logits, *args, **kwargs)
 
-    monkeypatch.setattr(engine_mod, "sample_next", recording)
+    monkeypatch.setattr(batch_mod, "sample_rows", recording)  # the scheduler's sampler
     prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [42]]
     eng = Engine(model, None, mode="eager", sync_every=sync_every, fuse=fuse)
     eng.window_step = 4  # attention windows switch every 4 positions: exercise the switching

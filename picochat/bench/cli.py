@@ -10,6 +10,7 @@ PROVIDERS = (
     ("picochat.bench.train", "add_train_parser"),
     ("picochat.bench.loader", "add_loader_parser"),
     ("picochat.bench.decode", "add_decode_parser"),
+    ("picochat.bench.batch", "add_batch_parser"),
     ("picochat.bench.tiles", "add_tiles_parser"),
     ("picochat.bench.sft", "add_sft_parser"),
     ("picochat.bench.autobatch", "add_autobatch_parser"),

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model.attention import KVCache
-from .runners import CachedRunner, bucket_size
+from .runners import CachedRunner, NaiveRunner, bucket_size
 from .sampling import sample_rows
 
 MAX_LOGPROBS = 20  # top alternatives a row may ask for (SamplingParams.logprobs)
@@ -48,7 +48,8 @@ class ChunkOut:
 
 class DecodeBatch:
     def __init__(self, model, slots: int, context: int, *, k_max: int, dtype: torch.dtype, graph: bool = False,
-                 compile: str | None = None, window_step: int = 256, kernels_for=lambda bucket: "torch"):
+                 compile: str | None = None, window_step: int = 256, kernels_for=lambda bucket: "torch",
+                 naive: bool = False):
         c = model.config
         self.model, self.slots, self.context, self.k_max = model, slots, context, k_max
         self.device = next(model.parameters()).device
@@ -57,10 +58,15 @@ class DecodeBatch:
         self.length = context + 2 * k_max
         if self.length > model.rotary_len:
             raise ValueError(f"context {context} + {2 * k_max} slack exceeds the model's {model.rotary_len} positions")
-        slots_len = self.length + (1 if compile else 0)
-        self.cache = KVCache.allocate(c.n_layer, slots, c.n_kv_head, slots_len, c.head_dim, self.device, dtype)
-        self.pos = self.cache.pos
         dev = self.device
+        self.naive = naive
+        if naive:  # the baseline: no cache, a token buffer, every step a forward over whole prefixes
+            self.cache, self.seq = None, torch.zeros(slots, self.length, dtype=torch.long, device=dev)
+            self.pos = torch.zeros(slots, dtype=torch.long, device=dev)
+        else:
+            slots_len = self.length + (1 if compile else 0)
+            self.cache = KVCache.allocate(c.n_layer, slots, c.n_kv_head, slots_len, c.head_dim, dev, dtype)
+            self.pos = self.cache.pos
         self.idx = torch.zeros(slots, 1, dtype=torch.long, device=dev)
         self.temperature = torch.zeros(slots, dtype=torch.float32, device=dev)
         self.top_k = torch.zeros(slots, dtype=torch.long, device=dev)
@@ -76,20 +82,36 @@ class DecodeBatch:
         self.buckets = sorted({min(bucket_size(n), slots) for n in range(1, slots + 1)})
         self.runners: dict[int, CachedRunner] = {}
         self._seq = 0
-        self._runner_args = dict(dtype=dtype, graph=graph, compile=compile, window_step=window_step)
+        # every bucket's graphs share one memory pool: they replay one at a time on one stream and
+        # each step's outputs are consumed before the next replay
+        pool = torch.cuda.graph_pool_handle() if graph else None
+        self._runner_args = dict(dtype=dtype, graph=graph, compile=compile, window_step=window_step,
+                                 graph_pool=pool)
         self._kernels_for = kernels_for
         if graph:  # capture every bucket's graphs now: capturing writes junk into the cache rows
             for b in self.buckets:
                 self.runner(b)
+
+    def _dev(self, values, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A small host tensor (or list) on the device. On CUDA through pinned memory without
+        blocking: a plain copy from pageable memory would wait for the running chunk first."""
+        t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     # -- runners ---------------------------------------------------------------------------------
     def bucket_for(self, top_slot: int) -> int:
         """The smallest bucket holding slots 0..top_slot."""
         return next(b for b in self.buckets if b > top_slot)
 
-    def runner(self, bucket: int) -> CachedRunner:
+    def runner(self, bucket: int) -> CachedRunner | NaiveRunner:
         runner = self.runners.get(bucket)
-        if runner is None:
+        if runner is None and self.naive:
+            runner = NaiveRunner(self.model, bucket, self.length, self.k_max, seq=self.seq[:bucket],
+                                 pos=self.pos[:bucket], idx=self.idx[:bucket])
+            self.runners[bucket] = runner
+        elif runner is None:
             view = self.cache.view(rows=bucket)
             runner = CachedRunner(self.model, bucket, self.length, self.k_max, cache=view, idx=self.idx[:bucket],
                                   kernels=self._kernels_for(bucket), **self._runner_args)
@@ -101,25 +123,28 @@ class DecodeBatch:
         """Set slots' positions and next input ids (rewinds, parking, resumed rows)."""
         if not slots:
             return
-        index = torch.tensor(slots, dtype=torch.long).to(self.device)
-        self.pos[index] = torch.tensor(pos, dtype=torch.long).to(self.device)
-        self.idx[index, 0] = torch.tensor(tokens, dtype=torch.long).to(self.device)
+        index = self._dev(slots, torch.long)
+        self.pos[index] = self._dev(pos, torch.long)
+        self.idx[index, 0] = self._dev(tokens, torch.long)
         for s, p in zip(slots, pos):
             self.bound[s] = p
 
     def set_sampling(self, slots: list[int], temperature: list[float], top_k: list[int], top_p: list[float],
                      keys: list[int]) -> None:
-        index = torch.tensor(slots, dtype=torch.long).to(self.device)
-        self.temperature[index] = torch.tensor(temperature, dtype=torch.float32).to(self.device)
-        self.top_k[index] = torch.tensor(top_k, dtype=torch.long).to(self.device)
-        self.top_p[index] = torch.tensor(top_p, dtype=torch.float32).to(self.device)
-        self.keys[index] = torch.tensor(keys, dtype=torch.long).to(self.device)
+        index = self._dev(slots, torch.long)
+        self.temperature[index] = self._dev(temperature, torch.float32)
+        self.top_k[index] = self._dev(top_k, torch.long)
+        self.top_p[index] = self._dev(top_p, torch.float32)
+        self.keys[index] = self._dev(keys, torch.long)
 
     def copy_prefix(self, src: int, dst: list[int], length: int) -> None:
         """Give slots `dst` the first `length` cached positions of slot `src` (n samples)."""
         if not dst:
             return
-        index = torch.tensor(dst, dtype=torch.long).to(self.device)
+        index = self._dev(dst, torch.long)
+        if self.naive:
+            self.seq[index, :length] = self.seq[src, :length].unsqueeze(0)
+            return
         for kv in (*self.cache.k, *self.cache.v):
             kv[index, :, :length] = kv[src, :, :length].unsqueeze(0)
 
@@ -129,31 +154,44 @@ class DecodeBatch:
         """Feed each slot its chunk of prompt at positions start.. (right-padded into one forward;
         every start + longest chunk must fit in `length`). Returns (len(slots), V) logits of each
         chunk's last token; leaves each slot's position after its chunk."""
-        T = max(len(c) for c in chunks)
-        B = len(slots)
+        lens = [len(c) for c in chunks]
+        ends = [s + n for s, n in zip(starts, lens)]
+        logits = self._prefill_naive(slots, chunks, starts, ends) if self.naive else \
+            self._prefill_cached(slots, chunks, starts)
+        self.set_rows(slots, ends, [0] * len(slots))
+        return logits
+
+    def _prefill_cached(self, slots: list[int], chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
+        B, T = len(slots), max(len(c) for c in chunks)
         ids = torch.zeros(B, T, dtype=torch.long)
         for b, c in enumerate(chunks):
             ids[b, :len(c)] = torch.tensor(c, dtype=torch.long)
-        lens = [len(c) for c in chunks]
-        window = min(self.length, -(-max(s + T for s in starts) // 64) * 64)
-        ids, last = ids.to(self.device), torch.tensor([n - 1 for n in lens], dtype=torch.long).to(self.device)
-        start_t = torch.tensor(starts, dtype=torch.long).to(self.device)
+        ids = self._dev(ids)
+        last = self._dev([len(c) - 1 for c in chunks], torch.long)
+        start_t = self._dev(starts, torch.long)
+        window = min(self.length, -(-max(s + T for s in starts) // 64) * 64)  # the slots this forward reads
         lo = min(slots)
         if slots == list(range(lo, lo + B)):  # contiguous: write straight into the cache
             view = KVCache([k[lo:lo + B, :, :window] for k in self.cache.k],
                            [v[lo:lo + B, :, :window] for v in self.cache.v], self.pos[lo:lo + B])
             view.pos.copy_(start_t)
-            logits = self.model(ids, kv_cache=view, logits_at=last)[:, 0]
-        else:  # gather the rows, run, scatter them back
-            index = torch.tensor(slots, dtype=torch.long).to(self.device)
-            view = KVCache([k[index, :, :window] for k in self.cache.k], [v[index, :, :window] for v in self.cache.v],
-                           start_t.clone())
-            logits = self.model(ids, kv_cache=view, logits_at=last)[:, 0]
-            for full, part in zip((*self.cache.k, *self.cache.v), (*view.k, *view.v)):
-                full[index, :, :window] = part
-        ends = [s + n for s, n in zip(starts, lens)]
-        self.set_rows(slots, ends, [0] * B)
+            return self.model(ids, kv_cache=view, logits_at=last)[:, 0]
+        # scattered slots: gather their rows, run, scatter them back
+        index = self._dev(slots, torch.long)
+        view = KVCache([k[index, :, :window] for k in self.cache.k], [v[index, :, :window] for v in self.cache.v],
+                       start_t)
+        logits = self.model(ids, kv_cache=view, logits_at=last)[:, 0]
+        for full, part in zip((*self.cache.k, *self.cache.v), (*view.k, *view.v)):
+            full[index, :, :window] = part
         return logits
+
+    def _prefill_naive(self, slots: list[int], chunks: list[list[int]], starts: list[int],
+                       ends: list[int]) -> torch.Tensor:
+        for slot, start, c in zip(slots, starts, chunks):
+            self.seq[slot, start:start + len(c)] = self._dev(c, torch.long)
+        index = self._dev(slots, torch.long)
+        last = self._dev([e - 1 for e in ends], torch.long)
+        return self.model(self.seq[index, :max(ends)], logits_at=last)[:, 0]
 
     # -- decode ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -177,8 +215,8 @@ class DecodeBatch:
                 toks = toks[:k]
                 fmask[:len(toks), s] = True
                 ftok[:len(toks), s] = torch.tensor(toks, dtype=torch.long)
-            self.fmask[:k, :bucket].copy_(fmask)
-            self.ftok[:k, :bucket].copy_(ftok)
+            self.fmask[:k, :bucket].copy_(self._dev(fmask))
+            self.ftok[:k, :bucket].copy_(self._dev(ftok))
         rows = slice(0, bucket)
         for j in range(k):
             logits, tok = runner.step()  # tok: greedy, already the next step's input
@@ -227,12 +265,13 @@ class DecodeBatch:
             event.record()
         return ChunkOut(seq, k, bucket, tokens, lp, top_ids, top_lp, event)
 
-    def first_tokens(self, logits: torch.Tensor, slots: list[int], positions: list[int], *, top_k_max: int,
-                     any_top_p: bool, logprobs: int | None) -> tuple[list[int], list | None, list | None]:
-        """Sample each slot's first token from its prompt's logits (one row per slot), make it the
-        slot's next input; returns tokens, chosen logprobs and top alternatives (host lists)."""
-        index = torch.tensor(slots, dtype=torch.long).to(self.device)
-        pos = torch.tensor(positions, dtype=torch.long).to(self.device)
+    def first_tokens(self, logits: torch.Tensor, rows: list[int], slots: list[int], positions: list[int], *,
+                     top_k_max: int, any_top_p: bool, logprobs: int | None) -> tuple[list[int], list | None, list | None]:
+        """Sample each slot's first token from its prompt's logits (`logits[rows[i]]` for slot i),
+        make it the slot's next input; returns tokens, chosen logprobs and top alternatives."""
+        logits = logits.index_select(0, self._dev(rows, torch.long))
+        index = self._dev(slots, torch.long)
+        pos = self._dev(positions, torch.long)
         tok = self.sample(logits, index, top_k_max=top_k_max, any_top_p=any_top_p, positions=pos)
         self.idx[index, 0] = tok
         lp = top = None

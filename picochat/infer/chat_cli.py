@@ -3,7 +3,8 @@
 Interactive multi-turn chat with streaming, UTF-8-safe output, or a one-shot answer with `-p`.
 Loads the run's latest SFT checkpoint (else mid, else base, with a note). When a conversation
 outgrows the model's context, the oldest turns are dropped with a visible notice. Tool calls the
-model makes are shown inline as `[python: expr]` and `[= result]`.
+model makes are shown inline as `[python: expr]` and `[= result]`. Replies are requests to the
+scheduler (`scheduler.py`), read as events whose message parts `parts.MessageParser` labels.
 """
 
 from __future__ import annotations
@@ -46,12 +47,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+_OPEN = {"tool_call": "[python: ", "tool_output": "[= "}  # how tool parts show in the terminal
+_CLOSE = {"tool_call": "]", "tool_output": "]"}
+
+
 class ChatSession:
-    """One conversation: renders it, fits it into the context, streams the reply."""
+    """One conversation: renders it, fits it into the context, streams the reply through the
+    scheduler (an `Engine` is accepted too: its one-row scheduler is used)."""
 
     def __init__(self, engine, tokenizer, sampling: SamplingConfig, out: TextIO | None = None,
                  err: TextIO | None = None):
         self.engine, self.tokenizer, self.sampling = engine, tokenizer, sampling
+        self.core = engine.scheduler(1) if hasattr(engine, "generate_batch") else engine
         self._out, self._err = out, err  # None: whatever sys.stdout/stderr are at the time of writing
         self.messages: list[dict] = []
 
@@ -68,9 +75,9 @@ class ChatSession:
 
     def _fit(self) -> tuple[list[int], int]:
         """Prompt ids and the reply budget; drops the oldest turns while the context is too small."""
-        from .engine import ContextOverflowError
+        from .scheduler import ContextOverflowError
 
-        max_tokens, limit = self.sampling.max_tokens, self.engine.max_context
+        max_tokens, limit = self.sampling.max_tokens, self.core.max_context
         # a --max-tokens larger than the context is a cap, not a demand: keep room for a full reply
         # or half the context, whichever is smaller, and say so only when a turn must go
         wanted = min(max_tokens, limit // 2)
@@ -92,48 +99,45 @@ class ChatSession:
 
     def reply(self, text: str) -> str:
         """Stream the assistant's answer to `text`; returns the answer's text."""
-        from .sampling import StreamDecoder
+        from .parts import to_content
+        from .request import FinishEvent, SamplingParams, TokenEvent
 
-        tok = self.tokenizer
         self.messages.append({"role": "user", "content": text})
         ids, max_tokens = self._fit()
-        special = {tok.special(n): n for n in ("<|python_start|>", "<|python_end|>", "<|output_start|>",
-                                              "<|output_end|>")}
-        parts: list[dict] = []
-        current = {"type": "text", "ids": []}
-        decoder = StreamDecoder(tok)
-        n_tokens, reason = 0, None
         s = self.sampling
+        params = SamplingParams(max_tokens=max_tokens, temperature=float(s.temperature), top_k=s.top_k or None,
+                                top_p=s.top_p, seed=s.seed, stop=tuple(s.stop or ()))
+        core = self.core
+        handle = core.submit(ids, params)
+        parts: list[tuple[str, str]] = []  # (part, text) runs, as the scheduler labels them
+        shown, n_tokens, reason = "text", 0, None
         start = time.perf_counter()
-        for step in self.engine.generate([ids], max_tokens=max_tokens, temperature=s.temperature, top_k=s.top_k,
-                                         top_p=s.top_p, seed=s.seed, stop_strings=s.stop or None):
-            t = step.tokens[0]
-            if t is None:
-                continue
-            n_tokens += 1
-            reason = step.reasons[0]
-            name = special.get(t)
-            if name in ("<|python_start|>", "<|output_start|>"):
-                self._write(decoder.flush())
-                parts.append(current)
-                current = {"type": "python" if name == "<|python_start|>" else "python_output", "ids": []}
-                self._write("[python: " if name == "<|python_start|>" else "[= ")
-            elif name in ("<|python_end|>", "<|output_end|>"):
-                self._write(decoder.flush() + "]")
-                parts.append(current)
-                current = {"type": "text", "ids": []}
-            elif not tok.is_special(t):
-                current["ids"].append(t)
-                self._write(decoder.feed(t))
-        self._write(decoder.flush() + "\n")
+        try:
+            for event in core.iter_events(handle):
+                if isinstance(event, TokenEvent):
+                    n_tokens += 1
+                    part = event.part if event.part != "special" else shown
+                    if part != shown:  # entering or leaving a tool call or its output
+                        self._write(_CLOSE.get(shown, "") + _OPEN.get(part, ""))
+                        shown = part
+                    if event.text:
+                        self._write(event.text)
+                        if parts and parts[-1][0] == part:
+                            parts[-1] = (part, parts[-1][1] + event.text)
+                        else:
+                            parts.append((part, event.text))
+                elif isinstance(event, FinishEvent):
+                    reason = event.reason
+        except BaseException:  # e.g. Ctrl-C: stop generating, free the slot
+            handle.cancel()
+            for _ in core.iter_events(handle):
+                pass
+            raise
+        self._write(_CLOSE.get(shown, "") + "\n")
         elapsed = time.perf_counter() - start
-        parts.append(current)
-        content = [{"type": p["type"], "text": tok.decode(p["ids"])} for p in parts if p["ids"] or p["type"] != "text"]
-        if not content:
-            content = [{"type": "text", "text": ""}]
-        answer = "".join(p["text"] for p in content if p["type"] == "text")
-        self.messages.append({"role": "assistant",
-                              "content": answer if all(p["type"] == "text" for p in content) else content})
+        content = to_content(parts)
+        self.messages.append({"role": "assistant", "content": content})
+        answer = content if isinstance(content, str) else "".join(p["text"] for p in content if p["type"] == "text")
         note = ", cut at --max-tokens" if reason == "length" else ""
         print(f"({n_tokens} tokens, {n_tokens / max(elapsed, 1e-9):.1f} tok/s{note})", file=self.err)
         return answer
@@ -172,7 +176,7 @@ class ChatSession:
 def run(args: argparse.Namespace) -> int:
     from ..common import detect_device, log
     from ..runs import load_model
-    from .engine import ContextOverflowError, Engine
+    from .scheduler import ContextOverflowError, Scheduler, SchedulerConfig
 
     sampling = config_from_args(args, SamplingConfig)  # bad values stop here, before the model loads
     sampling.top_k = sampling.top_k or None
@@ -181,8 +185,10 @@ def run(args: argparse.Namespace) -> int:
     stage = meta.get("stage", args.stage or "?")
     if stage != "sft":
         log.info(f"note: no SFT checkpoint used; this is the {stage} model, which was not trained to chat")
-    engine = Engine(model, tokenizer, mode=args.mode, compile=args.compile,
-                    kernels=args.kernels if (args.mode or 'fast') == 'fast' else 'auto')
+    # one conversation at a time: one slot (the server is what batches many)
+    engine = Scheduler(model, tokenizer, SchedulerConfig(
+        slots=1, mode=args.mode, compile=args.compile,
+        kernels=args.kernels if (args.mode or "fast") == "fast" else "auto"))
     session = ChatSession(engine, tokenizer, sampling)
     if args.prompt is not None:
         session.reply(args.prompt)  # a ContextOverflowError reaches the CLI's error report (exit 1)

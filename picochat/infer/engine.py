@@ -1,93 +1,48 @@
-"""Inference engine: prefill, KV-cached decode, batched sampling, stop conditions and tool use.
+"""The batch API over the scheduler: `Engine(model, tokenizer).generate(prompts, ...)`.
 
-`Engine(model, tokenizer).generate(prompts, ...)` prefills every prompt once (right-padded into one
-batch; each row's cache position is then set to its true length), then decodes all rows together,
-yielding one `Step` per decode step: the token each row appended (None once it stopped or while it
-waits on a tool) and whether it has finished. `num_samples=n` prefills a prompt once, copies its
-cache rows n times and samples every row independently from the first token on.
+`generate` submits one request per prompt (with `num_samples` samples each) to a `Scheduler` of its
+own (`scheduler.py`, the one decode loop), drives it on the caller's thread and yields one `Step`
+per decode step: the token each row appended (None when it appended nothing: it stopped, waits on
+a tool, or has not started) and whether it has finished. `generate_batch` returns all rows' tokens.
+Rows are prompt-major (row = prompt * num_samples + sample); every row samples independently from
+its first token (the prompt is prefilled once).
 
-Three decode modes, selectable so the benchmark can compare them side by side:
+Decode modes, selectable so the benchmark can compare them side by side:
 - `naive`: no cache; every token recomputes the whole prefix (the seed's original generate);
 - `eager`: static KV cache, one eager forward per token and one host sync per token;
-- `fast` (default on CUDA): the one-token decode step runs on a static batch-size bucket
-  (1, 2, 4, ...) and cache length, captured once in a CUDA graph (optionally torch.compiled first)
-  and replayed per token, on a private bf16 copy of the model whose q/k/v projections are fused.
-  The step itself computes the greedy token and feeds it back as the next input; a sampled token
-  is fed back on the device too, and the host reads the new tokens once every `sync_every` steps,
-  while the device already runs the next chunk. Rows that stopped or started a tool call in the
-  middle of a chunk are rewound afterwards: the cache is indexed by position, so rewinding is
-  setting `pos`. (The runners, one step each, live in `runners.py`; sampling in `sampling.py`.)
+- `fast` (default on CUDA): each one-token step replayed from a CUDA graph per batch bucket (1, 2,
+  4, ...; the torch step, or hand-fused Triton kernels up to TRITON_MAX_ROWS rows with
+  kernels="auto"), on a private bf16 copy of the model whose q/k/v projections are fused; the host
+  reads tokens every `sync_every` steps while the device already runs the next chunk.
 
 Tool use: `<|python_start|> expr <|python_end|>` runs `run_python_tool(expr)` on a worker thread;
-that row pauses (other rows go on) and then has `<|output_start|> result <|output_end|>` forced in,
-each forced token fed through the model like a sampled one.
+that row pauses (other rows go on) and then has `<|output_start|> result <|output_end|>` forced in.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-from collections import OrderedDict, deque
+import random
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 
-from .runners import CachedRunner, NaiveRunner, Runner, bucket_size
-from .sampling import sample_next
+from .modelprep import KERNELS, prepare_model, resolve_dtype
+from .request import FinishEvent, SamplingParams, TokenEvent
+from .runners import bucket_size
+from .scheduler import TRITON_MAX_ROWS, ContextOverflowError, Scheduler, SchedulerConfig
 
 log = logging.getLogger("picochat")
 
 MODES = ("naive", "eager", "fast")
-KERNELS = ("auto", "torch", "triton")
-# Batch buckets up to this size use the Triton kernels when kernels="auto": they win where the step
-# is bound by kernel count (small batches); larger batches are matrix products for cuBLAS/Inductor.
-TRITON_MAX_ROWS = 8
-
-
-class ContextOverflowError(ValueError):
-    """A prompt plus the tokens asked for do not fit in the model's context."""
-
-    def __init__(self, prompt_tokens: int, max_tokens: int, limit: int):
-        self.prompt_tokens, self.max_tokens, self.limit = prompt_tokens, max_tokens, limit
-        super().__init__(f"prompt of {prompt_tokens} tokens + max_tokens {max_tokens} = "
-                         f"{prompt_tokens + max_tokens} tokens exceeds the model's context of {limit} tokens")
+__all__ = ["Engine", "Step", "ContextOverflowError", "MODES", "KERNELS", "TRITON_MAX_ROWS"]
 
 
 class Step(NamedTuple):
     tokens: list[int | None]  # the token each row appended this step, None if it appended nothing
     finished: list[bool]  # True from the step a row stops on
     reasons: list[str | None]  # "stop" | "length" once finished
-
-
-def _triton_unusable(model) -> str | None:
-    """Why the Triton decode kernels cannot serve `model` here, or None."""
-    try:
-        from .triton_decode import supported
-    except ImportError as e:
-        return f"triton is not importable ({e})"
-    return supported(model)
-
-
-# ---------------------------------------------------------------------------------------------------
-# the engine
-
-
-@dataclass
-class _Row:
-    pos: int  # where the row's pending token (last appended, not yet fed) will be written
-    emitted: int = 0
-    state: str = "text"  # text | python | waiting | forcing | done
-    expr: list[int] = field(default_factory=list)
-    future: Future | None = None
-    forced: deque = field(default_factory=deque)
-    last: int = 0  # the pending token
-    tail: bytearray = field(default_factory=bytearray)  # recent generated bytes (stop strings)
-    resync: bool = False  # device pos/idx must be reset to (pos, last) before the next chunk
-    reason: str | None = None
 
 
 class Engine:
@@ -102,7 +57,8 @@ class Engine:
         `window_step`: granularity of the attention windows over the cache (see `CachedRunner`);
         `kernels` (fast mode): "triton" runs the step as hand-fused Triton kernels, "torch" as the
         model's forward (compiled if `compile`), "auto" Triton for batch buckets up to
-        TRITON_MAX_ROWS where Triton and the model allow it, torch otherwise."""
+        TRITON_MAX_ROWS where Triton and the model allow it, torch otherwise. `max_runners`:
+        schedulers (one persistent cache each, sized by batch bucket) kept between calls."""
         device = next(model.parameters()).device
         self.device = device
         if mode is None:
@@ -117,84 +73,62 @@ class Engine:
         if kernels == "triton" and mode != "fast":
             raise ValueError(f"kernels='triton' needs mode 'fast' (CUDA); mode is {mode!r}")
         self.mode = mode
-        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        dtype = resolve_dtype(dtype, device)
         if fuse is None:
             fuse = mode == "fast" and hasattr(model, "fuse_for_inference")
-        if next(model.parameters()).dtype != dtype or fuse:
-            # Inference reads every weight once per token: keeping them in bf16 halves the bytes and
-            # avoids re-casting fp32 master weights every step (autocast would, inside the graph too).
-            # Fusing q/k/v rewrites modules, so it happens on a copy: the caller's model stays trainable.
-            model = copy.deepcopy(model).to(dtype)
-            if fuse:
-                model.fuse_for_inference()
-        self.model, self.dtype, self.fused = model.eval(), dtype, bool(fuse)
+        self.model, self.dtype, self.fused = prepare_model(model, dtype, bool(fuse)), dtype, bool(fuse)
         self.tokenizer = tokenizer
         self.sync_every = sync_every or (16 if mode == "fast" else 1)
         self.compile: str | None = ("default" if compile is True else compile) or None
         # fast mode replays one captured graph per window, so finer windows cost only captures
-        self.window_step = window_step or (64 if mode == "fast" else 256)
+        self.window_step = window_step or 64
         self.max_context = max_context or model.config.seq_len
         if self.max_context > model.rotary_len:
             raise ValueError(f"max_context {self.max_context} exceeds the model's {model.rotary_len} positions")
         self.kernels = kernels
-        self._triton_unusable = _triton_unusable(model) if mode == "fast" else "not fast mode"
-        if kernels == "triton" and self._triton_unusable:
-            raise ValueError(f"kernels='triton' cannot run here: {self._triton_unusable}")
-        self._runners: OrderedDict[tuple[int, int], Runner] = OrderedDict()
-        self._max_runners = max_runners
-        self._pool: ThreadPoolExecutor | None = None
-        self.last_runner: Runner | None = None
+        self._schedulers: dict[int, Scheduler] = {}  # by slot count, least recently used first
+        self._max_schedulers = max_runners
+        self._rng = random.Random()
+        self.last_runner = None  # the runner of the largest bucket the last call used (tests, bench)
 
-    # -- runners ---------------------------------------------------------------------------------
-    def _runner(self, rows: int, need: int, k: int) -> Runner:
-        model = self.model
-        if self.mode == "naive":
-            return NaiveRunner(model, rows, need + k - 1, k)
-        if self.mode == "eager":
-            return CachedRunner(model, rows, need + k - 1, k, self.dtype, compile=self.compile,
-                                 window_step=self.window_step)
-        # fast: reuse a captured graph per (batch bucket, 256-slot length bucket); a bucket's cache
-        # length is what every step reads, so it is kept close to what this call needs
-        bucket_rows = bucket_size(rows)
-        length = min(-(-(need + k - 1) // 256) * 256, model.rotary_len)
-        key = (bucket_rows, length)
-        runner = self._runners.pop(key, None)
-        if runner is None:
-            while len(self._runners) >= self._max_runners:
-                self._runners.popitem(last=False)
-            def build(kernels: str) -> CachedRunner:
-                return CachedRunner(model, bucket_rows, length, self.sync_every, self.dtype, graph=True,
-                                    compile=self.compile, window_step=self.window_step, kernels=kernels)
-
-            kernels = self.kernels_for(bucket_rows)
-            try:
-                runner = build(kernels)
-            except Exception as e:
-                if kernels != "triton" or self.kernels == "triton":
-                    raise
-                # auto: Triton kernels that do not build or run on this GPU cost speed, never the answer
-                log.warning(f"Triton decode step failed ({type(e).__name__}: {e}); using the torch step")
-                self._triton_unusable = f"failed on this device: {type(e).__name__}"
-                torch.cuda.synchronize(self.device)
-                runner = build("torch")
-        self._runners[key] = runner
-        return runner
+    # -- the scheduler behind a call ---------------------------------------------------------------
+    def scheduler(self, rows: int = 1) -> Scheduler:
+        """A scheduler with room for `rows` rows at once (built once per batch bucket, then kept)."""
+        slots = bucket_size(rows)
+        sched = self._schedulers.pop(slots, None)
+        if sched is None:
+            while len(self._schedulers) >= self._max_schedulers:
+                del self._schedulers[next(iter(self._schedulers))]
+            # a whole call is prefilled in its first step, as one static batch: steps stay aligned
+            config = SchedulerConfig(slots=slots, max_context=self.max_context, max_queue=max(1024, slots),
+                                     prefill_budget=slots * self.max_context, sync_every=self.sync_every,
+                                     mode=self.mode, kernels=self.kernels, compile=self.compile or False,
+                                     fuse=False, window_step=self.window_step)
+            sched = Scheduler(self.model, self.tokenizer, config, tool_runner=lambda expr: _run_tool(expr))
+        self._schedulers[slots] = sched
+        return sched
 
     def kernels_for(self, bucket_rows: int) -> str:
-        """"triton" or "torch": what a fast-mode runner of this many rows steps with."""
+        """"triton" or "torch": what a fast-mode bucket of this many rows steps with."""
+        sched = next(iter(self._schedulers.values()), None)
+        if sched is not None:
+            return sched.kernels_for(bucket_rows)
+        if self.mode != "fast":
+            return "torch"
+        from .modelprep import triton_unusable
+
         if self.kernels == "auto":
-            return "torch" if self._triton_unusable or bucket_rows > TRITON_MAX_ROWS else "triton"
+            return "torch" if triton_unusable(self.model) or bucket_rows > TRITON_MAX_ROWS else "triton"
         return self.kernels
 
     def _special(self, name: str) -> int | None:
         return self.tokenizer.special(name) if self.tokenizer is not None else None
 
-    # -- generation ------------------------------------------------------------------------------
     def check_context(self, prompt_len: int, max_tokens: int) -> None:
         if prompt_len + max_tokens > self.max_context:
             raise ContextOverflowError(prompt_len, max_tokens, self.max_context)
 
-    @torch.no_grad()
+    # -- generation ------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], *, num_samples: int = 1, max_tokens: int | None = None,
                  temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, stop_strings: Sequence[str] | None = None,
@@ -217,165 +151,50 @@ class Engine:
             self.check_context(len(p), max_tokens)
         if max_tokens == 0:
             return
-        if stop_tokens is None:
-            stop_tokens = [t for t in (self._special("<|assistant_end|>"), self._special("<|bos|>")) if t is not None]
-        stops = set(stop_tokens)
-        stop_strings = [s for s in (stop_strings or []) if s]
-        tail_len = 4 * max((len(s) for s in stop_strings), default=0) + 8
-        tools = tools and self.tokenizer is not None
-        py_start, py_end = self._special("<|python_start|>"), self._special("<|python_end|>")
+        base_seed = self._rng.getrandbits(62) if seed is None else seed
+        params = [SamplingParams(max_tokens=max_tokens, temperature=float(temperature), top_k=top_k or None,
+                                 top_p=top_p, seed=base_seed * 1_000_003 + i, n=num_samples,
+                                 stop=tuple(s for s in (stop_strings or ()) if s),
+                                 stop_token_ids=None if stop_tokens is None else tuple(stop_tokens),
+                                 tools=tools) for i in range(len(prompts))]
+        sched = self.scheduler(len(prompts) * num_samples)
+        handles = [sched.submit(p, q) for p, q in zip(prompts, params)]
+        try:
+            yield from self._steps(sched, handles, num_samples)
+        finally:  # a caller that stops iterating early leaves no request behind in the scheduler
+            for h in handles:
+                h.cancel()
+            sched.run_until_idle()
+            top = max(sched.batch.runners, default=None)
+            self.last_runner = sched.batch.runners.get(top) if top is not None else None
 
-        R = len(prompts) * num_samples
-        need = max(len(p) for p in prompts) + max_tokens
-        k_max = max(1, min(self.sync_every, self.model.rotary_len - need + 1))
-        runner = self._runner(R, need, k_max)
-        self.last_runner = runner
-        generator = None
-        if temperature > 0:
-            generator = torch.Generator(device=self.device)
-            if seed is None:
-                generator.seed()
-            else:
-                generator.manual_seed(seed)
-
-        def sample(logits: torch.Tensor) -> torch.Tensor:
-            return sample_next(logits, temperature, top_k, top_p, generator)
-
-        rows = [_Row(pos=len(prompts[r // num_samples])) for r in range(R)]
-
-        def accept(r: int, row: _Row, tok: int) -> int | None:
-            """Host bookkeeping for one appended token; returns what to report for the row."""
-            row.last, row.emitted = tok, row.emitted + 1
-            forced = row.state == "forcing"
-            if forced:
-                row.forced.popleft()
-                if not row.forced:
-                    row.state = "text"
-            elif tok in stops:
-                row.state, row.reason = "done", "stop"
-                return tok
-            elif tools and tok == py_start and row.state == "text":
-                row.state, row.expr = "python", []
-            elif tools and tok == py_end and row.state == "python":
-                expr = self.tokenizer.decode(row.expr)
-                row.state, row.future, row.resync = "waiting", self._tool_pool().submit(_run_tool, expr), True
-            elif row.state == "python":
-                row.expr.append(tok)
-            if stop_strings and not forced and self.tokenizer is not None and not self.tokenizer.is_special(tok):
-                row.tail += self.tokenizer.token_bytes(tok)
-                del row.tail[:-tail_len]
-                text = row.tail.decode("utf-8", errors="ignore")
-                if any(s in text for s in stop_strings):
-                    row.state, row.reason = "done", "stop"
-            if row.state != "done" and row.emitted >= max_tokens:
-                row.state, row.reason = "done", "length"
-            return tok
-
-        # prefill once, sample every row's first token independently
-        first = sample(runner.prefill(prompts, num_samples))
-        runner.idx[:R, 0] = first
-        tokens = [accept(r, rows[r], t) for r, t in enumerate(first.tolist())]
-        yield Step(tokens, [row.state == "done" for row in rows], [row.reason for row in rows])
-
-        def launch(k: int, forcing: bool, running: list[int]) -> tuple:
-            for j in range(k):
-                logits, tok = runner.step()  # tok: greedy, already the next step's input
-                if temperature > 0:
-                    tok = sample(logits)
-                if forcing:
-                    tok = torch.where(runner.fmask[j], runner.ftok[j], tok)
-                if temperature > 0 or forcing:
-                    runner.idx[:, 0].copy_(tok)  # the next step's input, without visiting the host
-                runner.out[j].copy_(tok)
-            return (k, running, *runner.read_out(k))
-
-        pending = None  # a launched chunk whose tokens the host has not read yet
-        while True:
-            if pending is None:
-                live = [r for r, row in enumerate(rows) if row.state != "done"]
-                if not live:
-                    break
-                self._resolve_tools(rows)
-                running = [r for r in live if rows[r].state != "waiting"]
-                if not running:  # every live row waits on a tool: nothing to decode until one returns
-                    wait_futures([rows[r].future for r in live], return_when="FIRST_COMPLETED")
-                    continue
-                k = min(k_max, max(max_tokens - rows[r].emitted for r in running))
-                pending = launch(k, self._prepare_chunk(runner, rows, k, R), running)
-            k, running, host, event = pending
-            pending = None
-            # While the host reads this chunk, the device runs the next one, launched on the guess
-            # that no row needs the host in between (no tool call, forced tokens or rewind pending).
-            # Rows that stop or call a tool during this chunk run on in the next one; their extra
-            # tokens are discarded and their positions rewound before the chunk after it.
-            if all(row.state in ("text", "python", "done") and not row.resync for row in rows):
-                left = max((max_tokens - rows[r].emitted - k for r in running if rows[r].state != "done"), default=0)
-                if left > 0:
-                    pending = launch(min(k_max, left), False, running)
-            if event is not None:
-                event.synchronize()
-            chunk = host.tolist()  # the one host sync of the chunk
-            for j in range(k):
-                tokens: list[int | None] = [None] * R
-                for r in running:
-                    row = rows[r]
-                    if row.state in ("done", "waiting"):
-                        continue  # stopped or paused earlier: the rest of its tokens are discarded
-                    row.pos += 1  # the pending token was fed at row.pos during step j
-                    tokens[r] = accept(r, row, chunk[j][r])
-                    if row.state == "done" and (j < k - 1 or pending is not None):
-                        row.resync = True  # it runs on speculatively; park it (see _prepare_chunk)
-                yield Step(tokens, [row.state == "done" for row in rows], [row.reason for row in rows])
-
-    def _tool_pool(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="picochat-tool")
-        return self._pool
-
-    def _resolve_tools(self, rows: list[_Row]) -> None:
-        """Rows whose tool call returned switch to forcing its output."""
-        for row in rows:
-            if row.state == "waiting" and row.future is not None and row.future.done():
-                result = row.future.result()
-                row.forced = deque([self._special("<|output_start|>"), *self.tokenizer.encode(result),
-                                    self._special("<|output_end|>")])
-                row.state, row.future, row.resync = "forcing", None, True
-
-    def _prepare_chunk(self, runner: Runner, rows: list[_Row], k: int, R: int) -> bool:
-        """Rewind rows that diverged from the device, park finished rows, load forced tokens.
-        Returns whether any token is forced in this chunk (so the common path skips the select)."""
-        waiting = any(row.state == "waiting" for row in rows)
-        fix_rows, fix_pos, fix_tok = [], [], []
-        for r, row in enumerate(rows):
-            if row.resync or row.state == "waiting":
-                # a paused row steps along with the batch; its position is reset every chunk
-                fix_rows.append(r)
-                fix_pos.append(0 if row.state == "done" else row.pos)
-                fix_tok.append(row.last)
-                row.resync = False
-            elif row.state == "done" and waiting:
-                # while a row waits the loop may run past max_tokens steps: keep parked rows in range
-                fix_rows.append(r), fix_pos.append(0), fix_tok.append(0)
-        if waiting and runner.rows > R:
-            pad = list(range(R, runner.rows))
-            fix_rows += pad
-            fix_pos += [0] * len(pad)
-            fix_tok += [0] * len(pad)
-        if fix_rows:
-            index = torch.tensor(fix_rows, dtype=torch.long).to(runner.device)
-            runner.pos[index] = torch.tensor(fix_pos, dtype=torch.long).to(runner.device)
-            runner.idx[index, 0] = torch.tensor(fix_tok, dtype=torch.long).to(runner.device)
-        forced = [(r, list(row.forced)[:k]) for r, row in enumerate(rows) if row.state == "forcing"]
-        if not forced:
-            return False
-        fmask = torch.zeros(k, runner.rows, dtype=torch.bool)
-        ftok = torch.zeros(k, runner.rows, dtype=torch.long)
-        for r, toks in forced:
-            fmask[:len(toks), r] = True
-            ftok[:len(toks), r] = torch.tensor(toks, dtype=torch.long)
-        runner.fmask[:k].copy_(fmask)
-        runner.ftok[:k].copy_(ftok)
-        return True
+    def _steps(self, sched: Scheduler, handles: list, n: int) -> Iterator[Step]:
+        """Drive the scheduler; after each of its steps, the tokens each row got, one Step apiece."""
+        R = len(handles) * n
+        finished: list[bool] = [False] * R
+        reasons: list[str | None] = [None] * R
+        done = 0
+        while done < len(handles):
+            sched.advance()
+            new: list[list[int]] = [[] for _ in range(R)]
+            ended_at: dict[int, int] = {}
+            for i, h in enumerate(handles):
+                while not h._queue.empty():
+                    event = h._queue.get_nowait()
+                    if isinstance(event, TokenEvent):
+                        new[i * n + event.sample].append(event.token)
+                    elif isinstance(event, FinishEvent):
+                        r = i * n + event.sample
+                        reasons[r], ended_at[r] = event.reason, len(new[r]) - 1
+                    else:
+                        done += 1
+            for j in range(max((len(t) for t in new), default=0)):
+                for r, at in ended_at.items():
+                    finished[r] = finished[r] or j >= at
+                yield Step([t[j] if j < len(t) else None for t in new], list(finished),
+                           [reasons[r] if finished[r] else None for r in range(R)])
+            for r in ended_at:
+                finished[r] = True
 
     def generate_batch(self, prompts: Sequence[Sequence[int]], **kwargs) -> list[list[int]]:
         """All rows' tokens (prompt-major, as `generate`), without the stop token that ended a row."""

@@ -152,8 +152,13 @@ class RequestHandle:
 
     # -- scheduler side --------------------------------------------------------------------------
     def _push(self, event: Event) -> None:
-        self._queue.put(event)
-        if isinstance(event, DoneEvent):
+        self._push_many((event,))
+
+    def _push_many(self, events: Sequence[Event]) -> None:
+        """Several events at once (a decode chunk's): one wake-up of asyncio readers, not one each."""
+        for event in events:
+            self._queue.put(event)
+        if events and isinstance(events[-1], DoneEvent):
             self._done.set()
         with self._lock:
             waiters = list(self._loop_waiters)

@@ -4,7 +4,8 @@
 appended token means (`accept`): the message part and text (through `parts.MessageParser`), stop
 tokens, stop strings (text held back until it cannot be one), `max_tokens`, the start of a tool call,
 and forced tokens (tool outputs, `sampled=False`). `Request` holds the samples, counts usage and
-sends the `FinishEvent`s and the `DoneEvent`. Nothing here touches the device.
+sends the `FinishEvent`s and the `DoneEvent`; events wait in the request's outbox until the scheduler delivers them, once per
+step. Nothing here touches the device.
 """
 
 from __future__ import annotations
@@ -29,10 +30,21 @@ class Request:
     max_tokens: int
     stop_ids: frozenset[int]
     keys: list[int]  # per-sample noise keys
+    outboxes: list["Request"]  # the scheduler's list of requests with events to deliver
     slots: list[int] = field(default_factory=list)
     prefilled: int = 0  # prompt tokens in the cache so far
     samples: list["Sample"] = field(default_factory=list)
     finished: int = 0
+    outbox: list = field(default_factory=list)  # events not yet handed to the handle
+
+    def emit(self, event) -> None:
+        if not self.outbox:
+            self.outboxes.append(self)
+        self.outbox.append(event)
+
+    def deliver(self) -> None:
+        events, self.outbox = self.outbox, []
+        self.handle._push_many(events)
 
     @property
     def prompt(self) -> list[int]:
@@ -48,12 +60,12 @@ class Request:
     def finish_unstarted(self, reason: str) -> None:
         """End a request that never got samples (cancelled in the queue or while prefilling)."""
         for i in range(self.params.n):
-            self.handle._push(FinishEvent(i, reason))
+            self.emit(FinishEvent(i, reason))
         self.done()
 
     def done(self) -> None:
         self.handle.finished_at = time.monotonic()
-        self.handle._push(DoneEvent(Usage(len(self.prompt), self.completion_tokens())))
+        self.emit(DoneEvent(Usage(len(self.prompt), self.completion_tokens())))
 
 
 @dataclass
@@ -107,15 +119,15 @@ class Sample:
                 part = "text" if part == "special" else part
         if req.handle.first_token_at is None:
             req.handle.first_token_at = time.monotonic()
-        req.handle._push(TokenEvent(self.index, token, text, part, not forced, logprob,
-                                    tuple(top) if top is not None else None))
+        req.emit(TokenEvent(self.index, token, text, part, not forced, logprob,
+                            tuple(top) if top is not None else None))
         return call
 
     def finish(self, reason: str) -> None:
         """Send this sample's FinishEvent (and the request's DoneEvent after its last sample)."""
         self.state, self.reason = "done", reason
         req = self.request
-        req.handle._push(FinishEvent(self.index, reason))
+        req.emit(FinishEvent(self.index, reason))
         req.finished += 1
         if req.finished == len(req.samples):
             req.done()

@@ -21,11 +21,13 @@ def bucket_size(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def capture_graph(step, reset, device: torch.device, warmup: int = 3):
+def capture_graph(step, reset, device: torch.device, warmup: int = 3, pool=None):
     """Capture `step()` (no arguments; its outputs are returned with the graph) in a CUDA graph.
     Warm-up calls run first on a side stream, so lazy inits, cuBLAS workspaces, Triton and Inductor
     compilation stay out of the graph; `reset()` (e.g. rewinding positions) runs before every
-    warm-up call and after the capture, since warm-up and capture both advance the state."""
+    warm-up call and after the capture, since warm-up and capture both advance the state. `pool`:
+    a memory pool shared with other graphs (`torch.cuda.graph_pool_handle()`); safe when they never
+    run at once and each graph's outputs are read before another graph of the pool replays."""
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
@@ -35,7 +37,7 @@ def capture_graph(step, reset, device: torch.device, warmup: int = 3):
     torch.cuda.current_stream(device).wait_stream(stream)
     reset()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         outputs = step()
     reset()
     return graph, outputs
@@ -92,10 +94,12 @@ class Runner:
 class NaiveRunner(Runner):
     """No cache: a token buffer, and every step is a full forward over the longest prefix."""
 
-    def __init__(self, model, rows: int, max_len: int, k_max: int):
-        super().__init__(model, rows, max_len, k_max)
-        self.seq = torch.zeros(rows, max_len, dtype=torch.long, device=self.device)
-        self.pos = torch.zeros(rows, dtype=torch.long, device=self.device)
+    def __init__(self, model, rows: int, max_len: int, k_max: int, seq: torch.Tensor | None = None,
+                 pos: torch.Tensor | None = None, idx: torch.Tensor | None = None):
+        """`seq`, `pos`, `idx`: run over these (views of the scheduler's buffers) instead."""
+        super().__init__(model, rows, max_len, k_max, idx)
+        self.seq = torch.zeros(rows, max_len, dtype=torch.long, device=self.device) if seq is None else seq
+        self.pos = torch.zeros(rows, dtype=torch.long, device=self.device) if pos is None else pos
         self.hi = 0  # host-side upper bound of every row's pos: how much of `seq` a step must read
 
     @torch.no_grad()
@@ -170,9 +174,12 @@ class CachedRunner(Runner):
 
     def __init__(self, model, rows: int, max_len: int, k_max: int, dtype: torch.dtype,
                  graph: bool = False, compile: str | None = None, window_step: int = 256,
-                 kernels: str = "torch", cache: KVCache | None = None, idx: torch.Tensor | None = None):
+                 kernels: str = "torch", cache: KVCache | None = None, idx: torch.Tensor | None = None,
+                 graph_pool=None):
         """`cache` and `idx`: run over these (views of the scheduler's persistent cache and input
-        ids; `cache` then has `max_len` slots, plus one when compiled) instead of allocating them."""
+        ids; `cache` then has `max_len` slots, plus one when compiled) instead of allocating them.
+        `graph_pool`: capture into this shared memory pool (see `capture_graph`)."""
+        self._graph_pool = graph_pool
         super().__init__(model, rows, max_len, k_max, idx)
         c = model.config
         self.kernels = kernels
@@ -219,7 +226,8 @@ class CachedRunner(Runner):
     def _capture(self, view: KVCache) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]:
         # Warm-up and capture write junk into slot 0 and advance pos: harmless, prefill rewrites
         # positions before anything reads them.
-        return capture_graph(lambda: self._fn(self.model, self.idx, view), self.pos.zero_, self.device)
+        return capture_graph(lambda: self._fn(self.model, self.idx, view), self.pos.zero_, self.device,
+                             pool=self._graph_pool)
 
     @torch.no_grad()
     def prefill(self, prompts: list[list[int]], n: int) -> torch.Tensor:

@@ -3,8 +3,8 @@
 `Scheduler(model, tokenizer, SchedulerConfig(...))` owns a `DecodeBatch` (one persistent KV cache
 of `slots` rows x context) and a bounded queue. `submit(prompt_tokens, SamplingParams)` validates
 the request (`RequestError` naming the field, `ContextOverflowError` with the token counts,
-`QueueFullError` when the queue is at its bound) and returns a `RequestHandle` whose events stream
-as the request runs (`request.py`). Each scheduler step:
+`QueueFullError` when the queue is at its bound; the checks and the config live in `limits.py`) and
+returns a `RequestHandle` whose events stream as the request runs (`request.py`). Each scheduler step:
   1. drops cancelled requests (their slots are free for this very step);
   2. admits queued requests into free slots (n slots for n samples, lowest slots first) and
      prefills prompt chunks under a per-step token budget, so a long prompt does not stall the
@@ -27,72 +27,26 @@ from __future__ import annotations
 
 import heapq
 import logging
+import queue
 import random
 import threading
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass
 
 import torch
 
 from .batch import DecodeBatch
-from .modelprep import KERNELS, prepare_model, resolve_dtype, triton_unusable
+from .limits import (DEFAULT_MAX_TOKENS, TRITON_MAX_ROWS, ContextOverflowError, SchedulerConfig,  # noqa: F401
+                     check_request)
+from .modelprep import prepare_model, resolve_dtype, triton_unusable
 from .parts import MessageParser, StopMatcher
-from .request import QueueFullError, RequestError, RequestHandle, SamplingParams
+from .request import DoneEvent, Event, QueueFullError, RequestHandle, SamplingParams
 from .rows import RUNNING, Request, Sample
 from .sampling import stream_key
 
 log = logging.getLogger("picochat")
-
-# Batch buckets up to this size use the Triton kernels when kernels="auto": they win where the step
-# is bound by kernel count (small batches); larger batches are matrix products for cuBLAS/Inductor.
-TRITON_MAX_ROWS = 8
-DEFAULT_MAX_TOKENS = 256
-
-
-class ContextOverflowError(RequestError):
-    """A prompt plus the tokens asked for do not fit in the context."""
-
-    def __init__(self, prompt_tokens: int, max_tokens: int, limit: int):
-        self.prompt_tokens, self.max_tokens, self.limit = prompt_tokens, max_tokens, limit
-        super().__init__(f"prompt of {prompt_tokens} tokens + max_tokens {max_tokens} = "
-                         f"{prompt_tokens + max_tokens} tokens exceeds the model's context of {limit} tokens",
-                         param="max_tokens" if prompt_tokens < limit else "prompt")
-
-
-@dataclass
-class SchedulerConfig:
-    slots: int | None = None  # rows of the persistent cache; None: from free memory on CUDA, 8 elsewhere
-    max_context: int | None = None  # prompt + completion per row; None: the model's seq_len
-    max_queue: int = 1024  # requests waiting for a slot before submit raises QueueFullError
-    prefill_budget: int = 2048  # prompt tokens prefilled per scheduler step (chunked prefill)
-    sync_every: int | None = None  # decode steps per chunk between host reads; None: 16 fast, 1 eager
-    mode: str | None = None  # "fast" (CUDA graphs) or "eager"; None: fast on CUDA
-    kernels: str = "auto"  # fast mode's step: "triton", "torch", or auto (Triton up to TRITON_MAX_ROWS)
-    compile: bool | str = False  # torch.compile the torch step (True or a torch.compile mode)
-    dtype: str | None = None  # "bfloat16" | "float32" | ...; None: bf16 on CUDA, fp32 elsewhere
-    fuse: bool | None = None  # one q/k/v projection (default: in fast mode)
-    window_step: int | None = None  # attention window granularity (see runners.CachedRunner)
-    memory_fraction: float = 0.5  # of free device memory the cache may take when `slots` is None
-    max_slots: int = 256
-    pipeline: bool | None = None  # launch the next chunk before reading one; None: in fast mode
-    tool_workers: int = 4
-
-    def __post_init__(self) -> None:
-        def check(name: str, ok: bool, allowed: str) -> None:
-            if not ok:
-                raise ValueError(f"SchedulerConfig.{name} must be {allowed} (got {getattr(self, name)!r})")
-
-        for name in ("slots", "max_context", "sync_every", "window_step"):
-            value = getattr(self, name)
-            check(name, value is None or (isinstance(value, int) and value >= 1), "an integer >= 1 or None")
-        for name in ("max_queue", "prefill_budget", "max_slots", "tool_workers"):
-            check(name, isinstance(getattr(self, name), int) and getattr(self, name) >= 1, "an integer >= 1")
-        check("mode", self.mode in (None, "fast", "eager"), "'fast', 'eager' or None")
-        check("kernels", self.kernels in KERNELS, f"one of {KERNELS}")
-        check("memory_fraction", 0 < self.memory_fraction <= 1, "in (0, 1]")
-
 
 class Scheduler:
     def __init__(self, model, tokenizer=None, config: SchedulerConfig | None = None, *, tool_runner=None):
@@ -108,22 +62,26 @@ class Scheduler:
             raise ValueError(f"kernels='triton' needs mode 'fast' (CUDA); mode is {mode!r}")
         self.mode, self.tokenizer = mode, tokenizer
         dtype = resolve_dtype(cfg.dtype, device)
+        if mode not in ("fast", "eager", "naive"):
+            raise ValueError(f"unknown mode {mode!r}")
         fuse = cfg.fuse if cfg.fuse is not None else (mode == "fast" and hasattr(model, "fuse_for_inference"))
         self.model, self.fused = prepare_model(model, dtype, fuse), bool(fuse)
         self.dtype = dtype
         self.max_context = cfg.max_context or model.config.seq_len
         self.sync_every = cfg.sync_every or (16 if mode == "fast" else 1)
         self.pipeline = cfg.pipeline if cfg.pipeline is not None else mode == "fast"
+        self.prefill_budget = cfg.prefill_budget or (8192 if device.type == "cuda" else 2048)
         self.kernels = cfg.kernels
         self.triton_unusable = triton_unusable(self.model) if mode == "fast" else "not fast mode"
         if cfg.kernels == "triton" and self.triton_unusable:
             raise ValueError(f"kernels='triton' cannot run here: {self.triton_unusable}")
         slots = cfg.slots or self._slots_from_memory()
         compile_mode = ("default" if cfg.compile is True else cfg.compile) or None
-        self.batch = self._build_batch(slots, compile_mode, cfg.window_step or (64 if mode == "fast" else 256))
+        self.batch = self._build_batch(slots, compile_mode, cfg.window_step or 64)
         self.slots = slots
         self._free = list(range(slots))  # a heap: the lowest free slot first keeps running rows in front
         self._rows: dict[int, Sample] = {}  # slot -> running sample (text, forcing or waiting)
+        self._outboxes: list[Request] = []  # requests with events to deliver at the end of the step
         self._prefilling: list[Request] = []
         self._queue: deque[Request] = deque()
         self._inflight = None  # (ChunkOut, {slot: sample}) launched and not yet read
@@ -155,7 +113,7 @@ class Scheduler:
         def build(kernels_for) -> DecodeBatch:
             return DecodeBatch(self.model, slots, self.max_context, k_max=self.sync_every, dtype=self.dtype,
                                graph=self.mode == "fast", compile=compile_mode, window_step=window_step,
-                               kernels_for=kernels_for)
+                               kernels_for=kernels_for, naive=self.mode == "naive")
 
         try:
             return build(self.kernels_for)
@@ -179,25 +137,7 @@ class Scheduler:
     # -- submitting ------------------------------------------------------------------------------
     def validate(self, prompt_tokens, params: SamplingParams) -> tuple[list[int], int]:
         """The prompt as ints and the max_tokens it will run with; raises RequestError."""
-        if not isinstance(params, SamplingParams):
-            raise RequestError("params must be a SamplingParams", param="params")
-        try:
-            prompt = [int(t) for t in prompt_tokens]
-        except (TypeError, ValueError):
-            raise RequestError("prompt must be a sequence of token ids", param="prompt") from None
-        if not prompt:
-            raise RequestError("prompt must hold at least one token", param="prompt")
-        vocab = self.model.config.vocab_size
-        if min(prompt) < 0 or max(prompt) >= vocab:
-            raise RequestError(f"prompt token ids must lie in [0, {vocab})", param="prompt")
-        if params.n > self.slots:
-            raise RequestError(f"n must be at most {self.slots} (the scheduler's slots); got {params.n}", param="n")
-        max_tokens = params.max_tokens
-        if max_tokens is None:
-            max_tokens = max(1, min(DEFAULT_MAX_TOKENS, self.max_context - len(prompt)))
-        if len(prompt) + max_tokens > self.max_context:
-            raise ContextOverflowError(len(prompt), max_tokens, self.max_context)
-        return prompt, max_tokens
+        return check_request(prompt_tokens, params, self.model.config.vocab_size, self.slots, self.max_context)
 
     def submit(self, prompt_tokens, params: SamplingParams | None = None,
                request_id: str | None = None) -> RequestHandle:
@@ -206,7 +146,8 @@ class Scheduler:
         handle = RequestHandle(prompt, params, request_id)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         stops = self._special_stops if params.stop_token_ids is None else frozenset(params.stop_token_ids)
-        request = Request(handle, params, max_tokens, stops, [stream_key(seed, i) for i in range(params.n)])
+        request = Request(handle, params, max_tokens, stops, [stream_key(seed, i) for i in range(params.n)],
+                          self._outboxes)
         with self._lock:
             if self._closing:
                 raise RuntimeError("the scheduler is closed")
@@ -240,15 +181,42 @@ class Scheduler:
             if launched is not None and not self.pipeline:
                 self._consume(*launched)
                 self._inflight = None
+            self._deliver()
             return self.busy
+
+    def _deliver(self) -> None:
+        for req in self._outboxes:
+            req.deliver()
+        self._outboxes.clear()
 
     def run_until_idle(self) -> None:
         """Drive the loop on this thread until every submitted request has finished."""
+        while self.busy:
+            self.advance()
+
+    def advance(self) -> None:
+        """One step driven from the caller's thread (no background thread); when every live row
+        waits on a tool, wait for one to return instead of spinning."""
         if self._thread is not None:
             raise RuntimeError("the scheduler runs on its background thread; read the handles instead")
-        while self.step():
-            if not self._launchable():
-                self._wait_for_tools()
+        if self.step() and not self._launchable():
+            self._wait_for_tools()
+
+    def iter_events(self, handle: RequestHandle) -> Iterator[Event]:
+        """`handle`'s events as they come: from the background thread if it runs, else by driving
+        the loop here (the chat CLI, scripts)."""
+        if self._thread is not None:
+            yield from handle.events()
+            return
+        while True:
+            try:
+                event = handle._queue.get_nowait()
+            except queue.Empty:
+                self.advance()
+                continue
+            yield event
+            if isinstance(event, DoneEvent):
+                return
 
     def _launchable(self) -> bool:
         return bool(self._queue or self._prefilling or self._inflight
@@ -266,6 +234,8 @@ class Scheduler:
         return self
 
     def _loop(self) -> None:
+        if self.device.type == "cuda":  # graphs replay on the current device's stream: make it ours
+            torch.cuda.set_device(self.device)
         while True:
             with self._lock:
                 while not self._closing and not self.busy:
@@ -312,13 +282,15 @@ class Scheduler:
                 sample.request.handle.cancel()
             self._inflight = None
             self._drop_cancelled(queued)
+            self._deliver()
 
     # -- stats -----------------------------------------------------------------------------------
     def stats(self) -> dict:
         """Gauges and counters for metrics: requests running and waiting, slots, tokens, finishes."""
         with self._lock:
             waiting = len(self._queue)
-        running = {id(s.request) for s in self._rows.values()} | {id(r) for r in self._prefilling}
+        # snapshots: another thread may be stepping (list() of a dict view runs without a GIL release)
+        running = {id(s.request) for s in list(self._rows.values())} | {id(r) for r in list(self._prefilling)}
         c = self.counters
         return {"running": len(running), "waiting": waiting, "slots_used": self.slots - len(self._free),
                 "slots_total": self.slots, "prompt_tokens": c["prompt_tokens"],
@@ -388,17 +360,24 @@ class Scheduler:
                                         [1.0 if p.top_p is None else float(p.top_p)] * n, req.keys)
 
     def _prefill(self) -> None:
-        """Prefill prompt chunks under the step's token budget; start the requests whose prompt is in."""
-        budget, group = self.config.prefill_budget, []
+        """Prefill prompt chunks (right-padded into one forward of at most `prefill_budget` padded
+        tokens); start the requests whose prompt is then all in the cache."""
+        budget = self.prefill_budget
+        group: list[tuple[Request, list[int]]] = []
+        width = 0  # the padded chunk length of the group
         for req in self._prefilling:
-            if budget <= 0:
+            rest = len(req.prompt) - req.prefilled
+            n = len(group) + 1
+            if n * max(width, min(rest, budget)) <= budget:  # whole (or budget-sized), widening the group
+                take = min(rest, budget)
+            elif width and n * width <= budget:  # a chunk as wide as the group, the rest next step
+                take = min(rest, width)
+            else:
                 break
-            chunk = req.prompt[req.prefilled:req.prefilled + budget]
-            longest = max([len(chunk)] + [len(c) for _, c in group])
-            if any(r.prefilled + longest > self.batch.length for r, _ in group + [(req, chunk)]):
+            if any(r.prefilled + max(width, take) > self.batch.length for r, _ in group + [(req, [])]):
                 continue  # right-padding would run past the cache: this one waits for the next step
-            group.append((req, chunk))
-            budget -= len(chunk)
+            group.append((req, req.prompt[req.prefilled:req.prefilled + take]))
+            width = max(width, take)
         if not group:
             return
         logits = self.batch.prefill([r.slots[0] for r, _ in group], [c for _, c in group],
@@ -427,7 +406,7 @@ class Scheduler:
         top_k_max = max((p.top_k or 0) for p in params)
         any_top_p = any(p.top_p is not None and p.top_p < 1 for p in params)
         lp_k = max((p.logprobs for p in params if p.logprobs is not None), default=None)
-        tokens, lps, tops = self.batch.first_tokens(logits[rows], slots, positions, top_k_max=top_k_max,
+        tokens, lps, tops = self.batch.first_tokens(logits, rows, slots, positions, top_k_max=top_k_max,
                                                    any_top_p=any_top_p, logprobs=lp_k)
         j = 0
         for req, _ in done:

@@ -1,7 +1,8 @@
 """Optimizers and the learning-rate schedule.
 
-Hidden weight matrices train with Muon (torch.optim.Muon: momentum orthogonalised by Newton-Schulz);
-embeddings, the head and anything else with AdamW. AdamW rates are scaled by (768/width)^0.5 so the
+Hidden weight matrices train with Muon (picochat's own, `muon.py`: momentum orthogonalised by a
+batched polynomial iteration; `muon_impl="torch"` builds torch.optim.Muon instead, the baseline the
+benchmarks compare against); embeddings, the head and anything else with AdamW. AdamW rates are scaled by (768/width)^0.5 so the
 reference rates (tuned at 768 wide) carry over to other depths.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..config import OptimConfig
+from .muon import Muon
 
 
 def build_optimizers(model, cfg: OptimConfig, device: torch.device) -> list[torch.optim.Optimizer]:
@@ -24,8 +26,14 @@ def build_optimizers(model, cfg: OptimConfig, device: torch.device) -> list[torc
         adam_groups.append({"params": groups["scalar"], "lr": cfg.scalar_lr * scale})
     adamw = torch.optim.AdamW(adam_groups, betas=cfg.adam_betas, eps=1e-10, weight_decay=cfg.weight_decay,
                               fused=device.type == "cuda")
-    muon = torch.optim.Muon(groups["matrix"], lr=cfg.matrix_lr, momentum=0.95, nesterov=True,
-                            weight_decay=cfg.weight_decay)
+    if cfg.muon_impl == "torch":
+        muon = torch.optim.Muon(groups["matrix"], lr=cfg.matrix_lr, momentum=0.95, nesterov=True,
+                                weight_decay=cfg.weight_decay)
+    elif cfg.muon_impl == "picochat":
+        muon = Muon(groups["matrix"], lr=cfg.matrix_lr, momentum=0.95, nesterov=True,
+                    weight_decay=cfg.weight_decay, coefficients=cfg.muon_coefficients)
+    else:
+        raise ValueError(f"muon_impl must be 'picochat' or 'torch', got {cfg.muon_impl!r}")
     optimizers: list[torch.optim.Optimizer] = [adamw, muon]
     for opt in optimizers:
         for group in opt.param_groups:

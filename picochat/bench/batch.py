@@ -1,0 +1,349 @@
+"""`picochat bench batch`: many requests through the scheduler; continuous batching vs its baselines.
+
+Engine level (no HTTP): random weights (bf16 on CUDA), random prompt tokens, greedy, stop tokens
+and tools off, so every request generates exactly its asked `max_tokens`. Prompt and output
+lengths are drawn from lognormals (medians `--prompt-median`/`--output-median`, like vLLM's random
+dataset) and clipped to the context. Load is closed-loop (`--concurrency C`: C clients, each sends
+its next request when the last one finished) or open-loop (`--request-rate R`: Poisson arrivals,
+R requests/s). Modes, side by side in one process on one scheduler (same cache, same kernels):
+  continuous  the scheduler as built: requests join and leave the running batch between chunks;
+  static      groups of C requests: wait for C, run them as one batch until the last finishes
+              (a group starts when the previous one ended); and `static_fixed`, a static batch of C
+              requests of exactly the median lengths: the pure decode rate at batch C;
+  serial      one request at a time (upstream nanochat's web server).
+Metrics per mode, as `vllm bench serve` defines them: TTFT = submit -> first token event read by
+the client; ITL = gap between successive token events (tokens arrive a chunk at a time, so ITL
+p99 is about a chunk's duration); TPOT = (E2E - TTFT) / (output tokens - 1); aggregate output
+tok/s = all output tokens / wall time; slot occupancy = mean share of the cache's slots in use.
+`--plot PNG` draws throughput against TTFT p99 and TPOT p50 for every mode and load (matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Trace:
+    sent: float = 0.0
+    times: list[float] = field(default_factory=list)  # when each token event was read
+
+
+def make_workload(n: int, prompt_median: int, output_median: int, sigma: float, vocab: int, context: int,
+                  seed: int) -> list[tuple[list[int], int]]:
+    """n (prompt tokens, output length) pairs; lognormal lengths, prompt + output within context."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def lengths(median: int) -> list[int]:
+        z = torch.randn(n, generator=gen, dtype=torch.float64)
+        return [max(1, round(median * math.exp(sigma * float(v)))) for v in z]
+
+    prompts, outputs = lengths(prompt_median), lengths(output_median)
+    work = []
+    for p, o in zip(prompts, outputs):
+        p = min(p, context // 2)
+        o = min(o, context - p)
+        work.append((torch.randint(0, vocab, (p,), generator=gen).tolist(), o))
+    return work
+
+
+def _run_one(sched, prompt: list[int], out_len: int, trace: Trace) -> None:
+    from ..infer.request import SamplingParams, TokenEvent
+
+    params = SamplingParams(max_tokens=out_len, temperature=0.0, stop_token_ids=(), tools=False)
+    trace.sent = time.perf_counter()
+    handle = sched.submit(prompt, params)
+    for event in handle.events():
+        if isinstance(event, TokenEvent):
+            trace.times.append(time.perf_counter())
+
+
+class _Occupancy:
+    """Samples the scheduler's slots in use every few milliseconds while a mode runs."""
+
+    def __init__(self, sched, every: float = 0.002):
+        self.sched, self.every, self.samples = sched, every, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            st = self.sched.stats()
+            self.samples.append(st["slots_used"] / st["slots_total"])
+            time.sleep(self.every)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def mean(self) -> float:
+        return sum(self.samples) / len(self.samples) if self.samples else 0.0
+
+
+def closed_loop(sched, work, concurrency: int) -> list[Trace]:
+    traces = [Trace() for _ in work]
+    lock, nxt = threading.Lock(), [0]
+
+    def client() -> None:
+        while True:
+            with lock:
+                i = nxt[0]
+                nxt[0] += 1
+            if i >= len(work):
+                return
+            _run_one(sched, *work[i], traces[i])
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return traces
+
+
+def open_loop(sched, work, rate: float, seed: int) -> list[Trace]:
+    gen = torch.Generator().manual_seed(seed + 1)
+    gaps = torch.empty(len(work), dtype=torch.float64).exponential_(rate, generator=gen).tolist()
+    traces = [Trace() for _ in work]
+    threads = []
+    start = time.perf_counter()
+    due = 0.0
+    for i, (prompt, out_len) in enumerate(work):
+        due += gaps[i]
+        time.sleep(max(0.0, start + due - time.perf_counter()))
+        t = threading.Thread(target=_run_one, args=(sched, prompt, out_len, traces[i]))
+        t.start()
+        threads.append(t)
+    for t in threads:
+        t.join()
+    return traces
+
+
+def static_groups(sched, work, batch: int) -> list[Trace]:
+    traces = [Trace() for _ in work]
+    for g in range(0, len(work), batch):
+        group = list(range(g, min(g + batch, len(work))))
+        threads = [threading.Thread(target=_run_one, args=(sched, *work[i], traces[i])) for i in group]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    return traces
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    return float(torch.tensor(values, dtype=torch.float64).quantile(q))
+
+
+def summarize(traces: list[Trace], wall: float) -> dict:
+    ttft = [1000 * (t.times[0] - t.sent) for t in traces if t.times]
+    tpot = [1000 * (t.times[-1] - t.times[0]) / (len(t.times) - 1) for t in traces if len(t.times) > 1]
+    itl = [1000 * (b - a) for t in traces for a, b in zip(t.times, t.times[1:])]
+    tokens = sum(len(t.times) for t in traces)
+
+    def r(x):
+        return round(x, 2) if x is not None else None
+
+    return {"requests": len(traces), "output_tokens": tokens, "seconds": round(wall, 3),
+            "tok_per_s_total": round(tokens / max(wall, 1e-9), 1),
+            "ttft_p50_ms": r(_pct(ttft, 0.5)), "ttft_p99_ms": r(_pct(ttft, 0.99)),
+            "tpot_p50_ms": r(_pct(tpot, 0.5)), "tpot_p99_ms": r(_pct(tpot, 0.99)),
+            "itl_p50_ms": r(_pct(itl, 0.5)), "itl_p99_ms": r(_pct(itl, 0.99))}
+
+
+def _measure(sched, name: str, run) -> dict:
+    with _Occupancy(sched) as occ:
+        t0 = time.perf_counter()
+        traces = run()
+        wall = time.perf_counter() - t0
+    rec = summarize(traces, wall)
+    rec["slot_occupancy"] = round(occ.mean, 3)
+    print(f"  {name}: {rec['tok_per_s_total']:,.0f} tok/s, TTFT p99 {rec['ttft_p99_ms']} ms", flush=True)
+    return rec
+
+
+def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_rates: list[float] = (),
+                    modes: list[str] = ("continuous", "static", "serial"), num_requests: int | None = None,
+                    prompt_median: int = 256, output_median: int = 256, sigma: float = 0.5,
+                    slots: int | None = None, device: str | torch.device = "cuda", vocab_size: int = 32768,
+                    seq_len: int = 2048, serial_requests: int = 16, seed: int = 0, sync_every: int | None = None,
+                    kernels: str = "auto", prefill_budget: int | None = None,
+                    compile: bool | str = False) -> list[dict]:
+    from ..config import ModelConfig
+    from ..infer.scheduler import Scheduler, SchedulerConfig
+    from ..model.gpt import build_model
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    cfg = ModelConfig.from_depth(depth, vocab_size=vocab_size, seq_len=seq_len)
+    model = build_model(cfg, device, seed=seed).to(dtype).eval()
+    top = max(list(concurrency) + [1])
+    slots = slots or max(top, 1)
+    config = SchedulerConfig(slots=slots, sync_every=sync_every, kernels=kernels, prefill_budget=prefill_budget,
+                             max_queue=100_000, compile=compile if cuda else False)
+    t0 = time.perf_counter()
+    sched = Scheduler(model, None, config).start()
+    build_s = time.perf_counter() - t0
+    common = {"prompt_median": prompt_median, "output_median": output_median, "length_sigma": sigma,
+              "slots": slots, "mode_step": sched.mode, "sync_every": sched.sync_every, "dtype": str(dtype)[6:],
+              "vocab_size": vocab_size, "seq_len": seq_len, "scheduler_build_s": round(build_s, 2),
+              "compile": config.compile or False, "kernels": kernels}
+    print(f"scheduler: {slots} slots x {sched.max_context} context, {sched.mode} decode, built in {build_s:.1f} s")
+    # warm-up: every bucket size the runs will use, prefill shapes, the host paths
+    warm = make_workload(max(8, 2 * top), prompt_median, min(output_median, 32), 0.0, vocab_size,
+                         sched.max_context, seed + 99)
+    closed_loop(sched, warm, top)
+    closed_loop(sched, warm[:2], 1)
+    records = []
+    try:
+        for c in concurrency:
+            n = num_requests or max(64, 8 * c)
+            work = make_workload(n, prompt_median, output_median, sigma, vocab_size, sched.max_context, seed + c)
+            print(f"concurrency {c}: {n} requests")
+            for mode in modes:
+                if mode == "continuous":
+                    rec = _measure(sched, mode, lambda: closed_loop(sched, work, c))
+                elif mode == "static":
+                    rec = _measure(sched, mode, lambda: static_groups(sched, work, c))
+                    fixed = make_workload(c, prompt_median, output_median, 0.0, vocab_size, sched.max_context, seed)
+                    frec = _measure(sched, "static_fixed", lambda: static_groups(sched, fixed, c))
+                    records.append({**common, **frec, "mode": "static_fixed", "concurrency": c})
+                elif mode == "serial":
+                    rec = _measure(sched, mode, lambda: closed_loop(sched, work[:serial_requests], 1))
+                else:
+                    raise ValueError(f"unknown mode {mode!r}")
+                records.append({**common, **rec, "mode": mode, "concurrency": c})
+        for rate in request_rates:
+            n = num_requests or max(64, int(8 * rate))
+            work = make_workload(n, prompt_median, output_median, sigma, vocab_size, sched.max_context, seed)
+            print(f"request rate {rate}/s: {n} requests")
+            rec = _measure(sched, "continuous", lambda: open_loop(sched, work, rate, seed))
+            records.append({**common, **rec, "mode": "continuous", "request_rate": rate})
+    finally:
+        sched.close()
+    return records
+
+
+def plot_records(records: list[dict], path: str) -> None:
+    """Throughput against TTFT p99 and TPOT p50, a line per mode across the loads measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label in ((axes[0], "ttft_p99_ms", "TTFT p99 (ms)"), (axes[1], "tpot_p50_ms", "TPOT p50 (ms)")):
+        def line(r: dict) -> str:
+            return r["mode"] + (" (Poisson arrivals)" if "request_rate" in r else "")
+
+        for name in sorted({line(r) for r in records}):
+            pts = sorted((r["tok_per_s_total"], r[key], r.get("concurrency") or r.get("request_rate"))
+                         for r in records if line(r) == name and r.get(key) is not None)
+            if not pts:
+                continue
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            for x, y, load in pts:
+                ax.annotate(str(load), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_xlabel("aggregate output tok/s")
+        ax.set_ylabel(label)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    r0 = records[0] if records else {}
+    fig.suptitle(f"picochat bench batch · {r0.get('gpu', '')} · d{r0.get('depth', '')} · points labelled by "
+                 "concurrency (or request rate)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_batch_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("batch", help="many requests through the scheduler: continuous vs static vs serial")
+    p.add_argument("--depth", type=int, default=12)
+    p.add_argument("--concurrency", default="1,32", help="comma list of closed-loop client counts ('' for none)")
+    p.add_argument("--request-rate", default="", help="comma list of open-loop Poisson rates (requests/s)")
+    p.add_argument("--modes", default="continuous,static,serial", help="comma list")
+    p.add_argument("--num-requests", type=int, default=None, help="per load point (default max(64, 8 x load))")
+    p.add_argument("--serial-requests", type=int, default=16, help="requests in serial mode")
+    p.add_argument("--prompt-median", type=int, default=256)
+    p.add_argument("--output-median", type=int, default=256)
+    p.add_argument("--length-sigma", type=float, default=0.5, help="lognormal sigma of both lengths (0 = fixed)")
+    p.add_argument("--slots", type=int, default=None, help="cache slots (default: the largest concurrency)")
+    p.add_argument("--seq-len", type=int, default=2048, help="the model's context")
+    p.add_argument("--vocab-size", type=int, default=32768)
+    p.add_argument("--sync-every", type=int, default=None)
+    p.add_argument("--prefill-budget", type=int, default=None,
+                   help="padded prompt tokens per prefill forward (default 8192 on CUDA, 2048 elsewhere)")
+    p.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton"),
+                   help="the decode step of each batch bucket (auto: Triton up to 8 rows, torch above)")
+    p.add_argument("--compile", nargs="?", const="default", default=False, metavar="MODE",
+                   help="torch.compile the torch step of the larger buckets before capture (minutes)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", default=None, help="write the latency-throughput plot here (PNG)")
+    p.add_argument("--append", help="append JSON records to this file (e.g. docs/benchmarks/results.jsonl)")
+    p.set_defaults(func=cmd_batch_bench)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def cmd_batch_bench(args: argparse.Namespace) -> int:
+    from ..common import detect_device
+    from .record import append_records, base_record, print_json_last
+
+    device = detect_device(args.device)
+    try:
+        conc = _ints(args.concurrency)
+        rates = [float(x) for x in args.request_rate.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit("--concurrency and --request-rate take comma lists of numbers") from None
+    if any(c < 1 for c in conc) or any(r <= 0 for r in rates) or not (conc or rates):
+        raise SystemExit("give --concurrency values >= 1 and/or --request-rate values > 0")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in ("continuous", "static", "serial")]
+    if bad:
+        raise SystemExit(f"unknown --modes {bad}; pick from continuous, static, serial")
+    records = run_batch_bench(args.depth, conc, rates, modes, args.num_requests, args.prompt_median,
+                              args.output_median, args.length_sigma, args.slots, device, args.vocab_size,
+                              args.seq_len, args.serial_requests, args.seed, args.sync_every, args.kernels,
+                              args.prefill_budget, args.compile)
+    base = base_record("batch", device, args.depth)
+    records = [{**base, **r} for r in records]
+    print(f"\nbatch · {base['gpu']} · d{args.depth} · prompt/output medians {args.prompt_median}/"
+          f"{args.output_median} (lognormal sigma {args.length_sigma}) · greedy · torch {base['torch']}")
+    print(f"{'mode':<13}{'load':>7}{'reqs':>6}{'tok/s':>10}{'TTFT p50':>10}{'TTFT p99':>10}{'TPOT p50':>10}"
+          f"{'ITL p99':>9}{'occupancy':>11}")
+    for r in records:
+        load = f"c{r['concurrency']}" if "concurrency" in r else f"r{r['request_rate']:g}"
+        print(f"{r['mode']:<13}{load:>7}{r['requests']:>6}{r['tok_per_s_total']:>10,.0f}{r['ttft_p50_ms']:>10}"
+              f"{r['ttft_p99_ms']:>10}{r['tpot_p50_ms']:>10}{r['itl_p99_ms']:>9}{r['slot_occupancy']:>11.2f}")
+    ratios = {}
+    for c in conc:
+        by = {r["mode"]: r["tok_per_s_total"] for r in records if r.get("concurrency") == c}
+        if "continuous" in by:
+            ratios[str(c)] = {f"vs_{m}": round(by["continuous"] / by[m], 2) for m in ("static", "static_fixed", "serial")
+                              if by.get(m)}
+    for c, rs in ratios.items():
+        print(f"continuous at concurrency {c}: " + ", ".join(f"{v}x {k[3:]}" for k, v in rs.items()))
+    if args.plot:
+        plot_records(records, args.plot)
+        print(f"plot: {args.plot}")
+    append_records(args.append, records)
+    print_json_last({**base, "records": records, "ratios": ratios})
+    return 0

@@ -47,7 +47,7 @@ def sparkline(values: list[float], width: int = 60) -> str:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .config import ChatDataConfig, DataConfig, TokenizerConfig, check_device
-    from .recipes import DEMO, DEMO_QUICK, DemoSizes, demo_configs, scale_lr
+    from .recipes import CHAT_FINETUNE, DEMO, DEMO_QUICK, DemoSizes, demo_configs, scale_lr
     from .runs import RunPaths
     from .tokenizer_cli import train_tokenizer
 
@@ -76,7 +76,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .train.sft import chat_train
 
     chat_data = ChatDataConfig(synthetic_size=sizes.synthetic_size)
-    for stage in ("mid", "sft"):
+    for stage in CHAT_FINETUNE:
         stage_cfg, lr_frac = configs[stage]
         result = chat_train(scale_lr(stage_cfg, lr_frac), chat_data)
         print(f"{stage}: {stage_cfg.num_steps} steps, final loss {result['final_loss']:.3f}, "

@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from .config import ChatDataConfig, TokenizerConfig
     from .data.cli import add_source_args
     from .options import add_config_options
-    from .recipes import RECIPES
+    from .recipes import CHAT_FINETUNE, RECIPES
     from .train.cli import add_train_args
 
     p = sub.add_parser("run", help="the whole pipeline for one run: tokenizer → pretrain → midtrain → sft → eval",
@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("chat stages")
     g.add_argument("--mid-steps", type=int, default=-1, help="midtraining steps (-1: one pass over the mixture)")
     g.add_argument("--sft-steps", type=int, default=-1, help="SFT steps (-1: one pass over the mixture)")
-    for stage in ("mid", "sft"):
+    for stage in CHAT_FINETUNE:
         g.add_argument(f"--{stage}", nargs="+", default=[], metavar="KEY=VALUE",
                        help=f"any `picochat {RECIPES[stage].command}` option for {stage} alone, e.g. "
                             f"--{stage} matrix-lr=0.01 total-batch-tokens=65536 init-lr-frac=0.5")
@@ -44,14 +44,15 @@ def stage_configs(args: argparse.Namespace) -> dict:
     from .config import ChatDataConfig, ConfigError, TokenizerConfig, check_number
     from .data.cli import data_config_from_args
     from .options import apply_settings, config_from_args
-    from .recipes import follow_on, scale_lr
+    from .recipes import CHAT_FINETUNE, follow_on, scale_lr
     from .train.cli import train_config_from_args
 
     base = replace(train_config_from_args(args, "base"), resume=True)
     out = {"data": data_config_from_args(args), "tokenizer": config_from_args(args, TokenizerConfig),
            "chat_data": config_from_args(args, ChatDataConfig), "base": base}
     check_number("eval_examples", args.eval_examples, lo=0, hi=10**7)
-    for stage, steps in (("mid", args.mid_steps), ("sft", args.sft_steps)):
+    for stage in CHAT_FINETUNE:
+        steps = getattr(args, f"{stage}_steps")
         cfg, lr_frac = follow_on(stage, base)
         try:
             cfg = replace(cfg, num_steps=steps)
@@ -73,6 +74,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .runs import RunPaths
     from .tokenizer_cli import train_tokenizer
     from .train.cli import pretrain
+    from .recipes import CHAT_FINETUNE
     from .train.sft import chat_train
 
     configs = stage_configs(args)
@@ -86,7 +88,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:
             log.info(f"tokenizer: using {paths.tokenizer}")
         pretrain(configs["base"], configs["data"])
-        for stage in ("mid", "sft"):
+        for stage in CHAT_FINETUNE:
             chat_train(configs[stage], configs["chat_data"])
         if args.eval_examples > 0 and dist_info().is_main:
             from .eval.chat_eval import DEFAULT_TASKS, evaluate_run, format_table

@@ -38,6 +38,9 @@ RECIPES: dict[str, Recipe] = {
                               optim=OptimConfig(warmdown_frac=1.0), **_CHAT), lr_frac=0.1),
 }
 
+# The stages `train/sft.py` trains on conversations (`picochat midtrain`, `picochat sft`), in order.
+CHAT_FINETUNE: tuple[str, ...] = ("mid", "sft")
+
 # What a chat stage of `picochat run` takes from its own recipe; everything else (depth, sequence
 # length, device, seed, learning rates, ...) follows the pretraining settings of the same command.
 FOLLOW_ON_FIELDS = ("num_steps", "eval_every")

@@ -28,7 +28,7 @@ import torch
 from ..common import DistInfo, log
 from ..config import ChatDataConfig, ModelConfig, TrainConfig, check_number
 from ..options import add_config_options, config_from_args
-from ..recipes import RECIPES, recipe_for_command, scale_lr
+from ..recipes import CHAT_FINETUNE, RECIPES, recipe_for_command, scale_lr
 from ..runs import STAGES, RunPaths
 from .cli import add_train_args, train_config_from_args
 # ChatDataConfig (in config) and scale_lr (in recipes) are imported here too for callers of this module
@@ -246,7 +246,7 @@ def add_chat_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    for stage in ("mid", "sft"):
+    for stage in CHAT_FINETUNE:
         recipe = RECIPES[stage]
         prefer = STAGES[stage].starts_from
         p = sub.add_parser(recipe.command, help=recipe.summary,

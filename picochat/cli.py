@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "sft": "picochat.train.sft",  # registers both `midtrain` and `sft`
     "eval": "picochat.eval.chat_eval",
     "chat": "picochat.infer.chat_cli",
+    "serve": "picochat.serve.cli",
     "export": "picochat.export",
     "run": "picochat.pipeline",
     "bench": "picochat.bench.cli",
@@ -57,6 +58,7 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from .common import setup_logging
+    from .train.preemption import TrainingStopped
 
     setup_logging()
     parser = build_parser()
@@ -74,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"picochat {_command(args)}: error: {e.cli_message()}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except TrainingStopped as e:  # a graceful stop on a signal: the loop logged where and how to resume
+        return e.exit_code
+    except (ValueError, OSError, RuntimeError) as e:  # OSError covers FileNotFoundError and a full disk
         if getattr(args, "debug", False):
             raise
         print(f"picochat {_command(args)}: error: {e}", file=sys.stderr)

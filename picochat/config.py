@@ -258,6 +258,8 @@ class TrainConfig:
     eval_tokens: int = opt(2**20, "held-out tokens per validation", lo=1, hi=2**40)
     sample_every: int = opt(1000, "print greedy samples every N steps (0: off)", lo=0, hi=10**9)
     save_every: int = opt(1000, "checkpoint every N steps (0: only at the end; -1: never)", lo=-1, hi=10**9)
+    keep_last: int = opt(2, "checkpoints kept per stage (0: all); older ones are pruned once a new one verifies",
+                         lo=0)
     compile: bool | None = opt(None, "torch.compile the model (default: on for CUDA)")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
     resume: bool = opt(False, "continue from the latest good checkpoint")
@@ -287,6 +289,8 @@ class DataConfig:
     embedded_docs: int = opt(20000, "documents in the embedded corpus", lo=1, hi=10**8)
     embedded_seed: int = opt(1234, "seed of the embedded corpus", lo=0, hi=2**32 - 1)
     val_fraction: float = opt(0.01, "share of the source held out for validation", above=0, hi=0.5)
+    strict_data: bool = opt(False, "stop with an error on a damaged file met while reading (default: skip it "
+                            "with a warning)")
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -104,6 +104,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         session.reply(question)
         session.messages.clear()
     print(f"\ndemo finished in {time.time() - t_start:.0f}s. Talk to it: picochat chat --run {run}")
+    print(f"Or serve it (API + chat page): picochat serve --run {run}   then open http://127.0.0.1:8000/")
     return 0
 
 

@@ -35,6 +35,7 @@ TRAIN = {
     "--eval-tokens": (["0", "-4"], "from 1 to"),
     "--sample-every": (["-1"], "from 0 to"),
     "--save-every": (["-2", "100000000000"], "from -1 to"),
+    "--keep-last": (["-1"], "an integer >= 0"),
     "--device": (["gpu", "cuda:x", "tpu"], "auto, cpu, cuda, cuda:N or mps"),
     "--matrix-lr": (["-0.1", "1e6", "nan"], "from 0 to 10"),
     "--embedding-lr": (["-1", "inf"], "from 0 to 10"),

@@ -239,7 +239,7 @@ def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_r
     return records
 
 
-def plot_records(records: list[dict], path: str) -> None:
+def plot_records(records: list[dict], path: str, bench: str = "batch") -> None:
     """Throughput against TTFT p99 and TPOT p50, a line per mode across the loads measured."""
     import matplotlib
 
@@ -265,7 +265,7 @@ def plot_records(records: list[dict], path: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     r0 = records[0] if records else {}
-    fig.suptitle(f"picochat bench batch · {r0.get('gpu', '')} · d{r0.get('depth', '')} · points labelled by "
+    fig.suptitle(f"picochat bench {bench} · {r0.get('gpu', '')} · d{r0.get('depth', '')} · points labelled by "
                  "concurrency (or request rate)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -316,6 +316,14 @@ def cmd_batch_bench(args: argparse.Namespace) -> int:
         raise SystemExit("--concurrency and --request-rate take comma lists of numbers") from None
     if any(c < 1 for c in conc) or any(r <= 0 for r in rates) or not (conc or rates):
         raise SystemExit("give --concurrency values >= 1 and/or --request-rate values > 0")
+    for name, low in (("slots", 1), ("num_requests", 1), ("serial_requests", 1), ("prompt_median", 1),
+                      ("output_median", 1), ("seq_len", 2), ("prefill_budget", 1), ("sync_every", 1), ("depth", 1),
+                      ("vocab_size", 2)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= {low} (got {value})")
+    if args.length_sigma < 0:
+        raise SystemExit(f"--length-sigma must be >= 0 (got {args.length_sigma})")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in ("continuous", "static", "serial")]
     if bad:

@@ -15,6 +15,7 @@ PROVIDERS = (
     ("picochat.bench.sft", "add_sft_parser"),
     ("picochat.bench.autobatch", "add_autobatch_parser"),
     ("picochat.bench.report", "add_report_parser"),
+    ("picochat.bench.serve", "add_serve_parser"),
 )
 
 

@@ -133,6 +133,15 @@ class Completion:
 _ids = itertools.count()
 
 
+class _Waiter:
+    """An asyncio reader of a handle: its loop, its wake-up flag, and whether a wake-up is on its way."""
+
+    __slots__ = ("loop", "flag", "pending")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.flag, self.pending = loop, asyncio.Event(), False
+
+
 class RequestHandle:
     """One submitted request. The scheduler calls `_push`; consumers read events or the result."""
 
@@ -143,7 +152,7 @@ class RequestHandle:
         self._queue: queue.Queue[Event] = queue.Queue()
         self._cancel = threading.Event()
         self._done = threading.Event()
-        self._loop_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._loop_waiters: list[_Waiter] = []
         self._lock = threading.Lock()
         # time.monotonic() stamps, set by the scheduler: for TTFT and latency metrics
         self.submitted_at: float = time.monotonic()
@@ -160,10 +169,12 @@ class RequestHandle:
             self._queue.put(event)
         if events and isinstance(events[-1], DoneEvent):
             self._done.set()
-        with self._lock:
-            waiters = list(self._loop_waiters)
-        for loop, flag in waiters:
-            loop.call_soon_threadsafe(flag.set)
+        with self._lock:  # one wake-up per waiter until it has looked again, not one per event
+            waiters = [w for w in self._loop_waiters if not w.pending]
+            for w in waiters:
+                w.pending = True
+        for w in waiters:
+            w.loop.call_soon_threadsafe(w.flag.set)
 
     @property
     def cancelled(self) -> bool:
@@ -187,27 +198,59 @@ class RequestHandle:
             if isinstance(event, DoneEvent):
                 return
 
+    def _waiter(self) -> "_Waiter":
+        waiter = _Waiter(asyncio.get_running_loop())
+        with self._lock:
+            self._loop_waiters.append(waiter)
+        return waiter
+
+    def _rearm(self, waiter: "_Waiter") -> None:
+        """Before looking at the queue: events pushed from now on wake this waiter again."""
+        waiter.flag.clear()
+        with self._lock:
+            waiter.pending = False
+
     async def aevents(self) -> AsyncIterator[Event]:
         """The same events for asyncio code (the server): never blocks the event loop."""
-        loop = asyncio.get_running_loop()
-        flag = asyncio.Event()
-        with self._lock:
-            self._loop_waiters.append((loop, flag))
+        waiter = self._waiter()
         try:
             while True:
                 try:
                     event = self._queue.get_nowait()
                 except queue.Empty:
-                    flag.clear()
+                    self._rearm(waiter)
                     if self._queue.empty():
-                        await flag.wait()
+                        await waiter.flag.wait()
                     continue
                 yield event
                 if isinstance(event, DoneEvent):
                     return
         finally:
             with self._lock:
-                self._loop_waiters.remove((loop, flag))
+                self._loop_waiters.remove(waiter)
+
+    async def aevent_batches(self) -> AsyncIterator[list[Event]]:
+        """Like `aevents`, but each item is every event that has arrived (at least one), so a server
+        writes one network chunk per wake-up instead of one per token; ends after the DoneEvent."""
+        waiter = self._waiter()
+        try:
+            while True:
+                self._rearm(waiter)
+                batch: list[Event] = []
+                while True:
+                    try:
+                        batch.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                if not batch:
+                    await waiter.flag.wait()
+                    continue
+                yield batch
+                if isinstance(batch[-1], DoneEvent):
+                    return
+        finally:
+            with self._lock:
+                self._loop_waiters.remove(waiter)
 
     def result(self, timeout: float | None = None) -> Completion:
         """Wait for the request to finish and collect every sample's tokens, text and parts."""

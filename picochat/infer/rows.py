@@ -79,6 +79,7 @@ class Sample:
     state: str = "text"
     since: int = 0  # the first decode chunk whose tokens are this sample's
     resync: bool = False  # the device's position/input for this slot must be reset before a chunk
+    first_pending: bool = False  # its first token was sampled on the device and not read yet
     forced: deque = field(default_factory=deque)
     tool: Future | None = None
     parser: MessageParser | None = None

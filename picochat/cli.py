@@ -20,10 +20,12 @@ COMMANDS: dict[str, str] = {
     "data": "picochat.data.cli",
     "pretrain": "picochat.train.cli",
     "sft": "picochat.train.sft",  # registers both `midtrain` and `sft`
-    "eval": "picochat.eval.chat_eval",
+    "rl": "picochat.train.rl_cli",
+    "eval": "picochat.eval.cli",
     "chat": "picochat.infer.chat_cli",
     "serve": "picochat.serve.cli",
     "export": "picochat.export",
+    "report": "picochat.report",
     "run": "picochat.pipeline",
     "bench": "picochat.bench.cli",
     "demo": "picochat.demo",

@@ -1,4 +1,4 @@
-"""`picochat run`: every stage in order for one run — tokenizer, pretraining, midtraining, SFT, eval.
+"""`picochat run`: every stage in order for one run — tokenizer, pretraining, midtraining, SFT, (RL,) eval.
 
 Each stage resumes from its latest checkpoint (a finished stage finishes at once), so re-running the
 same command after an interruption continues where it stopped. Works alone or under torchrun (the
@@ -35,13 +35,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         g.add_argument(f"--{stage}", nargs="+", default=[], metavar="KEY=VALUE",
                        help=f"any `picochat {RECIPES[stage].command}` option for {stage} alone, e.g. "
                             f"--{stage} matrix-lr=0.01 total-batch-tokens=65536 init-lr-frac=0.5")
+    g.add_argument("--rl-steps", type=int, default=0,
+                   help="steps of RL on the synthetic arithmetic task after SFT (0: no RL stage; -1: one pass)")
     g.add_argument("--eval-examples", type=int, default=100, help="held-out questions per task (0: no eval)")
     p.set_defaults(func=cmd_run)
 
 
 def stage_configs(args: argparse.Namespace) -> dict:
     """Every stage's config from the command line, validated before anything runs."""
-    from .config import ChatDataConfig, ConfigError, TokenizerConfig, check_number
+    from .config import ChatDataConfig, ConfigError, RLConfig, TokenizerConfig, check_number
     from .data.cli import data_config_from_args
     from .options import apply_settings, config_from_args
     from .recipes import CHAT_FINETUNE, follow_on, scale_lr
@@ -51,6 +53,9 @@ def stage_configs(args: argparse.Namespace) -> dict:
     out = {"data": data_config_from_args(args), "tokenizer": config_from_args(args, TokenizerConfig),
            "chat_data": config_from_args(args, ChatDataConfig), "base": base}
     check_number("eval_examples", args.eval_examples, lo=0, hi=10**7)
+    check_number("rl_steps", args.rl_steps, lo=-1, hi=10**9)
+    out["rl"] = RLConfig(run=args.run, num_steps=args.rl_steps, device=base.device, seed=base.seed,
+                         resume=True) if args.rl_steps else None
     for stage in CHAT_FINETUNE:
         steps = getattr(args, f"{stage}_steps")
         cfg, lr_frac = follow_on(stage, base)
@@ -90,10 +95,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         pretrain(configs["base"], configs["data"])
         for stage in CHAT_FINETUNE:
             chat_train(configs[stage], configs["chat_data"])
+        if configs["rl"] is not None:
+            from .train.rl import rl_train
+
+            rl_train(configs["rl"])
         if args.eval_examples > 0 and dist_info().is_main:
             from .eval.chat_eval import DEFAULT_TASKS, evaluate_run, format_table
 
-            print(format_table(evaluate_run(args.run, "sft", DEFAULT_TASKS, args.eval_examples, device=args.device)))
+            last = "rl" if args.rl_steps else "sft"
+            print(format_table(evaluate_run(args.run, last, DEFAULT_TASKS, args.eval_examples, device=args.device)))
+        if dist_info().is_main:
+            from .report import write_report
+
+            write_report(args.run)
         _barrier()
     finally:
         cleanup_distributed()

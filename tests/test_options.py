@@ -90,6 +90,7 @@ RUN_EXTRA = {
     "--mid-steps": (["-7", "10000000000"], "-1 or an integer from 0 to"),
     "--sft-steps": (["-2"], "-1 or an integer from 0 to"),
     "--eval-examples": (["-1"], "from 0 to"),
+    "--rl-steps": (["-2", "10000000000"], "from -1 to"),
     "--mid": ([("num_steps=-3",), ("matrix-lr=-1",), ("init-lr-frac=0",), ("nonsense=1",), ("depth",)],
               "must be"),
     "--sft": ([("seq-len=-5",), ("adam-betas=2,0.9",), ("resume=maybe",)], "must be"),

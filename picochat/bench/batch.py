@@ -346,8 +346,8 @@ def cmd_batch_bench(args: argparse.Namespace) -> int:
     for c in conc:
         by = {r["mode"]: r["tok_per_s_total"] for r in records if r.get("concurrency") == c}
         if "continuous" in by:
-            ratios[str(c)] = {f"vs_{m}": round(by["continuous"] / by[m], 2) for m in ("static", "static_fixed", "serial")
-                              if by.get(m)}
+            ratios[str(c)] = {f"vs_{m}": round(by["continuous"] / by[m], 2)
+                              for m in ("static", "static_fixed", "serial") if by.get(m)}
     for c, rs in ratios.items():
         print(f"continuous at concurrency {c}: " + ", ".join(f"{v}x {k[3:]}" for k, v in rs.items()))
     if args.plot:

@@ -102,6 +102,12 @@ def _load(app, args: argparse.Namespace, config, loaded: dict) -> None:
 
     try:
         device = detect_device(args.device)
+        if device.type == "cpu":
+            # Leave a core to the HTTP event loop: with every core in torch's pool, a pool worker
+            # pre-empted by the loop stalls each op's barrier, and decoding slows down many times over.
+            import torch
+
+            torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 2) - 1)))
         model, tokenizer, meta = load_model(args.run, args.stage, device, args.step)
         sched_config = SchedulerConfig(slots=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
                                        mode=args.mode, kernels=args.kernels, compile=args.compile)

@@ -19,10 +19,12 @@ COMMANDS: dict[str, str] = {
     "data": "picochat.data.cli",
     "pretrain": "picochat.train.cli",
     "sft": "picochat.train.sft",  # registers both `midtrain` and `sft`
-    "eval": "picochat.eval.chat_eval",
+    "rl": "picochat.train.rl_cli",
+    "eval": "picochat.eval.cli",
     "chat": "picochat.infer.chat_cli",
     "serve": "picochat.serve.cli",
     "export": "picochat.export",
+    "report": "picochat.report",
     "run": "picochat.pipeline",
     "bench": "picochat.bench.cli",
     "demo": "picochat.demo",
@@ -49,6 +51,7 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from .common import setup_logging
+    from .train.preemption import TrainingStopped
 
     setup_logging()
     parser = build_parser()
@@ -61,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except TrainingStopped as e:  # a graceful stop on a signal: the loop logged where and how to resume
+        return e.exit_code
+    except (ValueError, OSError, RuntimeError) as e:  # OSError covers FileNotFoundError and a full disk
         if getattr(args, "debug", False):
             raise
         print(f"picochat {args.command}: error: {e}", file=sys.stderr)

@@ -120,10 +120,15 @@ class TrainConfig:
     eval_tokens: int = 2**20
     sample_every: int = 1000
     save_every: int = 1000  # 0: only at the end; -1: never (benchmarks)
+    keep_last: int = 2  # checkpoints kept per stage (0: all); older ones go once a new one verifies
     compile: bool | None = None  # None: on for CUDA
     device: str = "auto"
     resume: bool = False
     optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self) -> None:
+        if self.keep_last < 0:
+            raise ValueError(f"keep_last must be >= 0 (0 keeps every checkpoint), got {self.keep_last}")
 
 
 @dataclass
@@ -136,6 +141,7 @@ class DataConfig:
     embedded_docs: int = 20000
     embedded_seed: int = 1234
     val_fraction: float = 0.01
+    strict_data: bool = False  # a damaged file met while training: error instead of skipping it
 
 
 @dataclass
@@ -165,3 +171,69 @@ class SamplingConfig:
     max_tokens: int = 256
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+
+
+RL_TASKS: tuple[str, ...] = ("arithmetic", "gsm8k")
+
+
+@dataclass
+class RLConfig:
+    """`picochat rl`: on-policy policy gradient from the run's SFT checkpoint (stage "rl").
+
+    Each step samples `samples_per_prompt` completions for each of `prompts_per_step` training
+    prompts, scores them with the task's checker and pushes up the log-probability of the sampled
+    tokens in proportion to their advantage (reward minus the prompt group's mean)."""
+
+    run: str = "default"
+    task: str = "arithmetic"  # arithmetic (offline synthetic) | gsm8k
+    gsm8k: str | None = None  # GSM8K train source (file, folder or URL); None: the hub's parquet
+    gsm8k_test: str | None = None  # GSM8K test source for evaluation; None: the hub's parquet
+    train_size: int = 2000  # synthetic prompts per epoch (arithmetic)
+    num_steps: int = -1  # -1: one pass over the training prompts
+    prompts_per_step: int = 16  # over all ranks
+    samples_per_prompt: int = 16
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int | None = None  # None: sample from the whole distribution
+    std_normalize: bool = False  # divide each group's advantages by its reward std
+    kl_coef: float = 0.0  # > 0: penalise KL to the frozen SFT model (k3 estimator per sampled token)
+    device_batch_size: int = 32  # rows per forward/backward of the update
+    lr_frac: float = 0.05  # every optimizer LR scaled by this; decays linearly to 0 over the run
+    eval_every: int = 25  # steps between held-out evaluations (0: only before and after)
+    eval_prompts: int = 64  # held-out prompts per evaluation (over all ranks)
+    eval_samples: int = 8  # k of pass@k
+    eval_temperature: float = 1.0
+    save_every: int = 25  # 0: only at the end; -1: never
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+    eager_rollouts: bool = False  # baseline: eager engine, one prompt's samples at a time
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self) -> None:
+        def bad(name: str, allowed: str):
+            raise ValueError(f"RLConfig.{name} must be {allowed} (got {getattr(self, name)!r})")
+
+        if self.task not in RL_TASKS:
+            bad("task", f"one of {', '.join(RL_TASKS)}")
+        for name in ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "device_batch_size",
+                     "eval_samples", "train_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                bad(name, "an integer >= 1")
+        if self.num_steps < -1:
+            bad("num_steps", "-1 (one pass) or >= 0")
+        for name in ("eval_every", "eval_prompts"):
+            if getattr(self, name) < 0:
+                bad(name, ">= 0")
+        if self.save_every < -1:
+            bad("save_every", ">= -1")
+        if not 0 < self.temperature <= 10:
+            bad("temperature", "in (0, 10]: on-policy sampling needs a stochastic policy")
+        if not 0 <= self.eval_temperature <= 10:
+            bad("eval_temperature", "in [0, 10]")
+        if self.top_k is not None and self.top_k < 1:
+            bad("top_k", "None or >= 1")
+        if not 0 <= self.kl_coef <= 100:
+            bad("kl_coef", "in [0, 100]")
+        if not 0 < self.lr_frac <= 10:
+            bad("lr_frac", "in (0, 10]")

@@ -109,8 +109,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"\nyou> {question}\nbot> ", end="", flush=True)
         session.reply(question)
         session.messages.clear()
+    from .report import write_report
+
+    report = write_report(run)
     print(f"\ndemo finished in {time.time() - t_start:.0f}s. Talk to it: picochat chat --run {run}")
     print(f"Or serve it (API + chat page): picochat serve --run {run}   then open http://127.0.0.1:8000/")
+    print(f"report card: {report}")
     return 0
 
 

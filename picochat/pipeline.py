@@ -1,4 +1,4 @@
-"""`picochat run`: every stage in order for one run — tokenizer, pretraining, midtraining, SFT, eval.
+"""`picochat run`: every stage in order for one run — tokenizer, pretraining, midtraining, SFT, (RL,) eval.
 
 Each stage resumes from its latest checkpoint (a finished stage finishes at once), so re-running the
 same command after an interruption continues where it stopped. Works alone or under torchrun (the
@@ -24,6 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vocab-size", type=int, default=TokenizerConfig.vocab_size)
     p.add_argument("--mid-steps", type=int, default=-1, help="midtraining steps (-1: one pass over the mixture)")
     p.add_argument("--sft-steps", type=int, default=-1, help="SFT steps (-1: one pass over the mixture)")
+    p.add_argument("--rl-steps", type=int, default=0,
+                   help="steps of RL on the synthetic arithmetic task after SFT (0: no RL stage; -1: one pass)")
     p.add_argument("--eval-examples", type=int, default=100, help="held-out questions per task (0: no eval)")
     p.set_defaults(func=cmd_run)
 
@@ -54,10 +56,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         for stage, steps in (("mid", args.mid_steps), ("sft", args.sft_steps)):
             cfg, lr_frac = follow_on(stage, base)
             chat_train(scale_lr(replace(cfg, num_steps=steps), lr_frac), ChatDataConfig())
+        if args.rl_steps:
+            from .config import RLConfig
+            from .train.rl import rl_train
+
+            rl_train(RLConfig(run=args.run, num_steps=args.rl_steps, device=args.device, seed=args.seed, resume=True))
         if args.eval_examples > 0 and dist_info().is_main:
             from .eval.chat_eval import DEFAULT_TASKS, evaluate_run, format_table
 
-            print(format_table(evaluate_run(args.run, "sft", DEFAULT_TASKS, args.eval_examples, device=args.device)))
+            last = "rl" if args.rl_steps else "sft"
+            print(format_table(evaluate_run(args.run, last, DEFAULT_TASKS, args.eval_examples, device=args.device)))
+        if dist_info().is_main:
+            from .report import write_report
+
+            write_report(args.run)
         _barrier()
     finally:
         cleanup_distributed()

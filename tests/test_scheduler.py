@@ -419,3 +419,83 @@ def test_fast_scheduler_seeded_sampling_independent_of_batch_mates():
     h = s.submit([1, 2, 3], p)
     s.run_until_idle()
     assert [x.tokens for x in h.result().samples] == want
+
+
+def test_scattered_slots_prefill_and_n_samples(model):
+    """Requests admitted together into non-adjacent free slots (gathered prefill) and a request
+    with n = 2 whose prompt is copied to a second slot decode as they do alone."""
+    p = SamplingParams(max_tokens=9, **GREEDY)
+    s = Scheduler(model, None, SchedulerConfig(slots=6, sync_every=2))
+    a = s.submit([1, 2, 3], SamplingParams(max_tokens=30, **GREEDY))
+    b_ = s.submit([4, 5], SamplingParams(max_tokens=1, **GREEDY))  # leaves slot 1 free at once
+    c = s.submit([6, 7, 8, 9], SamplingParams(max_tokens=30, **GREEDY))
+    s.step()
+    assert b_.done and s.stats()["slots_used"] == 2
+    d = s.submit(list(range(10, 22)), p)  # slot 1
+    e = s.submit([30, 31, 32, 33, 34], SamplingParams(max_tokens=9, n=2, **GREEDY))  # slots 3, 4
+    s.step()
+    assert s.batch.bound[1] > 0 and s.batch.bound[3] > 0
+    s.run_until_idle()
+    for h, prompt, params in ((a, [1, 2, 3], SamplingParams(max_tokens=30, **GREEDY)), (c, [6, 7, 8, 9],
+                              SamplingParams(max_tokens=30, **GREEDY)), (d, list(range(10, 22)), p)):
+        assert h.result().samples[0].tokens == alone(model, prompt, params)
+    solo = alone(model, [30, 31, 32, 33, 34], p)
+    assert [x.tokens for x in e.result().samples] == [solo, solo]
+
+
+def test_cancel_while_waiting_on_a_tool_frees_the_slot():
+    gate = threading.Event()
+
+    def slow_tool(expr: str) -> str:
+        gate.wait(5)
+        return "9"
+
+    table = {**chain(ord("="), PY_S, *b("1"), PY_E), **chain(OUT_E, A_END), **chain(*b("xyxyxy"))}
+    s = Scheduler(MarkovModel(table), TOK, SchedulerConfig(slots=2, sync_every=2), tool_runner=slow_tool)
+    calling = s.submit(b("="), SamplingParams(max_tokens=20, **GREEDY))
+    other = s.submit(b("x"), SamplingParams(max_tokens=12, **GREEDY))
+    for _ in range(4):
+        s.step()
+    assert any(x.state == "waiting" for x in s._rows.values())
+    calling.cancel()
+    s.step()
+    assert s.stats()["slots_used"] == 1
+    third = s.submit(b("x"), SamplingParams(max_tokens=4, **GREEDY))
+    s.run_until_idle()
+    gate.set()
+    assert calling.result().samples[0].finish_reason == "cancelled"
+    assert other.result().samples[0].tokens == b("yx" * 6)
+    assert third.result().samples[0].tokens == b("yxyx")
+
+
+def test_engine_runs_on_its_own_model_copy():
+    """Engine prepares the model (dtype, fused q/k/v) once; its schedulers run that very copy."""
+    from picochat.infer.engine import Engine
+
+    m = random_model(seed=2)
+    eng = Engine(m, None, dtype=torch.float64, fuse=True)
+    assert eng.scheduler(3).model is eng.model and eng.scheduler(3).dtype == torch.float64
+    out = eng.generate_batch([[1, 2, 3]], max_tokens=4, temperature=0)
+    assert out == Engine(m, None).generate_batch([[1, 2, 3]], max_tokens=4, temperature=0)
+
+
+def test_sample_rows_distribution_and_filters():
+    from picochat.infer.sampling import sample_rows
+
+    R = 4000
+    logits = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1]])).repeat(R, 1)
+    keys = torch.full((R,), 12345, dtype=torch.long)
+    pos = torch.arange(R)  # one stream, many positions: independent draws
+
+    def draw(temp=1.0, k=0, p=1.0, **kw):
+        return sample_rows(logits, torch.full((R,), temp), torch.full((R,), k, dtype=torch.long),
+                           torch.full((R,), p), keys, pos, **kw)
+
+    full = draw()
+    assert set(full.tolist()) == {0, 1, 2, 3}
+    freq = [(full == t).float().mean().item() for t in range(4)]
+    assert all(abs(f - q) < 0.03 for f, q in zip(freq, (0.4, 0.3, 0.2, 0.1))), freq
+    assert set(draw(k=2, top_k_max=2).tolist()) == {0, 1}
+    assert set(draw(p=0.5, any_top_p=True).tolist()) == {0, 1}  # 0.4 < 0.5, so token 1 is still in
+    assert draw(temp=0.0).tolist() == [0] * R
+    assert torch.equal(draw(), full)  # the same (key, position) draws the same token

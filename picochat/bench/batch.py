@@ -315,6 +315,14 @@ def cmd_batch_bench(args: argparse.Namespace) -> int:
         raise SystemExit("--concurrency and --request-rate take comma lists of numbers") from None
     if any(c < 1 for c in conc) or any(r <= 0 for r in rates) or not (conc or rates):
         raise SystemExit("give --concurrency values >= 1 and/or --request-rate values > 0")
+    for name, low in (("slots", 1), ("num_requests", 1), ("serial_requests", 1), ("prompt_median", 1),
+                      ("output_median", 1), ("seq_len", 2), ("prefill_budget", 1), ("sync_every", 1), ("depth", 1),
+                      ("vocab_size", 2)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= {low} (got {value})")
+    if args.length_sigma < 0:
+        raise SystemExit(f"--length-sigma must be >= 0 (got {args.length_sigma})")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in ("continuous", "static", "serial")]
     if bad:
@@ -337,8 +345,8 @@ def cmd_batch_bench(args: argparse.Namespace) -> int:
     for c in conc:
         by = {r["mode"]: r["tok_per_s_total"] for r in records if r.get("concurrency") == c}
         if "continuous" in by:
-            ratios[str(c)] = {f"vs_{m}": round(by["continuous"] / by[m], 2) for m in ("static", "static_fixed", "serial")
-                              if by.get(m)}
+            ratios[str(c)] = {f"vs_{m}": round(by["continuous"] / by[m], 2)
+                              for m in ("static", "static_fixed", "serial") if by.get(m)}
     for c, rs in ratios.items():
         print(f"continuous at concurrency {c}: " + ", ".join(f"{v}x {k[3:]}" for k, v in rs.items()))
     if args.plot:

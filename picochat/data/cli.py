@@ -29,6 +29,8 @@ def add_source_args(parser: argparse.ArgumentParser) -> None:
                    help="documents in the embedded corpus")
     g.add_argument("--embedded-seed", type=int, default=d.embedded_seed)
     g.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    g.add_argument("--strict-data", action="store_true",
+                   help="stop with an error on a damaged file met while reading (default: skip it with a warning)")
 
 
 def data_config_from_args(args: argparse.Namespace) -> DataConfig:
@@ -45,6 +47,7 @@ def data_config_from_args(args: argparse.Namespace) -> DataConfig:
         embedded_docs=getattr(args, "embedded_docs", d.embedded_docs),
         embedded_seed=getattr(args, "embedded_seed", d.embedded_seed),
         val_fraction=getattr(args, "val_fraction", d.val_fraction),
+        strict_data=getattr(args, "strict_data", d.strict_data),
     )
 
 

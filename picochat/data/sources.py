@@ -18,6 +18,14 @@ Chunks by file type:
              (a chunk can be empty when one line spans several blocks).
 * `.parquet` - one chunk per row group, text from a column.
 
+Damaged data: a chunk that cannot be read while training (a file damaged or changed on disk) is
+skipped with a warning naming the file and the piece, and read as an empty chunk, so chunk numbering
+and with it the loader's resume position stay exact; `strict=True` (`--strict-data`) makes it an
+error instead. A shard from the download cache that fails to read is first fetched again. A parquet
+file whose metadata cannot be read when the source opens keeps the row-group count it had when last
+read (`damage.py`), so a run resumed after the damage numbers its chunks as before; without one it
+is an error, as it is with `strict`.
+
 Split rule: the val split is the tail of the chunk list, `max(1, round(n * val_fraction))` chunks;
 for shards it is the last shard (nanochat's convention) when there are two or more. When a source has
 a single chunk, its documents are split instead (the last `val_fraction` of them are val).
@@ -32,8 +40,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..common import log
 from ..config import DataConfig
-from .download import download_shards, shard_dir, shard_name
+from .damage import DataReadError, SkipDamaged, known_row_groups, remember_row_groups
+from .download import download as download_file, download_shards, shard_dir, shard_name, shard_url, validate_parquet
 
 TXT_DOC_CHARS = 4000
 JSONL_CHUNK_BYTES = 1 << 20
@@ -51,10 +61,24 @@ class ChunkRef:
     docs: tuple[int | None, int | None] = (None, None)  # slice of the chunk's documents to keep
 
 
+def describe(ref: ChunkRef) -> str:
+    """Where a chunk lives, in words for messages: the file and the piece of it."""
+    if not ref.path:
+        return f"embedded corpus (documents {ref.docs[0]}-{ref.docs[1]})"
+    ext = Path(ref.path).suffix.lower()
+    if ext == ".parquet":
+        return f"{ref.path} (row group {ref.piece})"
+    if ext == ".jsonl":
+        return f"{ref.path} (bytes {ref.piece * JSONL_CHUNK_BYTES}-{(ref.piece + 1) * JSONL_CHUNK_BYTES})"
+    return ref.path
+
+
 class TextSource:
     """Base of all sources: subclasses provide `name`, `_refs(split)` and `_read(ref)`."""
 
     name: str = "source"
+    strict: bool = False  # a chunk that cannot be read raises instead of being skipped
+    _damage: SkipDamaged | None = None
 
     def _refs(self, split: str) -> Sequence[ChunkRef]:
         raise NotImplementedError
@@ -78,7 +102,15 @@ class TextSource:
         """The documents of global chunk `index` (epochs repeat the same order)."""
         refs = self._checked_refs(split)
         ref = refs[index % len(refs)]
-        docs = self._read(ref)
+        try:
+            docs = self._read(ref)
+        except Exception as e:  # readers raise many types (OSError, ValueError, pyarrow's, ...)
+            if self._damage is None:
+                self._damage = SkipDamaged(self.name)
+            self._damage.strict = self.strict
+            return self._damage.damaged(describe(ref), split, index, len(refs), e)
+        if self._damage is not None:
+            self._damage.read_fine(split)
         lo, hi = ref.docs
         return docs[lo:hi] if (lo, hi) != (None, None) else docs
 
@@ -202,7 +234,8 @@ class FileSource(TextSource):
     """Local `.txt`, `.jsonl` and `.parquet` files, given by paths or globs."""
 
     def __init__(self, paths: Sequence[str | Path], text_field: str = "text", val_fraction: float = 0.01,
-                 name: str | None = None):
+                 name: str | None = None, strict: bool = False):
+        self.strict = strict
         self.paths = expand_paths([str(p) for p in paths])
         self.text_field = text_field
         self.val_fraction = val_fraction
@@ -212,6 +245,7 @@ class FileSource(TextSource):
 
     def _all_refs(self, paths: Sequence[Path]) -> list[ChunkRef]:
         refs: list[ChunkRef] = []
+        row_groups: dict[Path, int] = {}
         for p in paths:
             ext = p.suffix.lower()
             if ext == ".txt":
@@ -220,8 +254,22 @@ class FileSource(TextSource):
                 size = p.stat().st_size
                 refs += [ChunkRef(str(p), b) for b in range(max(1, -(-size // JSONL_CHUNK_BYTES)))]
             else:
-                refs += [ChunkRef(str(p), g) for g in range(_parquet_file(p, self.text_field).num_row_groups)]
+                row_groups[p] = self._row_groups(p)
+                refs += [ChunkRef(str(p), g) for g in range(row_groups[p])]
+        if row_groups:
+            remember_row_groups(row_groups)
         return refs
+
+    def _row_groups(self, path: Path) -> int:
+        try:
+            return _parquet_file(path, self.text_field).num_row_groups
+        except DataReadError as e:
+            known = None if self.strict else known_row_groups(path)
+            if known is None:
+                raise
+            log.warning(f"{e}; numbering its chunks as when it was last read ({known} row groups): "
+                        "they will be skipped as damaged (--strict-data makes this an error)")
+            return known
 
     def _refs(self, split: str) -> list[ChunkRef]:
         if split not in self._split_cache:
@@ -246,7 +294,7 @@ def _parquet_file(path: Path, column: str):
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises ArrowInvalid/OSError for damaged files
-        raise ValueError(f"{path}: not a readable parquet file ({e})") from e
+        raise DataReadError(f"{path}: not a readable parquet file ({e})") from e
     names = pf.schema_arrow.names
     if column not in names:
         raise ValueError(f"{path}: no column {column!r} (columns: {', '.join(names)}); set --text-field")
@@ -309,6 +357,7 @@ class ShardSource(FileSource):
     """
 
     def __init__(self, cfg: DataConfig, download: bool = True):
+        self.cfg, self._download = cfg, download
         if cfg.num_shards < 1:
             raise ValueError(f"num_shards must be >= 1, got {cfg.num_shards}")
         if download:
@@ -319,7 +368,7 @@ class ShardSource(FileSource):
             if missing:
                 raise FileNotFoundError(f"shards not downloaded: {', '.join(missing)} "
                                         f"(run `picochat data download --num-shards {cfg.num_shards}`)")
-        super().__init__(paths, text_field=cfg.text_field, val_fraction=cfg.val_fraction,
+        super().__init__(paths, text_field=cfg.text_field, val_fraction=cfg.val_fraction, strict=cfg.strict_data,
                          name=f"shards({cfg.num_shards})")
         self._n_last = _parquet_file(Path(paths[-1]), self.text_field).num_row_groups
 
@@ -329,6 +378,22 @@ class ShardSource(FileSource):
         n_last = self._n_last
         return self._all[:-n_last] if split == "train" else self._all[-n_last:]
 
+    def _read(self, ref: ChunkRef) -> list[str]:
+        """A shard that fails to read is fetched again (the downloader checks it, sees the damage and
+        downloads it afresh under its lock, so ranks share one transfer), then read once more."""
+        try:
+            return super()._read(ref)
+        except Exception as damage:
+            if not self._download:
+                raise
+            index = int(Path(ref.path).stem.split("_")[-1])
+            log.warning(f"{ref.path} cannot be read ({damage}); fetching it again")
+            try:
+                download_file(shard_url(self.cfg, index), Path(ref.path), validate=validate_parquet, progress=False)
+            except Exception as e:
+                raise DataReadError(f"{damage}; fetching it again failed: {e}") from e
+            return super()._read(ref)
+
 
 # --------------------------------------------------------------------------------------------------
 
@@ -336,12 +401,15 @@ class ShardSource(FileSource):
 def open_source(cfg: DataConfig) -> TextSource:
     """The source a DataConfig names (embedded, files or shards)."""
     if cfg.source == "embedded":
-        return EmbeddedSource(cfg.embedded_docs, cfg.embedded_seed, cfg.val_fraction)
-    if cfg.source == "files":
-        return FileSource(cfg.paths, cfg.text_field, cfg.val_fraction)
-    if cfg.source == "shards":
-        return ShardSource(cfg)
-    raise ValueError(f"unknown data source {cfg.source!r}: use embedded, files or shards")
+        source: TextSource = EmbeddedSource(cfg.embedded_docs, cfg.embedded_seed, cfg.val_fraction)
+    elif cfg.source == "files":
+        source = FileSource(cfg.paths, cfg.text_field, cfg.val_fraction, strict=cfg.strict_data)
+    elif cfg.source == "shards":
+        source = ShardSource(cfg)
+    else:
+        raise ValueError(f"unknown data source {cfg.source!r}: use embedded, files or shards")
+    source.strict = cfg.strict_data
+    return source
 
 
 def iter_texts(cfg: DataConfig, split: str = "train") -> Iterator[str]:

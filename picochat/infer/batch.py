@@ -243,42 +243,49 @@ class DecodeBatch:
             self.out_top_ids[j, :bucket, :top] = ids
 
     def _read(self, seq: int, k: int, bucket: int, logprobs: int | None) -> ChunkOut:
+        top = logprobs is not None and logprobs > 0
+        return self._to_host(seq, self.out[:k, :bucket],
+                             self.out_lp[:k, :bucket] if logprobs is not None else None,
+                             self.out_top_ids[:k, :bucket, :logprobs] if top else None,
+                             self.out_top_lp[:k, :bucket, :logprobs] if top else None)
+
+    def _to_host(self, seq: int, tokens: torch.Tensor, lp: torch.Tensor | None, top_ids: torch.Tensor | None,
+                 top_lp: torch.Tensor | None) -> ChunkOut:
+        """Start copying (k, rows) results to the host; on CUDA into pinned memory, without waiting."""
         cuda = self.device.type == "cuda"
 
-        def copy(t: torch.Tensor) -> torch.Tensor:
-            if not cuda:
-                return t.clone()
+        def copy(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None or not cuda:
+                return None if t is None else t.clone()
             host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             host.copy_(t, non_blocking=True)
             return host
 
-        tokens = copy(self.out[:k, :bucket])
-        lp = top_ids = top_lp = None
-        if logprobs is not None:
-            lp = copy(self.out_lp[:k, :bucket])
-            if logprobs > 0:
-                top_ids = copy(self.out_top_ids[:k, :bucket, :logprobs])
-                top_lp = copy(self.out_top_lp[:k, :bucket, :logprobs])
         event = None
+        out = ChunkOut(seq, tokens.size(0), tokens.size(1), copy(tokens), copy(lp), copy(top_ids), copy(top_lp),
+                       event)
         if cuda:
-            event = torch.cuda.Event()
-            event.record()
-        return ChunkOut(seq, k, bucket, tokens, lp, top_ids, top_lp, event)
+            out.event = torch.cuda.Event()
+            out.event.record()
+        return out
 
+    @torch.no_grad()
     def first_tokens(self, logits: torch.Tensor, rows: list[int], slots: list[int], positions: list[int], *,
-                     top_k_max: int, any_top_p: bool, logprobs: int | None) -> tuple[list[int], list | None, list | None]:
-        """Sample each slot's first token from its prompt's logits (`logits[rows[i]]` for slot i),
-        make it the slot's next input; returns tokens, chosen logprobs and top alternatives."""
+                     top_k_max: int, any_top_p: bool, logprobs: int | None) -> ChunkOut:
+        """Sample each slot's first token from its prompt's logits (`logits[rows[i]]` for slot i)
+        and make it the slot's next input, on the device; the tokens (and logprobs) come back as a
+        one-step ChunkOut, read later like a chunk (no wait here, so the next chunk launches first)."""
         logits = logits.index_select(0, self._dev(rows, torch.long))
         index = self._dev(slots, torch.long)
         pos = self._dev(positions, torch.long)
         tok = self.sample(logits, index, top_k_max=top_k_max, any_top_p=any_top_p, positions=pos)
         self.idx[index, 0] = tok
-        lp = top = None
+        lp = top_lp = top_ids = None
         if logprobs is not None:
             full = logits.float().log_softmax(dim=-1)
-            lp = full.gather(1, tok[:, None])[:, 0].tolist()
+            lp = full.gather(1, tok[:, None])[:, 0]
             if logprobs > 0:
-                values, ids = full.topk(logprobs, dim=-1)
-                top = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
-        return tok.tolist(), lp, top
+                top_lp, top_ids = full.topk(logprobs, dim=-1)
+                top_lp, top_ids = top_lp[None], top_ids[None]
+            lp = lp[None]
+        return self._to_host(-1, tok[None], lp, top_ids, top_lp)

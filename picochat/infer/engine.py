@@ -103,7 +103,7 @@ class Engine:
             config = SchedulerConfig(slots=slots, max_context=self.max_context, max_queue=max(1024, slots),
                                      prefill_budget=slots * self.max_context, sync_every=self.sync_every,
                                      mode=self.mode, kernels=self.kernels, compile=self.compile or False,
-                                     fuse=False, window_step=self.window_step)
+                                     dtype=self.dtype, fuse=False, window_step=self.window_step)
             sched = Scheduler(self.model, self.tokenizer, config, tool_runner=lambda expr: _run_tool(expr))
         self._schedulers[slots] = sched
         return sched

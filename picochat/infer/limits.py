@@ -38,7 +38,7 @@ class SchedulerConfig:
     mode: str | None = None  # "fast" (CUDA graphs), "eager", or "naive" (no cache: a baseline); None: fast on CUDA
     kernels: str = "auto"  # fast mode's step: "triton", "torch", or auto (Triton up to TRITON_MAX_ROWS)
     compile: bool | str = False  # torch.compile the torch step (True or a torch.compile mode)
-    dtype: str | None = None  # "bfloat16" | "float32" | ...; None: bf16 on CUDA, fp32 elsewhere
+    dtype: object = None  # "bfloat16" | "float32" | a torch.dtype; None: bf16 on CUDA, fp32 elsewhere
     fuse: bool | None = None  # one q/k/v projection (default: in fast mode)
     window_step: int | None = None  # attention window granularity (see runners.CachedRunner)
     memory_fraction: float = 0.5  # of free device memory the cache may take when `slots` is None

@@ -4,8 +4,8 @@
 appended token means (`accept`): the message part and text (through `parts.MessageParser`), stop
 tokens, stop strings (text held back until it cannot be one), `max_tokens`, the start of a tool call,
 and forced tokens (tool outputs, `sampled=False`). `Request` holds the samples, counts usage and
-sends the `FinishEvent`s and the `DoneEvent`; events wait in the request's outbox until the scheduler delivers them, once per
-step. Nothing here touches the device.
+sends the `FinishEvent`s and the `DoneEvent`; events wait in the request's outbox until the
+scheduler delivers them, once per step. Nothing here touches the device.
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ class Sample:
     state: str = "text"
     since: int = 0  # the first decode chunk whose tokens are this sample's
     resync: bool = False  # the device's position/input for this slot must be reset before a chunk
+    first_pending: bool = False  # its first token was sampled on the device and not read yet
     forced: deque = field(default_factory=deque)
     tool: Future | None = None
     parser: MessageParser | None = None

@@ -9,7 +9,8 @@ returns a `RequestHandle` whose events stream as the request runs (`request.py`)
   2. admits queued requests into free slots (n slots for n samples, lowest slots first) and
      prefills prompt chunks under a per-step token budget, so a long prompt does not stall the
      running rows; a finished prompt's cache is copied to its other samples' slots and each sample
-     draws its first token independently;
+     draws its first token independently, on the device (read with the chunk after it: a prefill
+     does not make the host wait for the chunk in flight);
   3. launches a chunk of decode steps over the running rows and reads the previous chunk's tokens
      (on CUDA the next chunk is already running while the host reads: rows that stopped or called
      a tool meanwhile ran on and are rewound, which is just resetting their position).
@@ -48,7 +49,10 @@ from .sampling import stream_key
 
 log = logging.getLogger("picochat")
 
+
 class Scheduler:
+    """The decode loop over one persistent KV cache; see the module docstring."""
+
     def __init__(self, model, tokenizer=None, config: SchedulerConfig | None = None, *, tool_runner=None):
         """`tool_runner(expr) -> str` runs a tool call (default: the calculator, `tools.py`)."""
         cfg = self.config = config or SchedulerConfig()
@@ -62,8 +66,6 @@ class Scheduler:
             raise ValueError(f"kernels='triton' needs mode 'fast' (CUDA); mode is {mode!r}")
         self.mode, self.tokenizer = mode, tokenizer
         dtype = resolve_dtype(cfg.dtype, device)
-        if mode not in ("fast", "eager", "naive"):
-            raise ValueError(f"unknown mode {mode!r}")
         fuse = cfg.fuse if cfg.fuse is not None else (mode == "fast" and hasattr(model, "fuse_for_inference"))
         self.model, self.fused = prepare_model(model, dtype, fuse), bool(fuse)
         self.dtype = dtype
@@ -82,6 +84,7 @@ class Scheduler:
         self._free = list(range(slots))  # a heap: the lowest free slot first keeps running rows in front
         self._rows: dict[int, Sample] = {}  # slot -> running sample (text, forcing or waiting)
         self._outboxes: list[Request] = []  # requests with events to deliver at the end of the step
+        self._firsts: list = []  # (ChunkOut, samples): first tokens sampled on the device, not yet read
         self._prefilling: list[Request] = []
         self._queue: deque[Request] = deque()
         self._inflight = None  # (ChunkOut, {slot: sample}) launched and not yet read
@@ -161,7 +164,7 @@ class Scheduler:
     # -- the loop --------------------------------------------------------------------------------
     @property
     def busy(self) -> bool:
-        return bool(self._queue or self._prefilling or self._rows or self._inflight)
+        return bool(self._queue or self._prefilling or self._rows or self._inflight or self._firsts)
 
     def step(self) -> bool:
         """One scheduling round (see the module docstring). Returns whether work remains."""
@@ -181,6 +184,7 @@ class Scheduler:
             if launched is not None and not self.pipeline:
                 self._consume(*launched)
                 self._inflight = None
+            self._take_firsts()  # first tokens no chunk was read after
             self._deliver()
             return self.busy
 
@@ -219,8 +223,12 @@ class Scheduler:
                 return
 
     def _launchable(self) -> bool:
-        return bool(self._queue or self._prefilling or self._inflight
-                    or any(s.state != "waiting" for s in self._rows.values()))
+        """Whether a step would do anything now (else every live row waits on a tool)."""
+        if self._prefilling or self._inflight or self._firsts:
+            return True
+        if any(s.state != "waiting" for s in self._rows.values()):
+            return True
+        return bool(self._queue) and len(self._free) >= self._queue[0].params.n
 
     def _wait_for_tools(self, timeout: float | None = None) -> None:
         pending = [s.tool for s in self._rows.values() if s.state == "waiting" and s.tool is not None]
@@ -281,6 +289,7 @@ class Scheduler:
             for sample in list(self._rows.values()):
                 sample.request.handle.cancel()
             self._inflight = None
+            self._firsts.clear()
             self._drop_cancelled(queued)
             self._deliver()
 
@@ -406,19 +415,24 @@ class Scheduler:
         top_k_max = max((p.top_k or 0) for p in params)
         any_top_p = any(p.top_p is not None and p.top_p < 1 for p in params)
         lp_k = max((p.logprobs for p in params if p.logprobs is not None), default=None)
-        tokens, lps, tops = self.batch.first_tokens(logits, rows, slots, positions, top_k_max=top_k_max,
-                                                   any_top_p=any_top_p, logprobs=lp_k)
-        j = 0
+        firsts = self.batch.first_tokens(logits, rows, slots, positions, top_k_max=top_k_max,
+                                         any_top_p=any_top_p, logprobs=lp_k)
+        owners = []
         for req, _ in done:
             for index, slot in enumerate(req.slots):
                 sample = Sample(req, index, slot, pos=len(req.prompt), since=self.batch._seq + 1,
-                                parser=MessageParser(self.tokenizer), stops=StopMatcher(req.params.stop))
+                                parser=MessageParser(self.tokenizer), stops=StopMatcher(req.params.stop),
+                                first_pending=True)
                 req.samples.append(sample)
                 self._rows[slot] = sample
-            for sample in req.samples:
-                lp, top = _logprobs_for(req.params, lps, tops, j)
-                self._accept(sample, tokens[j], lp, top)
-                j += 1
+                owners.append(sample)
+        self._firsts.append((firsts, owners))
+
+    def _take_firsts(self) -> None:
+        """Hand the first tokens sampled after prefills to their samples (before any chunk's)."""
+        for firsts, owners in self._firsts:
+            self._take(firsts.ready(), dict(enumerate(owners)), first=True)
+        self._firsts.clear()
 
     def _accept(self, sample: Sample, token: int, lp=None, top=None) -> None:
         req = sample.request
@@ -440,17 +454,40 @@ class Scheduler:
         return all(s.state == "text" and not s.resync for s in self._rows.values())
 
     def _launch(self):
+        """Launch the next decode chunk over the running rows (None when there is nothing to run)."""
         running = [s for s in self._rows.values() if s.state in RUNNING]
-        if not running:
+        # rows already run through the chunk in flight need that many fewer steps: the chunk
+        # launched ahead stops where the longest row ends instead of running on into junk
+        ahead = self._inflight[0] if self._inflight is not None else None
+
+        def left(s: Sample) -> int:
+            owned = ahead is not None and self._inflight[1].get(s.slot) is s and ahead.seq >= s.since
+            return s.request.max_tokens - s.emitted - s.first_pending - (ahead.k if owned else 0)
+
+        k = min(self.sync_every, max((left(s) for s in running), default=0))
+        if k <= 0:
             return None
-        top_slot = max(self._rows)
-        bucket = self.batch.bucket_for(top_slot)
-        seq = self.batch._seq + 1
+        bucket = self.batch.bucket_for(max(self._rows))
+        self._park(bucket, self.batch._seq + 1)
+        params = [s.request.params for s in running]
+        sampled = [p for p in params if p.temperature > 0]
+        chunk = self.batch.launch(
+            bucket, k, sampling=bool(sampled), top_k_max=max((p.top_k or 0 for p in sampled), default=0),
+            any_top_p=any(p.top_p is not None and p.top_p < 1 for p in sampled),
+            forced={s.slot: list(s.forced)[:k] for s in running if s.state == "forcing"} or None,
+            logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=None))
+        self.counters["chunks"] += 1
+        return chunk, dict(self._rows)
+
+    def _park(self, bucket: int, seq: int) -> None:
+        """Before chunk `seq`: reset the device position and input of every slot in the bucket that
+        is not simply decoding on: free slots (to 0), prompts being prefilled (to where their next
+        chunk goes), rows waiting on a tool or rewound (to their pending token)."""
         fixes = []
         prefilling = {slot: r.prefilled for r in self._prefilling for slot in r.slots}
         for slot in range(bucket):
             sample = self._rows.get(slot)
-            if sample is None:  # free, or holding a prompt being prefilled: keep it parked
+            if sample is None:
                 park = prefilling.get(slot, 0)
                 if self.batch.bound[slot] != park:
                     fixes.append((slot, park, 0))
@@ -460,46 +497,35 @@ class Scheduler:
                 sample.since = seq
         if fixes:
             self.batch.set_rows(*map(list, zip(*fixes)))
-        params = [s.request.params for s in running]
-        k = min(self.sync_every, max(s.request.max_tokens - s.emitted for s in running))
-        forced = {s.slot: list(s.forced)[:k] for s in running if s.state == "forcing"}
-        chunk = self.batch.launch(
-            bucket, k, sampling=any(p.temperature > 0 for p in params),
-            top_k_max=max((p.top_k or 0) for p in params if p.temperature > 0) if any(
-                p.temperature > 0 for p in params) else 0,
-            any_top_p=any(p.top_p is not None and p.top_p < 1 and p.temperature > 0 for p in params),
-            forced=forced or None,
-            logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=None))
-        self.counters["chunks"] += 1
-        return chunk, dict(self._rows)
 
     def _consume(self, chunk, owners: dict[int, Sample]) -> None:
         """Read a chunk's tokens and hand each to the sample that owned its slot at launch."""
-        chunk.ready()
+        self._take_firsts()
+        self._take(chunk.ready(), owners)
+
+    def _take(self, chunk, owners: dict[int, Sample], first: bool = False) -> None:
+        """Accept a read chunk's tokens: `owners` maps its columns to samples (slots for decode
+        chunks, positions in the list for first tokens)."""
         tokens = chunk.tokens.tolist()
         lps = chunk.logprob.tolist() if chunk.logprob is not None else None
         top_ids = chunk.top_ids.tolist() if chunk.top_ids is not None else None
         top_lp = chunk.top_logprob.tolist() if chunk.top_logprob is not None else None
         for j in range(chunk.k):
-            for slot, sample in owners.items():
-                if slot >= chunk.bucket or sample.state not in RUNNING or chunk.seq < sample.since:
-                    continue  # stopped, paused or rewound: the rest of its tokens are discarded
-                sample.pos += 1  # the pending token was fed at sample.pos during step j
+            for col, sample in owners.items():
+                if sample.state not in RUNNING or not first and (col >= chunk.bucket or chunk.seq < sample.since):
+                    continue  # stopped (or cancelled), paused or rewound: its tokens here are discarded
+                if first:
+                    sample.first_pending = False
+                else:
+                    sample.pos += 1  # the pending token was fed at sample.pos during step j
                 lp = top = None
-                if sample.request.params.logprobs is not None:
-                    lp = lps[j][slot]
-                    n = sample.request.params.logprobs
-                    top = list(zip(top_ids[j][slot][:n], top_lp[j][slot][:n])) if n else None
+                n = sample.request.params.logprobs
+                if n is not None:
+                    lp = lps[j][col]
+                    top = list(zip(top_ids[j][col][:n], top_lp[j][col][:n])) if n else None
                 # a row that stops or calls a tool here runs on to the chunk's end (and through a
                 # chunk already launched): its slot is parked, or it is rewound, before the next one
-                self._accept(sample, tokens[j][slot], lp, top)
-
-
-def _logprobs_for(params: SamplingParams, lps, tops, j: int):
-    if params.logprobs is None or lps is None:
-        return None, None
-    top = tops[j][:params.logprobs] if (tops is not None and params.logprobs) else None
-    return lps[j], top
+                self._accept(sample, tokens[j][col], lp, top)
 
 
 def _run_tool(expr: str) -> str:

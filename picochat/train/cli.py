@@ -29,6 +29,8 @@ def add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     p.add_argument("--eval-tokens", type=int, default=defaults.eval_tokens)
     p.add_argument("--sample-every", type=int, default=defaults.sample_every)
     p.add_argument("--save-every", type=int, default=defaults.save_every)
+    p.add_argument("--keep-last", type=int, default=defaults.keep_last,
+                   help="checkpoints kept per stage (0: all); older ones are pruned once a new one verifies")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -53,7 +55,8 @@ def train_config_from_args(args: argparse.Namespace, stage: str) -> TrainConfig:
                        total_batch_tokens=args.total_batch_tokens, num_steps=args.num_steps,
                        data_param_ratio=args.data_param_ratio, seed=args.seed, eval_every=args.eval_every,
                        eval_tokens=args.eval_tokens, sample_every=args.sample_every, save_every=args.save_every,
-                       compile=args.compile, device=args.device, resume=args.resume, optim=optim)
+                       keep_last=args.keep_last, compile=args.compile, device=args.device, resume=args.resume,
+                       optim=optim)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

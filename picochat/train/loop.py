@@ -3,7 +3,8 @@
 What differs between stages is only where batches come from (a `BatchSource`) and where weights
 start. The loop owns: device/DDP set-up, compile, the device batch size (fixed or found by
 autobatch), exact token weighting across micro-batches and ranks, the LR schedule, logging (progress
-bar, JSONL, TensorBoard when installed), validation bits-per-byte, samples, checkpoints and resume.
+bar, JSONL, TensorBoard when installed), validation bits-per-byte, samples, checkpoints and resume,
+and graceful stops on SIGTERM/SIGINT/SIGUSR1 (the mechanism lives in `preemption.py`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from . import checkpoint as ckpt
 from .. import runs
 from ..runs import RunPaths
 from .optim import build_optimizers, lr_multiplier, set_lr
+from .preemption import StopSignals, TrainingStopped, signal_name
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
@@ -174,10 +176,13 @@ class Trainer:
         log.info(f"{cfg.stage}: {self.model.num_params() / 1e6:.2f}M params, depth {self.model_cfg.n_layer}, "
                  f"width {self.model_cfg.n_embd}, device {gpu_name(device)} x{dist.world_size}, device batch {B}, "
                  f"grad accum {grad_accum}, {cfg.total_batch_tokens} tokens/step, {num_steps} steps")
+        if dist.is_main and cfg.save_every >= 0:
+            ckpt.prepare_stage_dir(self.stage_dir, self.model, self.optimizers, cfg.keep_last)
         writer = self._tensorboard() if dist.is_main else None
         bar = self._progress(num_steps, step)
         last_val, stats = None, None
         result = {"steps": num_steps, "device_batch_size": B, "grad_accum": grad_accum}
+        stop = StopSignals().install()  # SIGTERM/SIGINT/SIGUSR1 now ask for a stop after the step
         try:
             while step < num_steps:
                 if self.make_val_batches and cfg.eval_every > 0 and step % cfg.eval_every == 0:
@@ -187,12 +192,19 @@ class Trainer:
                 self._log_step(stats, metrics_path, writer, bar, last_val)
                 if cfg.sample_every > 0 and step % cfg.sample_every == 0:
                     self._samples(step)
-                if cfg.save_every >= 0 and (step == num_steps or (cfg.save_every > 0 and step % cfg.save_every == 0)):
+                # once per step, on every rank: did any rank get a stop signal? (a finished run just ends)
+                stop_signal = stop.agreed(device) if step < num_steps else 0
+                if cfg.save_every >= 0 and (stop_signal or step == num_steps
+                                            or (cfg.save_every > 0 and step % cfg.save_every == 0)):
                     self._save(step, batches, stats.loss, last_val)
+                if stop_signal:
+                    raise self._stopped(stop_signal, step, num_steps)
+            stop.restore()
             if self.make_val_batches:
                 last_val = self._validate(step, writer)
             result.update(final_loss=stats.loss if stats is not None else None, val_bpb=last_val)
         finally:
+            stop.restore()
             if bar is not None:
                 bar.close()
             if writer is not None:
@@ -331,13 +343,28 @@ class Trainer:
             torch.distributed.all_gather_object(gathered, local)
         else:
             gathered = [local]
+        error = None
         if self.dist.is_main:
             meta = {**self._meta(), "loss": loss, "val_bpb": val_bpb}
-            path = ckpt.save_checkpoint(self.stage_dir, step, self.model, self.optimizers, meta,
-                                        {"step": step, "ranks": gathered})
-            log.debug(f"saved {path}")
-        if self.dist.is_distributed:
-            torch.distributed.barrier()
+            try:
+                path = ckpt.save_checkpoint(self.stage_dir, step, self.model, self.optimizers, meta,
+                                            {"step": step, "ranks": gathered}, keep_last=self.cfg.keep_last)
+                log.debug(f"saved {path}")
+            except ckpt.CheckpointWriteError as e:
+                error = str(e)
+        if self.dist.is_distributed:  # also the barrier: every rank learns whether rank 0's save worked
+            box = [error]
+            torch.distributed.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            raise ckpt.CheckpointWriteError(error)
+
+    def _stopped(self, signum: int, step: int, num_steps: int) -> TrainingStopped:
+        saved = self.stage_dir / f"step_{step:06d}" if self.cfg.save_every >= 0 else None
+        stopped = TrainingStopped(self.cfg.stage, step, num_steps, signal_name(signum), saved)
+        if self.dist.is_main:
+            log.warning(str(stopped))
+        return stopped
 
     def _resume(self, batches) -> int:
         path = runs.latest_checkpoint(self.stage_dir)

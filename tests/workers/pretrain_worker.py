@@ -1,12 +1,18 @@
 """Runs a tiny pretraining in its own process (alone or under torchrun) for the training tests.
 
 --kill-at-step N sends SIGKILL to itself when step N finishes: a real crash, mid-training.
---out FILE writes, from rank 0, the per-rank weight checksums and first-batch documents as JSON."""
+--signal-at-step N sends --signal to itself (on --signal-rank only) when step N finishes: a real
+signal (--which-signal), as a scheduler sends it; --signal-again-after S sends it once more S seconds later.
+--corrupt-at-step N overwrites the file --corrupt with junk when step N finishes.
+--out FILE writes, from rank 0, the per-rank weight checksums and first-batch documents as JSON.
+A graceful stop exits with the CLI's exit code for it."""
 
 import argparse
 import json
 import os
 import signal
+import sys
+import time
 
 import torch
 
@@ -21,6 +27,16 @@ p.add_argument("--device-batch-size", type=int, default=4)
 p.add_argument("--total-batch-tokens", type=int, default=256)
 p.add_argument("--save-every", type=int, default=4)
 p.add_argument("--kill-at-step", type=int, default=-1)
+p.add_argument("--signal-at-step", type=int, default=-1)
+p.add_argument("--which-signal", default="SIGTERM")  # not "--signal": torchrun takes it for its --signals-to-handle
+p.add_argument("--signal-rank", type=int, default=0)
+p.add_argument("--signal-again-after", type=float, default=None)
+p.add_argument("--corrupt-at-step", type=int, default=-1)
+p.add_argument("--corrupt")
+p.add_argument("--paths", nargs="+", default=[])
+p.add_argument("--strict-data", action="store_true")
+p.add_argument("--keep-last", type=int, default=2)
+p.add_argument("--device", default="cpu", help="auto: one GPU per rank (the GPU tests)")
 p.add_argument("--resume", action="store_true")
 p.add_argument("--out")
 args = p.parse_args()
@@ -28,13 +44,27 @@ args = p.parse_args()
 torch.set_num_threads(1)
 cfg = TrainConfig(run=args.run, depth=1, seq_len=32, device_batch_size=args.device_batch_size,
                   total_batch_tokens=args.total_batch_tokens, num_steps=args.steps, eval_every=0,
-                  sample_every=0, save_every=args.save_every, resume=args.resume, device="cpu")
-data = DataConfig(embedded_docs=2000)
+                  sample_every=0, save_every=args.save_every, keep_last=args.keep_last, resume=args.resume,
+                  device=args.device)
+data = DataConfig(embedded_docs=2000, strict_data=args.strict_data,
+                  **({"source": "files", "paths": args.paths} if args.paths else {}))
 
 
 def on_step(stats, trainer):
-    if stats.step + 1 == args.kill_at_step:
+    done = stats.step + 1
+    if done == args.kill_at_step:
         os.kill(os.getpid(), signal.SIGKILL)
+    if done == args.corrupt_at_step:
+        size = os.path.getsize(args.corrupt)
+        with open(args.corrupt, "wb") as f:
+            f.write(b"damaged!" * (size // 8 + 1))
+    if done == args.signal_at_step and trainer.dist.rank == args.signal_rank:
+        sig = getattr(signal, args.which_signal)
+        os.kill(os.getpid(), sig)
+        if args.signal_again_after is not None:
+            time.sleep(args.signal_again_after)
+            os.kill(os.getpid(), sig)
+            time.sleep(5)  # the second signal must end the process before this ends
 
 
 seen = {}
@@ -49,7 +79,12 @@ def setup_and_record(self):
 
 
 loop_mod.Trainer._setup = setup_and_record
-result = pretrain(cfg, data, on_step=on_step)
+try:
+    result = pretrain(cfg, data, on_step=on_step)
+except loop_mod.TrainingStopped as e:
+    del seen["trainer"]
+    cleanup_distributed()
+    sys.exit(e.exit_code)
 trainer = seen["trainer"]
 info = dist_info()
 

@@ -149,7 +149,7 @@ class Trainer:
         V, T = self.model_cfg.vocab_size, self.cfg.seq_len
         x = torch.randint(0, V, (batch_size, T), device=self.device)
         micro = {"inputs": x, "targets": x}
-        if self.cfg.stage != "base":  # chat stages train with document masks: probe with one too
+        if runs.STAGES[self.cfg.stage].chat:  # chat stages train with document masks: probe with one too
             micro["doc_ids"] = (torch.arange(T, device=self.device) // 256).expand(batch_size, T)
         # no_sync: a rank that runs out of memory mid-backward must not leave the others in a collective
         with (self.ddp.no_sync() if self.ddp is not None else contextlib.nullcontext()), autocast(self.device):

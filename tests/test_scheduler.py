@@ -477,3 +477,25 @@ def test_engine_runs_on_its_own_model_copy():
     assert eng.scheduler(3).model is eng.model and eng.scheduler(3).dtype == torch.float64
     out = eng.generate_batch([[1, 2, 3]], max_tokens=4, temperature=0)
     assert out == Engine(m, None).generate_batch([[1, 2, 3]], max_tokens=4, temperature=0)
+
+
+def test_sample_rows_distribution_and_filters():
+    from picochat.infer.sampling import sample_rows
+
+    R = 4000
+    logits = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1]])).repeat(R, 1)
+    keys = torch.full((R,), 12345, dtype=torch.long)
+    pos = torch.arange(R)  # one stream, many positions: independent draws
+
+    def draw(temp=1.0, k=0, p=1.0, **kw):
+        return sample_rows(logits, torch.full((R,), temp), torch.full((R,), k, dtype=torch.long),
+                           torch.full((R,), p), keys, pos, **kw)
+
+    full = draw()
+    assert set(full.tolist()) == {0, 1, 2, 3}
+    freq = [(full == t).float().mean().item() for t in range(4)]
+    assert all(abs(f - q) < 0.03 for f, q in zip(freq, (0.4, 0.3, 0.2, 0.1))), freq
+    assert set(draw(k=2, top_k_max=2).tolist()) == {0, 1}
+    assert set(draw(p=0.5, any_top_p=True).tolist()) == {0, 1}  # 0.4 < 0.5, so token 1 is still in
+    assert draw(temp=0.0).tolist() == [0] * R
+    assert torch.equal(draw(), full)  # the same (key, position) draws the same token

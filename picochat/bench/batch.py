@@ -182,13 +182,14 @@ def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_r
                     seq_len: int = 2048, serial_requests: int = 16, seed: int = 0, sync_every: int | None = None,
                     kernels: str = "auto", prefill_budget: int | None = None,
                     compile: bool | str = False) -> list[dict]:
+    from ..common import compute_dtype
     from ..config import ModelConfig
     from ..infer.scheduler import Scheduler, SchedulerConfig
     from ..model.gpt import build_model
 
     device = torch.device(device)
     cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = compute_dtype(device)
     cfg = ModelConfig.from_depth(depth, vocab_size=vocab_size, seq_len=seq_len)
     model = build_model(cfg, device, seed=seed).to(dtype).eval()
     top = max(list(concurrency) + [1])
@@ -345,8 +346,8 @@ def cmd_batch_bench(args: argparse.Namespace) -> int:
     for c in conc:
         by = {r["mode"]: r["tok_per_s_total"] for r in records if r.get("concurrency") == c}
         if "continuous" in by:
-            ratios[str(c)] = {f"vs_{m}": round(by["continuous"] / by[m], 2) for m in ("static", "static_fixed", "serial")
-                              if by.get(m)}
+            ratios[str(c)] = {f"vs_{m}": round(by["continuous"] / by[m], 2)
+                              for m in ("static", "static_fixed", "serial") if by.get(m)}
     for c, rs in ratios.items():
         print(f"continuous at concurrency {c}: " + ", ".join(f"{v}x {k[3:]}" for k, v in rs.items()))
     if args.plot:

@@ -8,8 +8,9 @@ task's own `evaluate`:
     right after <|assistant_start|> (no generation, so a model that rambles is still scored).
 `trivial_baseline` is the best a model could do by always giving one fixed answer, picked with
 hindsight on the same questions (so it is an upper bound for any constant answer, which makes the
-"model X% vs trivial Y%" comparison conservative). `picochat eval` prints a table and writes it as
-a section of the run's report.md.
+"model X% vs trivial Y%" comparison conservative). `picochat eval` (no subcommand) prints a table,
+writes `results/tasks_<stage>.json` and a section of the run's report.md. The real benchmarks
+(`picochat eval base` / `eval chat`) live in core.py and chat_suite.py; the command line in cli.py.
 """
 
 from __future__ import annotations
@@ -53,54 +54,17 @@ def load_eval_task(name: str, size: int = 200, seed: int = 1, split: str = "test
 # scoring
 
 
-def _greedy_fallback(model, tokenizer, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    """Greedy decoding without a cache or tools, used only if the engine cannot be imported."""
-    device = next(model.parameters()).device
-    stops = {tokenizer.special("<|assistant_end|>"), tokenizer.bos_id}
-    out = []
-    for ids in prompts:
-        ids, new = list(ids), []
-        for _ in range(max_tokens):
-            nxt = int(model(torch.tensor([ids], device=device))[0, -1].argmax())
-            if nxt in stops:
-                break
-            ids.append(nxt)
-            new.append(nxt)
-        out.append(new)
-    return out
+def generate_completions(model, tokenizer, prompts: list[list[int]], max_tokens: int, batch_size: int) -> list[str]:
+    """Greedy completions (tools on) of rendered prompts through the decode loop, as visible text."""
+    from .chat_suite import generate_greedy
+
+    return [text or "" for text in generate_greedy(model, tokenizer, prompts, max_tokens, batch_size)]
 
 
-def generate_completions(model, tokenizer, prompts: list[list[int]], max_tokens: int, batch_size: int
-                         ) -> list[list[int]]:
-    """Greedy completions of rendered prompts, `batch_size` at a time."""
-    try:
-        from ..infer.engine import Engine
-    except ImportError:  # the engine is a sibling stage; evaluation must still work without it
-        engine = None
-    else:
-        engine = Engine(model, tokenizer)
-    out: list[list[int]] = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        if engine is None:
-            out += _greedy_fallback(model, tokenizer, chunk, max_tokens)
-        else:
-            out += engine.generate_batch(chunk, max_tokens=max_tokens, temperature=0.0, tools=True)
-    return out
+def _categorical(model, tokenizer, convs: list[dict]) -> list[bool]:
+    from .chat_suite import ChatEvalConfig, score_choice
 
-
-@torch.no_grad()
-def _categorical(model, tokenizer, convs: list[dict], device: torch.device) -> list[bool]:
-    correct = []
-    for conv in convs:
-        ids = tokenizer.render_for_completion({"messages": conv["messages"][:-1]})
-        letters = list(conv["choices"])
-        # a letter may encode to several tokens with a tiny vocabulary: its first token decides
-        letter_ids = [tokenizer.encode(letter)[0] for letter in letters]
-        logits = model(torch.tensor([ids[-model.config.seq_len:]], device=device))[0, -1]
-        choice = letters[int(torch.stack([logits[t] for t in letter_ids]).argmax())]
-        correct.append(choice == conv["answer_letter"])
-    return correct
+    return [item["correct"] for item in score_choice(model, tokenizer, convs, ChatEvalConfig())]
 
 
 @torch.no_grad()
@@ -115,7 +79,7 @@ def evaluate_task(model, tokenizer, task, max_examples: int | None = None, devic
     model.eval()
     try:
         if task.eval_type == "categorical":
-            correct = _categorical(model, tokenizer, convs, device)
+            correct = _categorical(model, tokenizer, convs)
         else:
             prompts = [tokenizer.render_for_completion({"messages": c["messages"][:-1]}) for c in convs]
             # never ask for more than the context holds: the engine refuses prompt + max_tokens > context
@@ -123,7 +87,7 @@ def evaluate_task(model, tokenizer, task, max_examples: int | None = None, devic
             if room < 1:
                 raise ValueError(f"{task.name}: a prompt fills the model's whole context of {model.config.seq_len}")
             outs = generate_completions(model, tokenizer, prompts, min(max_tokens, room), batch_size)
-            correct = [bool(task.evaluate(c, tokenizer.decode(o))) for c, o in zip(convs, outs)]
+            correct = [bool(task.evaluate(c, text)) for c, text in zip(convs, outs)]
     finally:
         model.train(was_training)
     k = sum(correct)
@@ -198,6 +162,10 @@ def evaluate_run(run: str, stage: str | None, tasks: Sequence[str], max_examples
         log.info(f"{meta['stage']} {row['task']}: {100 * row['accuracy']:.1f}% of {row['n']} "
                  f"(trivial {100 * row['trivial']:.1f}%)")
         rows.append(row)
+    from ..runs import write_result
+
+    write_result(run, f"tasks_{meta['stage']}", {"stage": meta["stage"], "step": meta.get("step"),
+                                                 "checkpoint": meta["path"], "tasks": rows})
     if report:
         write_report_section(run, f"Chat evaluation ({meta['stage']})", format_table(rows) + "\n\n" +
                              f"Checkpoint `{meta['path']}`; greedy decoding; held-out test split; trivial = "
@@ -205,14 +173,9 @@ def evaluate_run(run: str, stage: str | None, tasks: Sequence[str], max_examples
     return rows
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    from ..options import add_run_arg
-
-    p = sub.add_parser("eval", help="score a chat model on held-out tasks against a trivial baseline",
-                       description="Greedy answers to held-out questions, checked by each task; prints a table and "
-                                   "writes it into the run's report.md.")
-    add_run_arg(p)
-    p.add_argument("--stage", default=None, help="sft, mid or base (default: the latest of sft, mid, base)")
+def add_legacy_args(p: argparse.ArgumentParser) -> None:
+    """Options of `picochat eval` without a subcommand (the demo's held-out tasks and --bpb)."""
+    p.add_argument("--stage", default=None, help="sft, mid or base (default: the latest of rl, sft, mid, base)")
     p.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
                    help="comma list: synthetic task names, or mmlu:PATH / gsm8k:PATH")
     p.add_argument("--max-examples", type=int, default=100, help="questions per task")
@@ -224,10 +187,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bpb", action="store_true",
                    help="also measure bits per byte on the text source's held-out split (base models too)")
     p.add_argument("--bpb-tokens", type=int, default=2**20, help="held-out tokens for --bpb")
-    from ..data.cli import add_source_args
-
-    add_source_args(p)
-    p.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -240,6 +199,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         line = (f"{r['stage']} step {r['step']}: {r['val_bpb']:.4f} bits/byte on {r['max_tokens']:,} held-out "
                 f"tokens of the {r['source']} source")
         print(line)
+        from ..runs import write_result
+
+        write_result(args.run, f"bpb_{r['stage']}", r)
         if not args.no_report:
             write_report_section(args.run, f"Validation bits per byte ({r['stage']})",
                                  f"{line}; checkpoint `{r['path']}`.")

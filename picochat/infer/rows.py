@@ -4,8 +4,8 @@
 appended token means (`accept`): the message part and text (through `parts.MessageParser`), stop
 tokens, stop strings (text held back until it cannot be one), `max_tokens`, the start of a tool call,
 and forced tokens (tool outputs, `sampled=False`). `Request` holds the samples, counts usage and
-sends the `FinishEvent`s and the `DoneEvent`; events wait in the request's outbox until the scheduler delivers them, once per
-step. Nothing here touches the device.
+sends the `FinishEvent`s and the `DoneEvent`; events wait in the request's outbox until the
+scheduler delivers them, once per step. Nothing here touches the device.
 """
 
 from __future__ import annotations

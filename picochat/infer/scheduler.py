@@ -49,7 +49,10 @@ from .sampling import stream_key
 
 log = logging.getLogger("picochat")
 
+
 class Scheduler:
+    """The decode loop over one persistent KV cache; see the module docstring."""
+
     def __init__(self, model, tokenizer=None, config: SchedulerConfig | None = None, *, tool_runner=None):
         """`tool_runner(expr) -> str` runs a tool call (default: the calculator, `tools.py`)."""
         cfg = self.config = config or SchedulerConfig()
@@ -63,8 +66,6 @@ class Scheduler:
             raise ValueError(f"kernels='triton' needs mode 'fast' (CUDA); mode is {mode!r}")
         self.mode, self.tokenizer = mode, tokenizer
         dtype = resolve_dtype(cfg.dtype, device)
-        if mode not in ("fast", "eager", "naive"):
-            raise ValueError(f"unknown mode {mode!r}")
         fuse = cfg.fuse if cfg.fuse is not None else (mode == "fast" and hasattr(model, "fuse_for_inference"))
         self.model, self.fused = prepare_model(model, dtype, fuse), bool(fuse)
         self.dtype = dtype
@@ -223,7 +224,9 @@ class Scheduler:
 
     def _launchable(self) -> bool:
         """Whether a step would do anything now (else every live row waits on a tool)."""
-        if self._prefilling or self._inflight or self._firsts or any(s.state != "waiting" for s in self._rows.values()):
+        if self._prefilling or self._inflight or self._firsts:
+            return True
+        if any(s.state != "waiting" for s in self._rows.values()):
             return True
         return bool(self._queue) and len(self._free) >= self._queue[0].params.n
 

@@ -1,0 +1,172 @@
+"""`picochat eval`: the evaluation commands, and the result files they write for the report and server.
+
+    picochat eval base --run R [--bundle URL_OR_PATH] [--max-per-task N]      CORE of the base model
+    picochat eval chat --run R [--tasks arc-easy,...,humaneval] [--max-examples N]   ChatCORE
+    picochat eval --run R [--tasks spelling,...] [--bpb]                      the demo's held-out tasks
+
+Results go to `runs/<run>/results/` (`picochat.runs.write_result`): `core_<stage>.json`,
+`chat_eval_<stage>.json`, `tasks_<stage>.json`, `bpb_<stage>.json`, each with the checkpoint it scored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from ..common import log
+
+DEFAULT_CHAT_TASKS = "arc-easy,arc-challenge,mmlu,gsm8k,humaneval"
+
+
+def _checkpoint_fields(meta: dict) -> dict:
+    return {"stage": meta["stage"], "step": meta.get("step"), "checkpoint": meta["path"],
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _load(run: str, stage: str | None, device: str, compile_model: bool = False):
+    import torch
+
+    from ..common import detect_device
+    from ..runs import load_model
+
+    dev = detect_device(device)
+    model, tokenizer, meta = load_model(run, stage, dev)
+    if compile_model and dev.type == "cuda":
+        model = torch.compile(model, dynamic=False)  # few fixed shapes: see loglik.LENGTH_BUCKETS
+    return model, tokenizer, meta, dev
+
+
+def run_core(run: str, stage: str = "base", bundle: str | None = None, max_per_task: int | None = None,
+             baselines: str = "corrected", device: str = "auto", mode: str = "batched", compile_model: bool = True,
+             progress: bool = True, write: bool = True) -> dict:
+    """CORE of a run's checkpoint; writes `results/core_<stage>.json`."""
+    from ..runs import write_result
+    from .core import evaluate_core
+    from .core_bundle import DEFAULT_BUNDLE_URL, load_tasks, open_bundle
+
+    if max_per_task is not None and max_per_task < 1:
+        raise ValueError(f"--max-per-task must be >= 1, got {max_per_task}")
+    root = open_bundle(bundle)
+    tasks = load_tasks(root, baselines)
+    model, tokenizer, meta, dev = _load(run, stage, device, compile_model and mode == "batched")
+    result = evaluate_core(model, tokenizer, tasks, max_per_task, mode, progress)
+    result.update(_checkpoint_fields(meta), bundle=str(bundle or DEFAULT_BUNDLE_URL), baselines=baselines,
+                  device=str(dev))
+    if write:
+        write_result(run, f"core_{meta['stage']}", result)
+    return result
+
+
+def format_core_table(result: dict) -> str:
+    lines = ["| task | type | shots | n | accuracy | baseline | centered |", "|---|---|---:|---:|---:|---:|---:|"]
+    for r in result["tasks"]:
+        lines.append(f"| {r['task']} | {r['type']} | {r['shots']} | {r['n']} | {100 * r['accuracy']:.2f}% | "
+                     f"{100 * r['baseline']:.1f}% | {r['centered']:.4f} |")
+    lines.append(f"| **CORE** | | | | | | **{result['core']:.4f}** |")
+    return "\n".join(lines)
+
+
+def run_chat(run: str, tasks: list[str], stage: str | None = None, cfg=None, sources: dict | None = None,
+             device: str = "auto", progress: bool = True, write: bool = True) -> dict:
+    """The chat benchmarks of a run's checkpoint; writes `results/chat_eval_<stage>.json`."""
+    from ..runs import write_result
+    from .chat_suite import ChatEvalConfig, evaluate_chat
+
+    model, tokenizer, meta, dev = _load(run, stage, device)
+    result = evaluate_chat(model, tokenizer, tasks, cfg or ChatEvalConfig(), sources, progress)
+    result.update(_checkpoint_fields(meta), device=str(dev))
+    if write:
+        write_result(run, f"chat_eval_{meta['stage']}", result)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# the command line
+
+
+def _keep_parent_values(sub_parser: argparse.ArgumentParser) -> None:
+    """`picochat eval --run R base` and `picochat eval base --run R` both work: the subcommand sets
+    --run/--debug only when given after it, instead of overwriting the value given before it."""
+    for action in sub_parser._actions:
+        if action.dest in ("run", "debug"):
+            action.default = argparse.SUPPRESS
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..options import add_run_arg
+    from ..data.cli import add_source_args
+    from .chat_eval import add_legacy_args, cmd_eval
+
+    p = sub.add_parser("eval", help="evaluate a model: `eval base` (CORE), `eval chat` (ARC, MMLU, GSM8K, HumanEval), "
+                                    "or the demo's held-out tasks",
+                       description="Without a subcommand: the held-out synthetic tasks (and --bpb). "
+                                   "`picochat eval base --help` and `picochat eval chat --help` for the benchmarks.")
+    add_run_arg(p)
+    add_legacy_args(p)
+    add_source_args(p)
+    p.set_defaults(func=cmd_eval)
+    esub = p.add_subparsers(dest="eval_command", metavar="{base,chat}")
+
+    b = esub.add_parser("base", help="CORE: the DCLM in-context tasks, centered accuracy")
+    add_run_arg(b)
+    b.add_argument("--stage", default="base", help="checkpoint stage to score (default: base)")
+    b.add_argument("--bundle", default=None, help="eval bundle: URL (.zip), local .zip or folder "
+                                                  "(default: nanochat's eval_bundle.zip)")
+    b.add_argument("--max-per-task", type=int, default=None, help="items per task (default: all)")
+    b.add_argument("--baselines", choices=("corrected", "bundle"), default="corrected",
+                   help="random baselines: DCLM's corrected values (default) or the bundle's own csv")
+    b.add_argument("--mode", choices=("batched", "eager"), default="batched",
+                   help="eager: one item per forward, the baseline the benchmark compares with")
+    b.add_argument("--device", default="auto")
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(func=cmd_eval_base)
+    _keep_parent_values(b)
+
+    c = esub.add_parser("chat", help="ARC-Easy/Challenge, MMLU, GSM8K, HumanEval and ChatCORE")
+    add_run_arg(c)
+    c.add_argument("--stage", default=None, help="checkpoint stage (default: the latest of rl, sft, mid, base)")
+    c.add_argument("--tasks", default=DEFAULT_CHAT_TASKS, help="comma list: benchmarks and/or synthetic task names")
+    c.add_argument("--max-examples", type=int, default=None, help="items per task (default: all)")
+    c.add_argument("--max-tokens", type=int, default=512, help="longest generated answer")
+    c.add_argument("--batch-size", type=int, default=64, help="rows the decode loop keeps running (scheduler slots)")
+    c.add_argument("--sandbox-workers", type=int, default=8, help="HumanEval programs run at once")
+    c.add_argument("--data", action="append", default=[], metavar="TASK=PATH_OR_URL",
+                   help="data for a task (parquet/jsonl file, folder or URL); default: the public parquet URL")
+    c.add_argument("--device", default="auto")
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(func=cmd_eval_chat)
+    _keep_parent_values(c)
+
+
+def cmd_eval_base(args: argparse.Namespace) -> int:
+    result = run_core(args.run, args.stage, args.bundle, args.max_per_task, args.baselines, args.device, args.mode,
+                      progress=not args.no_progress)
+    print(format_core_table(result))
+    print(f"CORE {result['core']:.4f} ({result['baselines']} baselines) in {result['seconds']:.1f}s")
+    return 0
+
+
+def _sources(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name or not value:
+            raise ValueError(f"--data wants TASK=PATH_OR_URL, got {pair!r}")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def cmd_eval_chat(args: argparse.Namespace) -> int:
+    from .chat_suite import ChatEvalConfig, format_chat_table
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise ValueError("--tasks is empty")
+    cfg = ChatEvalConfig(max_examples=args.max_examples, max_tokens=args.max_tokens, batch_size=args.batch_size,
+                         sandbox_workers=args.sandbox_workers)
+    result = run_chat(args.run, tasks, args.stage, cfg, _sources(args.data), args.device,
+                      progress=not args.no_progress)
+    print(format_chat_table(result))
+    if "sandbox" in result:
+        log.info(f"HumanEval sandbox: {result['sandbox']['mode']} ({result['sandbox']['contains']})")
+    return 0

@@ -47,7 +47,7 @@ def test_bench_eval_on_standin_data(home, tiny_run, tmp_path, capsys) -> None:
     assert len(tasks) == 22 == len(CORE_TASKS) and {t.task_type for t in tasks} == {
         "multiple_choice", "schema", "language_modeling"}
     tok = Tokenizer.load(home / "runs" / tiny_run / "tokenizer")
-    save_as_checkpoint(bigram_model(tok.vocab_size, {}, seq_len=1024), tiny_run, "base")
+    save_as_checkpoint(bigram_model(tok.vocab_size, {}, seq_len=256), tiny_run, "base")
     rc = main(["bench", "eval", "--run", tiny_run, "--stage", "base", "--tasks", "core,mmlu", "--standin", "3",
                "--max-per-task", "2", "--device", "cpu"])
     assert rc == 0

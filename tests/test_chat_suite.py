@@ -56,6 +56,10 @@ def site(tmp_path) -> Path:
     pq.write_table(pa.Table.from_pylist(ARC_ROWS), root / "ARC-Easy" / "test-00000-of-00001.parquet")
     (root / "main").mkdir()
     pq.write_table(pa.Table.from_pylist(GSM8K_ROWS), root / "main" / "test-00000-of-00001.parquet")
+    mmlu = [{"question": f"Question {i}?", "subject": "astronomy", "choices": ["w", "x", "y", "z"], "answer": a}
+            for i, a in enumerate([2, 0, 2, 3])]  # "C" is right twice
+    (root / "all").mkdir()
+    pq.write_table(pa.Table.from_pylist(mmlu), root / "all" / "test-00000-of-00001.parquet")
     (root / "HumanEval.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
     return root
 
@@ -85,6 +89,15 @@ def test_letter_choice_is_restricted_to_the_allowed_letters(site, tok) -> None:
     assert [it["answer"] for it in row["items"]] == ["C", "C", "C", "E", "C"]
     assert row["correct"] == 4 and row["accuracy"] == 0.8
     assert row["centered"] == pytest.approx((0.8 - 0.25) / 0.75)
+
+
+def test_mmlu_test_split_from_its_parquet_layout(site, tok) -> None:
+    with serve_directory(site) as url:
+        result = evaluate_chat(letter_model(tok), tok, ["mmlu"], ChatEvalConfig(),
+                               {"mmlu": url + "all/test-00000-of-00001.parquet"}, progress=False)
+    row = result["tasks"][0]
+    assert row["task"] == "mmlu" and row["n"] == 4 and row["accuracy"] == 0.5
+    assert result["chatcore"] == pytest.approx((0.5 - 0.25) / 0.75)
 
 
 def test_gsm8k_generation_reads_the_answer_after_hashes(site) -> None:

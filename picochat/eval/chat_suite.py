@@ -74,38 +74,61 @@ def load_task(name: str, source: str | None = None, synthetic_size: int = 200, s
 # generation (one decode loop for every generative task)
 
 
+class GreedyDecoder:
+    """Greedy completions (tools on) through the scheduler, the one decode loop; one scheduler serves
+    every generative task of an evaluation, so its cache and CUDA graphs are built once.
+
+    Every prompt is submitted at once; the scheduler keeps `slots` rows decoding and starts the next
+    prompt the step a row finishes (continuous batching)."""
+
+    def __init__(self, model, tokenizer, slots: int):
+        self.model, self.tokenizer, self.slots = model, tokenizer, slots
+        self._sched = None
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_tokens: int,
+                 progress: Callable[[int], None] | None = None) -> list[str | None]:
+        """Visible text of each completion (tool calls and outputs included, special tokens left
+        out); None for a prompt that leaves no room in the context."""
+        from ..infer.request import SamplingParams
+        from ..infer.scheduler import Scheduler, SchedulerConfig
+
+        if self._sched is None:
+            self._sched = Scheduler(self.model, self.tokenizer, SchedulerConfig(slots=self.slots, max_queue=1 << 20))
+        limit = self.model.config.seq_len
+        pending = {}
+        for i, p in enumerate(prompts):
+            room = min(max_tokens, limit - len(p))
+            if room >= 1:
+                pending[i] = self._sched.submit(list(p), SamplingParams(max_tokens=room, temperature=0.0, tools=True))
+        out: list[str | None] = [None] * len(prompts)
+        if progress and len(pending) < len(prompts):
+            progress(len(prompts) - len(pending))
+        try:
+            while pending:
+                self._sched.advance()
+                for i in [i for i, h in pending.items() if h.done]:
+                    out[i] = pending.pop(i).result().samples[0].text
+                    if progress:
+                        progress(1)
+        finally:
+            for h in pending.values():  # interrupted: leave nothing running
+                h.cancel()
+        return out
+
+    def close(self) -> None:
+        if self._sched is not None:
+            self._sched.close()
+            self._sched = None
+
+
 def generate_greedy(model, tokenizer, prompts: Sequence[Sequence[int]], max_tokens: int, slots: int,
                     progress: Callable[[int], None] | None = None) -> list[str | None]:
-    """Greedy completions (tools on) of rendered prompts, as visible text (tool calls and their outputs
-    included, special tokens left out); None for a prompt that leaves no room in the context.
-
-    Every prompt is submitted to the scheduler (the one decode loop) at once; it keeps `slots` rows
-    decoding and starts the next prompt the step a row finishes (continuous batching)."""
-    from ..infer.request import SamplingParams
-    from ..infer.scheduler import Scheduler, SchedulerConfig
-
-    limit = model.config.seq_len
-    config = SchedulerConfig(slots=max(1, min(slots, len(prompts))), max_queue=max(1, len(prompts)))
-    sched = Scheduler(model, tokenizer, config)
-    handles = {}
-    for i, p in enumerate(prompts):
-        room = min(max_tokens, limit - len(p))
-        if room >= 1:
-            handles[i] = sched.submit(list(p), SamplingParams(max_tokens=room, temperature=0.0, tools=True))
-    out: list[str | None] = [None] * len(prompts)
-    pending = dict(handles)
+    """`GreedyDecoder(...).generate(...)` for a single batch of prompts."""
+    decoder = GreedyDecoder(model, tokenizer, max(1, min(slots, len(prompts))))
     try:
-        while pending:
-            sched.advance()
-            for i in [i for i, h in pending.items() if h.done]:
-                out[i] = pending.pop(i).result().samples[0].text
-                if progress:
-                    progress(1)
+        return decoder.generate(prompts, max_tokens, progress)
     finally:
-        sched.close()
-    if progress and len(handles) < len(prompts):
-        progress(len(prompts) - len(handles))
-    return out
+        decoder.close()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -129,10 +152,11 @@ def score_choice(model, tokenizer, convs: list[dict], cfg: ChatEvalConfig) -> li
             for c, p in zip(convs, picks)]
 
 
-def score_generation(model, tokenizer, task, convs: list[dict], cfg: ChatEvalConfig, progress: bool) -> list[dict]:
+def score_generation(tokenizer, task, convs: list[dict], cfg: ChatEvalConfig, progress: bool,
+                     decoder: GreedyDecoder) -> list[dict]:
     prompts = [tokenizer.render_for_completion({"messages": c["messages"][:-1]}) for c in convs]
     with _bar(len(prompts), f"{task.name} (generating)", progress) as bar:
-        texts = generate_greedy(model, tokenizer, prompts, cfg.max_tokens, cfg.batch_size, bar.update)
+        texts = decoder.generate(prompts, cfg.max_tokens, bar.update)
     items = []
     for c, text in zip(convs, texts):
         ok = text is not None and bool(task.evaluate(c, text))
@@ -141,13 +165,14 @@ def score_generation(model, tokenizer, task, convs: list[dict], cfg: ChatEvalCon
     return items
 
 
-def score_execution(model, tokenizer, task, convs: list[dict], cfg: ChatEvalConfig, progress: bool) -> list[dict]:
+def score_execution(tokenizer, convs: list[dict], cfg: ChatEvalConfig, progress: bool,
+                    decoder: GreedyDecoder) -> list[dict]:
     from ..data.tasks.humaneval import program
     from .execution import run_program
 
     prompts = [tokenizer.render_for_completion({"messages": c["messages"][:-1]}) for c in convs]
     with _bar(len(prompts), "humaneval (generating)", progress) as bar:
-        texts = generate_greedy(model, tokenizer, prompts, cfg.max_tokens, cfg.batch_size, bar.update)
+        texts = decoder.generate(prompts, cfg.max_tokens, bar.update)
 
     def run(i: int) -> dict:
         if texts[i] is None:
@@ -166,21 +191,28 @@ def score_execution(model, tokenizer, task, convs: list[dict], cfg: ChatEvalConf
     return items
 
 
-def evaluate_chat_task(model, tokenizer, task, cfg: ChatEvalConfig, progress: bool = True) -> dict:
-    """One task: accuracy, centered accuracy (benchmarks), time and every item's outcome."""
+def evaluate_chat_task(model, tokenizer, task, cfg: ChatEvalConfig, progress: bool = True,
+                       decoder: GreedyDecoder | None = None) -> dict:
+    """One task: accuracy, centered accuracy (benchmarks), time and every item's outcome. Generative
+    tasks decode with `decoder` (default: one of their own, closed afterwards)."""
     t0 = time.perf_counter()
     n = len(task) if cfg.max_examples is None else min(len(task), cfg.max_examples)
     convs = [task[i] for i in range(n)]
     was_training = model.training
     model.eval()
+    own = decoder is None and task.eval_type != "categorical"
+    if own:
+        decoder = GreedyDecoder(model, tokenizer, max(1, min(cfg.batch_size, n)))
     try:
         if task.eval_type == "categorical":
             items = score_choice(model, tokenizer, convs, cfg)
         elif task.eval_type == "execution":
-            items = score_execution(model, tokenizer, task, convs, cfg, progress)
+            items = score_execution(tokenizer, convs, cfg, progress, decoder)
         else:
-            items = score_generation(model, tokenizer, task, convs, cfg, progress)
+            items = score_generation(tokenizer, task, convs, cfg, progress, decoder)
     finally:
+        if own:
+            decoder.close()
         model.train(was_training)
     for i, item in enumerate(items):
         item.setdefault("id", convs[i].get("id") or i)
@@ -206,11 +238,15 @@ def evaluate_chat(model, tokenizer, names: Sequence[str], cfg: ChatEvalConfig, s
                   progress: bool = True, seed: int = 1) -> dict:
     """Every named task, ChatCORE, and the sandbox mode HumanEval ran under."""
     rows = []
-    for name in names:
-        task = load_task(name, (sources or {}).get(name), synthetic_size=cfg.max_examples or 200, seed=seed)
-        row = evaluate_chat_task(model, tokenizer, task, cfg, progress)
-        log.info(f"{name}: {100 * row['accuracy']:.1f}% of {row['n']} in {row['seconds']:.1f}s")
-        rows.append(row)
+    decoder = GreedyDecoder(model, tokenizer, cfg.batch_size)
+    try:
+        for name in names:
+            task = load_task(name, (sources or {}).get(name), synthetic_size=cfg.max_examples or 200, seed=seed)
+            row = evaluate_chat_task(model, tokenizer, task, cfg, progress, decoder)
+            log.info(f"{name}: {100 * row['accuracy']:.1f}% of {row['n']} in {row['seconds']:.1f}s")
+            rows.append(row)
+    finally:
+        decoder.close()
     result = {"tasks": rows, "chatcore": chatcore(rows), "max_examples": cfg.max_examples}
     if "humaneval" in names:
         from .execution import describe_isolation

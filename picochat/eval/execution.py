@@ -307,11 +307,12 @@ def _kill_user(uid: int, rounds: int = 20) -> None:
         for p in Path("/proc").iterdir():
             if not p.name.isdigit():
                 continue
-            try:
-                if p.stat().st_uid == uid:
+            try:  # the real uid from status: /proc/<pid> itself may be owned by root (non-dumpable)
+                status = (p / "status").read_text()
+                if int(status.split("\nUid:")[1].split()[0]) == uid:
                     found = True
                     os.kill(int(p.name), signal.SIGKILL)
-            except (OSError, ValueError):
+            except (OSError, ValueError, IndexError):
                 continue
         if not found:
             return

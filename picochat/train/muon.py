@@ -241,7 +241,9 @@ class Muon(torch.optim.Optimizer):
         stack = torch.stack(mine).to(dtype) if mine else torch.empty((0, *shape), device=device, dtype=dtype)
         if len(mine) < per_rank:  # zero matrices pad the last share (they stay zero)
             stack = torch.cat([stack, stack.new_zeros((per_rank - len(mine), *shape))])
-        ortho = self._orthogonalizer(device)(stack, self._steps[group["coefficients"]])
+        name = group["coefficients"]
+        steps = self._steps[name] if name in self._steps else coefficients_named(name)
+        ortho = self._orthogonalizer(device)(stack, steps)
         work = None
         if world > 1:
             gathered = torch.empty((per_rank * world, *shape), device=device, dtype=dtype)

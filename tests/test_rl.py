@@ -134,3 +134,22 @@ def test_cli_errors_are_one_line(home, tiny_run) -> None:
     assert proc.returncode == 1 and "RLConfig.task must be one of" in proc.stderr
     with pytest.raises(ValueError, match="RLConfig.temperature"):
         RLConfig(temperature=0)
+
+
+def test_sigterm_stops_after_the_step_and_resumes_exactly(home, arith_run) -> None:
+    """RL has a loop of its own (rollouts, then an update); a stop signal ends it as it ends every
+    training stage (picochat/train/preemption.py): after the step, with a checkpoint, exit code 75."""
+    from picochat.train.preemption import EXIT_STOPPED
+
+    shutil.copytree(home / "runs" / arith_run, home / "runs" / "stopped")
+    _worker("--run-name", arith_run, "--steps", "4", home=home)
+    stopped = _worker("--run-name", "stopped", "--steps", "4", "--signal-at-step", "3", home=home, check=False)
+    assert stopped.returncode == EXIT_STOPPED, stopped.stderr[-3000:]
+    assert "stopped by SIGTERM after step 3 of 4" in stopped.stderr
+    assert runs.latest_checkpoint(home / "runs" / "stopped" / "rl").name == "step_000003"
+    _worker("--run-name", "stopped", "--steps", "4", "--resume", home=home)
+    clean, resumed = _losses(home, arith_run), _losses(home, "stopped")
+    assert sorted(resumed) == list(range(4))
+    for step in range(4):
+        assert resumed[step]["loss"] == clean[step]["loss"], step
+        assert resumed[step]["reward"] == clean[step]["reward"], step

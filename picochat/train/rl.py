@@ -36,6 +36,7 @@ from ..config import ModelConfig, RLConfig
 from ..runs import RunPaths
 from . import checkpoint as ckpt
 from .optim import build_optimizers, lr_multiplier, set_lr
+from .preemption import StopSignals, TrainingStopped, signal_name
 from .rl_loss import collate, group_advantages, policy_loss, sampled_token_count, target_logprobs, token_rows
 from .rl_rollout import Group, request_seed, score
 
@@ -238,6 +239,10 @@ class RLTrainer:
 
     # -- the loop ------------------------------------------------------------------------------
     def train(self) -> dict:
+        with StopSignals() as self.stop:  # SIGTERM/SIGINT/SIGUSR1: stop after the step, with a checkpoint
+            return self._train()
+
+    def _train(self) -> dict:
         self.setup()
         cfg = self.cfg
         num_steps = self.num_steps()
@@ -263,8 +268,13 @@ class RLTrainer:
                 self.on_step(stats, self)
             if cfg.eval_prompts > 0 and cfg.eval_every > 0 and step % cfg.eval_every == 0 and step < num_steps:
                 last_eval = self.evaluate(step)
-            if cfg.save_every >= 0 and (step == num_steps or (cfg.save_every > 0 and step % cfg.save_every == 0)):
+            stop_signal = self.stop.agreed(self.device) if step < num_steps else 0  # the same on every rank
+            if cfg.save_every >= 0 and (stop_signal or step == num_steps
+                                        or (cfg.save_every > 0 and step % cfg.save_every == 0)):
                 self._save(step, stats)
+            if stop_signal:
+                self.rollouts.close()
+                raise self._stopped(stop_signal, step, num_steps)
         if cfg.eval_prompts > 0 and (last_eval is None or last_eval["step"] != step):
             last_eval = self.evaluate(step)
         result = {"task": cfg.task, "steps": num_steps, "prompts_per_step": cfg.prompts_per_step,
@@ -316,17 +326,16 @@ class RLTrainer:
         return state
 
     def _save(self, step: int, stats: dict) -> None:
-        local = {"rng": self._rng_state()}
-        gathered = [local]
-        if self.dist.is_distributed:
-            gathered = [None] * self.dist.world_size
-            torch.distributed.all_gather_object(gathered, local)
+        ckpt.save_from_ranks(self.stage_dir, step, self.model, self.optimizers,
+                             {**self._meta(), "loss": stats["loss"], "reward": stats["reward"]},
+                             {"rng": self._rng_state()})
+
+    def _stopped(self, signum: int, step: int, num_steps: int) -> TrainingStopped:
+        saved = self.stage_dir / f"step_{step:06d}" if self.cfg.save_every >= 0 else None
+        stopped = TrainingStopped(STAGE, step, num_steps, signal_name(signum), saved)
         if self.dist.is_main:
-            ckpt.save_checkpoint(self.stage_dir, step, self.model, self.optimizers,
-                                 {**self._meta(), "loss": stats["loss"], "reward": stats["reward"]},
-                                 {"step": step, "ranks": gathered})
-        if self.dist.is_distributed:
-            torch.distributed.barrier()
+            log.warning(str(stopped))
+        return stopped
 
     def _resume(self) -> int:
         path = runs.latest_checkpoint(self.stage_dir)

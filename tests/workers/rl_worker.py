@@ -1,6 +1,7 @@
 """Runs a tiny `picochat rl` in its own process (alone or under torchrun) for the RL tests.
 
 --kill-at-step N sends SIGKILL to itself when step N finishes: a real crash, mid-run.
+--signal-at-step N sends SIGTERM to itself when step N finishes (a graceful stop: exit code 75).
 --out FILE writes, from rank 0, each rank's weight checksum and the run's result as JSON."""
 
 import argparse
@@ -12,6 +13,7 @@ import torch
 
 from picochat.common import cleanup_distributed, dist_info, setup_logging
 from picochat.config import RLConfig
+from picochat.train.preemption import TrainingStopped
 from picochat.train.rl import RLTrainer
 
 p = argparse.ArgumentParser()
@@ -19,6 +21,7 @@ p.add_argument("--run-name", dest="run", required=True)
 p.add_argument("--steps", type=int, default=6)
 p.add_argument("--save-every", type=int, default=2)
 p.add_argument("--kill-at-step", type=int, default=-1)
+p.add_argument("--signal-at-step", type=int, default=-1)
 p.add_argument("--resume", action="store_true")
 p.add_argument("--eager-rollouts", action="store_true")
 p.add_argument("--out")
@@ -34,10 +37,17 @@ cfg = RLConfig(run=args.run, num_steps=args.steps, prompts_per_step=4, samples_p
 def on_step(stats, trainer):
     if stats["step"] + 1 == args.kill_at_step:
         os.kill(os.getpid(), signal.SIGKILL)
+    if stats["step"] + 1 == args.signal_at_step:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 trainer = RLTrainer(cfg, on_step=on_step)
-result = trainer.train()
+try:
+    result = trainer.train()
+except TrainingStopped as e:
+    del trainer
+    cleanup_distributed()
+    raise SystemExit(e.exit_code)
 info = dist_info()
 checksum = float(sum(p.detach().double().sum() * (i + 1) for i, p in enumerate(trainer.model.parameters())))
 local = {"rank": info.rank, "checksum": checksum, "result": result}

@@ -12,29 +12,22 @@ import json
 import math
 import time
 
-from .options import add_run_arg
+from .options import add_config_options, add_run_arg, config_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from .recipes import DEMO, DEMO_QUICK
+    from .recipes import DEMO, DEMO_QUICK, DemoSizes
 
     p = sub.add_parser("demo", help="run the whole pipeline on the embedded corpus (CPU, minutes)")
     add_run_arg(p)
     p.set_defaults(run="demo")
-    p.add_argument("--depth", type=int, help=f"model depth (default: {DEMO.depth})")
-    p.add_argument("--batch-size", type=int, help=f"rows of --seq-len tokens per step (default: {DEMO.batch_size})")
-    p.add_argument("--seq-len", type=int, help=f"tokens per row (default: {DEMO.seq_len})")
-    p.add_argument("--pretrain-steps", type=int, help=f"pretraining steps (default: {DEMO.pretrain_steps})")
-    p.add_argument("--mid-steps", type=int, help=f"midtraining steps (default: {DEMO.mid_steps})")
-    p.add_argument("--sft-steps", type=int, help=f"SFT steps (default: {DEMO.sft_steps})")
-    p.add_argument("--synthetic-size", type=int,
-                   help=f"synthetic conversations per epoch (default: {DEMO.synthetic_size})")
+    add_config_options(p, DemoSizes, DEMO)
     p.add_argument("--rl-steps", type=int, default=0,
                    help="steps of RL on the synthetic arithmetic task after SFT (default: 0, none)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--quick", action="store_true",
                    help=f"a much smaller run (seconds), for smoke tests: depth {DEMO_QUICK.depth}, "
-                        f"{DEMO_QUICK.pretrain_steps} pretraining steps")
+                        f"{DEMO_QUICK.pretrain_steps} pretraining steps (replaces the sizes above)")
     p.set_defaults(func=cmd_demo)
 
 
@@ -55,14 +48,15 @@ def sparkline(values: list[float], width: int = 60) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .config import ChatDataConfig, DataConfig, TokenizerConfig
-    from .recipes import demo_configs, demo_sizes, scale_lr
+    from .config import ChatDataConfig, DataConfig, TokenizerConfig, check_device
+    from .recipes import CHAT_FINETUNE, DEMO, DEMO_QUICK, DemoSizes, demo_configs, scale_lr
     from .runs import RunPaths
     from .tokenizer_cli import train_tokenizer
 
     t_start = time.time()
     run, paths = args.run, RunPaths.for_run(args.run)
-    sizes = demo_sizes(args.quick, vars(args))
+    sizes = DEMO_QUICK if args.quick else config_from_args(args, DemoSizes, DEMO)
+    check_device(args.device)
     configs = demo_configs(sizes, run, args.device)
     data = DataConfig()
 
@@ -84,7 +78,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .train.sft import chat_train
 
     chat_data = ChatDataConfig(synthetic_size=sizes.synthetic_size)
-    for stage in ("mid", "sft"):
+    for stage in CHAT_FINETUNE:
         stage_cfg, lr_frac = configs[stage]
         result = chat_train(scale_lr(stage_cfg, lr_frac), chat_data)
         print(f"{stage}: {stage_cfg.num_steps} steps, final loss {result['final_loss']:.3f}, "

@@ -360,26 +360,8 @@ class Trainer:
 
     def _save(self, step: int, batches, loss: float, val_bpb) -> None:
         local = {"loader": batches.state_dict(), "rng": self._rng_state()}
-        if self.dist.is_distributed:
-            gathered = [None] * self.dist.world_size
-            torch.distributed.all_gather_object(gathered, local)
-        else:
-            gathered = [local]
-        error = None
-        if self.dist.is_main:
-            meta = {**self._meta(), "loss": loss, "val_bpb": val_bpb}
-            try:
-                path = ckpt.save_checkpoint(self.stage_dir, step, self.model, self.optimizers, meta,
-                                            {"step": step, "ranks": gathered}, keep_last=self.cfg.keep_last)
-                log.debug(f"saved {path}")
-            except ckpt.CheckpointWriteError as e:
-                error = str(e)
-        if self.dist.is_distributed:  # also the barrier: every rank learns whether rank 0's save worked
-            box = [error]
-            torch.distributed.broadcast_object_list(box, src=0)
-            error = box[0]
-        if error is not None:
-            raise ckpt.CheckpointWriteError(error)
+        ckpt.save_from_ranks(self.stage_dir, step, self.model, self.optimizers,
+                             {**self._meta(), "loss": loss, "val_bpb": val_bpb}, local, self.cfg.keep_last)
 
     def _stopped(self, signum: int, step: int, num_steps: int) -> TrainingStopped:
         saved = self.stage_dir / f"step_{step:06d}" if self.cfg.save_every >= 0 else None

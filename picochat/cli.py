@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 
+from .config import ConfigError
 from .options import add_run_arg  # noqa: F401  (where command modules used to find it)
 
 # command name -> module that registers it (in pipeline order, which is also --help order)
@@ -19,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "data": "picochat.data.cli",
     "pretrain": "picochat.train.cli",
     "sft": "picochat.train.sft",  # registers both `midtrain` and `sft`
+    "rl": "picochat.train.rl_cli",
     "eval": "picochat.eval.cli",
     "chat": "picochat.infer.chat_cli",
     "serve": "picochat.serve.cli",
@@ -30,8 +32,16 @@ COMMANDS: dict[str, str] = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: a command's usage lists dozens of options, which buries the
+    message. Subcommand parsers are made with the same class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="picochat",
         description="Train a small ChatGPT-style model end to end and talk to it.",
     )
@@ -63,13 +73,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except ConfigError as e:  # an option out of range (the configs' own validation): exit 2 like argparse
+        if getattr(args, "debug", False):
+            raise
+        print(f"picochat {_command(args)}: error: {e.cli_message()}", file=sys.stderr)
+        return 2
     except TrainingStopped as e:  # a graceful stop on a signal: the loop logged where and how to resume
         return e.exit_code
     except (ValueError, OSError, RuntimeError) as e:  # OSError covers FileNotFoundError and a full disk
         if getattr(args, "debug", False):
             raise
-        print(f"picochat {args.command}: error: {e}", file=sys.stderr)
+        print(f"picochat {_command(args)}: error: {e}", file=sys.stderr)
         return 1
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command as typed: `pretrain`, or `tokenizer train` for commands with actions."""
+    action = getattr(args, "action", None) or getattr(args, "bench", None)
+    return f"{args.command} {action}" if action else args.command
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Shared plumbing: device and dtype detection, distributed init, run-directory paths, logging,
-atomic writes. The bottom of the dependency graph: it imports nothing else from picochat."""
+"""Shared plumbing: device and dtype detection, distributed init, the home folder, logging, atomic
+writes. Near the bottom of the dependency graph: it imports only `config` (for ConfigError)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .config import ConfigError, check_device
 
 log = logging.getLogger("picochat")
 
@@ -41,6 +43,14 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 def picochat_home() -> Path:
     return Path(os.environ.get("PICOCHAT_HOME", Path.home() / ".cache" / "picochat")).expanduser()
+
+
+def use_compile_cache() -> Path:
+    """Keep torch.compile's caches (inductor's FX graphs, AOT autograd results, Triton kernels) under
+    $PICOCHAT_HOME/compile_cache instead of /tmp, so they outlive a reboot and the second run of the same
+    shapes is warm (the batch-size finder compiles three shapes). A directory the user set wins."""
+    path = Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(picochat_home() / "compile_cache")))
+    return path
 
 
 def downloads_dir() -> Path:
@@ -88,8 +98,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def detect_device(preference: str = "auto") -> torch.device:
+    """The device to use: `preference` if this machine has it (ConfigError naming --device if not)."""
     if preference != "auto":
-        return torch.device(preference)
+        check_device(preference)
+        device = torch.device(preference)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ConfigError("device", f"auto or cpu here ({why})", preference)
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError("device", f"cuda:0 to cuda:{torch.cuda.device_count() - 1}", preference)
+        if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ConfigError("device", "auto or cpu here (MPS is not available)", preference)
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda", dist_info().local_rank)
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

@@ -1,15 +1,22 @@
 """Typed configuration for every stage, and the depth dial.
 
 One dataclass per stage. `ModelConfig.from_depth` turns the single number a user picks (`--depth`)
-into width, heads and the training horizon, so the common path needs one knob. Nothing here touches
-torch devices or files: it is pure data, safe to import anywhere.
+into width, heads and the training horizon, so the common path needs one knob. Each field carries its
+help text and allowed range in its metadata (`opt(...)`): the command-line options are generated from
+them (`picochat/options.py`), and `__post_init__` checks every value against them, so the Python API
+and the CLI reject the same values with the same message (`ConfigError` names the field, the allowed
+range and the value). Nothing here touches torch; the only file access is checking that given paths exist.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import math
+import os
+import re
 from dataclasses import dataclass, field
+from typing import Any
 
 # Special tokens, in id order after the BPE vocabulary. The tokenizer owns their meaning.
 SPECIAL_TOKENS: tuple[str, ...] = (
@@ -23,13 +30,129 @@ SPECIAL_TOKENS: tuple[str, ...] = (
     "<|output_start|>",
     "<|output_end|>",
 )
+MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte, plus the specials
+RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+class ConfigError(ValueError):
+    """A config value outside what its field allows. `flag` is the command-line spelling."""
+
+    def __init__(self, field_name: str, rule: str, value: Any, flag: str | None = None, owner: str = ""):
+        self.field, self.rule, self.value = field_name, rule, value
+        self.flag = flag or "--" + field_name.replace("_", "-")
+        where = f"{owner}.{field_name} ({self.flag})" if owner else self.flag
+        super().__init__(f"{where} must be {rule} (got {value!r})")
+
+    def cli_message(self) -> str:
+        return f"{self.flag} must be {self.rule} (got {_shown(self.value)})"
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value) or "nothing"
+    return str(value)
+
+
+def opt(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING,
+        lo: float | None = None, hi: float | None = None, above: float | None = None,
+        special: tuple = (), choices: tuple | None = None, flag: str | None = None,
+        metavar: str | None = None, cli: bool = True) -> Any:
+    """A dataclass field with its help text and allowed values (checked by `check_fields`).
+    lo/hi: inclusive bounds; above: exclusive lower bound; special: values allowed besides the range
+    (e.g. -1 = "derive it"); flag: the option name when the field name would clash or mislead."""
+    meta = {"help": help, "lo": lo, "hi": hi, "above": above, "special": tuple(special), "choices": choices,
+            "flag": flag, "metavar": metavar, "cli": cli}
+    meta = {k: v for k, v in meta.items() if v is not None and v != ()}
+    return field(default=default, default_factory=factory, metadata=meta)
+
+
+def _rule(meta: dict, is_int: bool) -> str:
+    what = "an integer" if is_int else "a number"
+    lo, hi, above = meta.get("lo"), meta.get("hi"), meta.get("above")
+    fmt = (lambda x: f"{x:,}" if is_int and abs(x) >= 10_000 else f"{x:g}")
+    if above is not None:
+        rng = f"{what} > {fmt(above)}" + (f" and <= {fmt(hi)}" if hi is not None else "")
+    elif lo is not None and hi is not None:
+        rng = f"{what} from {fmt(lo)} to {fmt(hi)}"
+    elif lo is not None:
+        rng = f"{what} >= {fmt(lo)}"
+    elif hi is not None:
+        rng = f"{what} <= {fmt(hi)}"
+    else:
+        rng = what
+    special = meta.get("special", ())
+    return " or ".join([repr(s) if isinstance(s, str) else str(s) for s in special] + [rng])
+
+
+def _check_number(owner: str, name: str, value: Any, meta: dict, is_int: bool) -> None:
+    if value in meta.get("special", ()) and not isinstance(value, bool):
+        return
+    ok = isinstance(value, int) if is_int else isinstance(value, (int, float))
+    ok = ok and not isinstance(value, bool) and (is_int or math.isfinite(value))
+    lo, hi, above = meta.get("lo"), meta.get("hi"), meta.get("above")
+    ok = ok and (lo is None or value >= lo) and (hi is None or value <= hi) and (above is None or value > above)
+    if not ok:
+        raise ConfigError(name, _rule(meta, is_int), value, _flag(name, meta), owner)
+
+
+def check_number(name: str, value: Any, *, lo: float | None = None, hi: float | None = None,
+                 above: float | None = None, is_int: bool = True, flag: str | None = None) -> None:
+    """Range check for an option that is not a config field (e.g. `picochat data preview -n`)."""
+    meta = {k: v for k, v in {"lo": lo, "hi": hi, "above": above}.items() if v is not None}
+    if flag:
+        meta["flag"] = flag.lstrip("-")
+    _check_number("", name, value, meta, is_int)
+
+
+def _flag(name: str, meta: dict) -> str:
+    return "--" + meta.get("flag", name.replace("_", "-"))
+
+
+def check_fields(cfg: Any) -> None:
+    """Check every field of a config dataclass against its metadata (range, choices); raise a
+    ConfigError naming the first field that is out of bounds."""
+    owner = type(cfg).__name__
+    for f in dataclasses.fields(cfg):
+        meta, value = f.metadata, getattr(cfg, f.name)
+        if "choices" in meta and value not in meta["choices"]:
+            raise ConfigError(f.name, "one of " + ", ".join(map(str, meta["choices"])), value, _flag(f.name, meta),
+                              owner)
+        if not any(k in meta for k in ("lo", "hi", "above")) or value is None:
+            continue
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        if kind.startswith("tuple"):
+            for v in value:
+                _check_number(owner, f.name, v, meta, is_int=False)
+        else:
+            _check_number(owner, f.name, value, meta, is_int="int" in kind and "float" not in kind)
+
+
+def check_paths(owner: str, name: str, patterns: list[str], flag: str | None = None) -> None:
+    """Every path or glob must name at least one existing file."""
+    for p in patterns:
+        if not (glob.glob(str(p), recursive=True) if glob.has_magic(str(p)) else os.path.exists(p)):
+            raise ConfigError(name, "existing files or globs that match files", p, flag, owner)
+
+
+def check_path_or_url(owner: str, name: str, value: str | None, flag: str | None = None) -> None:
+    if value and not re.match(r"^[a-z]+://", value) and not os.path.exists(value):
+        raise ConfigError(name, "an existing file or folder, or a URL", value, flag, owner)
+
+
+def check_device(value: str, flag: str = "--device") -> None:
+    """The spelling of a device (whether this machine has it is checked by common.detect_device)."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value or ""):
+        raise ConfigError("device", "auto, cpu, cuda, cuda:N or mps", value, flag)
 
 
 @dataclass
 class TokenizerConfig:
-    vocab_size: int = 32768  # including the special tokens
-    max_chars: int = 2_000_000_000  # stop reading the text iterator after this many characters
-    doc_cap: int = 10_000  # crop each training document to this many characters
+    vocab_size: int = opt(32768, "tokens including the special ones", lo=MIN_VOCAB, hi=2**20)
+    max_chars: int = opt(2_000_000_000, "characters of text to learn from", lo=1, hi=10**13)
+    doc_cap: int = opt(10_000, "crop each training document to this many characters", lo=1, hi=10**9)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass
@@ -88,86 +211,203 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    # Learning rates follow the d12 (768 wide) reference; AdamW rates are scaled by (768/width)^0.5.
-    matrix_lr: float = 0.02  # Muon, hidden matrices
-    embedding_lr: float = 0.2  # AdamW, token embedding
-    unembedding_lr: float = 0.004  # AdamW, lm head
-    scalar_lr: float = 0.004  # AdamW, anything else
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.8, 0.95)
-    warmup_frac: float = 0.0
-    warmdown_frac: float = 0.2
-    final_lr_frac: float = 0.0
-    grad_clip: float = 0.0  # 0 = off
-    muon_coefficients: str = "polar_express"  # polar_express | keller (torch.optim.Muon's quintic)
-    muon_impl: str = "picochat"  # picochat (batched, train/muon.py) | torch (torch.optim.Muon: the baseline)
+    """optimizer (learning rates follow the d12 reference, 768 wide; AdamW rates scale by (768/width)^0.5)"""
+
+    matrix_lr: float = opt(0.02, "Muon learning rate of the hidden matrices", lo=0, hi=10)
+    embedding_lr: float = opt(0.2, "AdamW learning rate of the token embedding", lo=0, hi=10)
+    unembedding_lr: float = opt(0.004, "AdamW learning rate of the lm head", lo=0, hi=10)
+    scalar_lr: float = opt(0.004, "AdamW learning rate of everything else", lo=0, hi=10)
+    weight_decay: float = opt(0.0, "AdamW weight decay", lo=0, hi=10)
+    adam_betas: tuple[float, float] = opt((0.8, 0.95), "AdamW beta1 beta2", lo=0, hi=0.9999, metavar="BETA")
+    warmup_frac: float = opt(0.0, "share of the steps spent warming the learning rate up", lo=0, hi=1)
+    warmdown_frac: float = opt(0.2, "share of the steps spent decaying the learning rate at the end", lo=0, hi=1)
+    final_lr_frac: float = opt(0.0, "learning rate at the last step, as a share of the peak", lo=0, hi=1)
+    grad_clip: float = opt(0.0, "clip the gradient norm to this (0: off)", lo=0, hi=1e6)
+    muon_coefficients: str = opt("polar_express", "Muon's orthogonalisation polynomial (keller: torch.optim.Muon's "
+                                 "quintic)", choices=("polar_express", "keller"))
+    muon_impl: str = opt("picochat", "Muon implementation: picochat (batched, train/muon.py) or torch "
+                         "(torch.optim.Muon, the baseline)", choices=("picochat", "torch"))
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if len(self.adam_betas) != 2:
+            raise ConfigError("adam_betas", "two numbers (beta1 beta2)", self.adam_betas, owner="OptimConfig")
+        if self.warmup_frac + self.warmdown_frac > 1:
+            raise ConfigError("warmdown_frac", f"at most 1 - warmup_frac = {1 - self.warmup_frac:g}",
+                              self.warmdown_frac, owner="OptimConfig")
 
 
 @dataclass
 class TrainConfig:
     """One training run (pretrain, midtrain and SFT share it)."""
 
-    run: str = "default"
-    stage: str = "base"  # base | mid | sft: which folder of the run directory checkpoints go to
-    depth: int = 12
-    seq_len: int = 2048
-    device_batch_size: int | str = "auto"  # "auto" = find it (CUDA), else a fixed number
-    total_batch_tokens: int = 524288  # tokens per optimizer step across all ranks
-    num_steps: int = -1  # -1: derive from the horizon
-    data_param_ratio: float = 20.0  # training tokens ≈ ratio × parameters when num_steps is -1
-    seed: int = 42
-    eval_every: int = 250
-    eval_tokens: int = 2**20
-    sample_every: int = 1000
-    save_every: int = 1000  # 0: only at the end; -1: never (benchmarks)
-    keep_last: int = 2  # checkpoints kept per stage (0: all); older ones go once a new one verifies
-    compile: bool | None = None  # None: on for CUDA
-    device: str = "auto"
-    resume: bool = False
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: str = opt("default", "run name under $PICOCHAT_HOME/runs", cli=False)  # options.add_run_arg
+    stage: str = opt("base", "folder of the run the checkpoints go to (runs.STAGES)", cli=False)
+    depth: int = opt(12, "the model size dial: width 64·depth (0 for chat stages: from the checkpoint)",
+                     lo=0, hi=256)
+    seq_len: int = opt(2048, "tokens per row", lo=2, hi=2**20)
+    device_batch_size: int | str = opt("auto", "rows per forward pass per GPU, or 'auto' to find the largest "
+                                       "that fits (CUDA)", lo=1, hi=2**16, special=("auto",))
+    total_batch_tokens: int = opt(524288, "tokens per optimizer step over all ranks (sets gradient accumulation)",
+                                  lo=1, hi=2**40)
+    num_steps: int = opt(-1, "optimizer steps; -1 derives them (pretraining: from --data-param-ratio; chat "
+                         "stages: from --epochs)", lo=0, hi=10**9, special=(-1,))
+    data_param_ratio: float = opt(20.0, "training tokens per parameter when --num-steps is -1", above=0, hi=1e6)
+    seed: int = opt(42, "seed of the weights and the data order", lo=0, hi=2**32 - 1)
+    eval_every: int = opt(250, "validate every N steps (0: off)", lo=0, hi=10**9)
+    eval_tokens: int = opt(2**20, "held-out tokens per validation", lo=1, hi=2**40)
+    sample_every: int = opt(1000, "print greedy samples every N steps (0: off)", lo=0, hi=10**9)
+    save_every: int = opt(1000, "checkpoint every N steps (0: only at the end; -1: never)", lo=-1, hi=10**9)
+    keep_last: int = opt(2, "checkpoints kept per stage (0: all); older ones are pruned once a new one verifies",
+                         lo=0)
+    compile: bool | None = opt(None, "torch.compile the model (default: on for CUDA)")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
+    resume: bool = opt(False, "continue from the latest good checkpoint")
+    optim: OptimConfig = opt(factory=OptimConfig)
 
     def __post_init__(self) -> None:
-        if self.keep_last < 0:
-            raise ValueError(f"keep_last must be >= 0 (0 keeps every checkpoint), got {self.keep_last}")
+        if self.stage == "base":  # depth 0 ("from the starting checkpoint") exists only for chat stages
+            _check_number("TrainConfig", "depth", self.depth, {"lo": 1, "hi": 256}, is_int=True)
+        check_fields(self)
+        if not RUN_NAME.fullmatch(self.run or ""):
+            raise ConfigError("run", "letters, digits, '_', '-' or '.' (not starting with '.')", self.run,
+                              owner="TrainConfig")
+        check_device(self.device)
 
 
 @dataclass
 class DataConfig:
-    source: str = "embedded"  # embedded | files | shards
-    paths: list[str] = field(default_factory=list)  # files or globs for source=files
-    text_field: str = "text"
-    shard_url: str = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
-    num_shards: int = 1
-    embedded_docs: int = 20000
-    embedded_seed: int = 1234
-    val_fraction: float = 0.01
-    strict_data: bool = False  # a damaged file met while training: error instead of skipping it
+    """text source"""
+
+    source: str = opt("embedded", "where text comes from", choices=("embedded", "files", "shards"))
+    paths: list[str] = opt(factory=list, help=".txt/.jsonl/.parquet files or globs (quote globs) for --source files",
+                           metavar="PATH")
+    text_field: str = opt("text", "jsonl field / parquet column with the text")
+    shard_url: str = opt("https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main",
+                         "base URL of shard_NNNNN.parquet files")
+    num_shards: int = opt(1, "shards to use; with 2 or more the last one is the val split", lo=1, hi=100_000)
+    embedded_docs: int = opt(20000, "documents in the embedded corpus", lo=1, hi=10**8)
+    embedded_seed: int = opt(1234, "seed of the embedded corpus", lo=0, hi=2**32 - 1)
+    val_fraction: float = opt(0.01, "share of the source held out for validation", above=0, hi=0.5)
+    strict_data: bool = opt(False, "stop with an error on a damaged file met while reading (default: skip it "
+                            "with a warning)")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.paths and self.source != "files":
+            raise ConfigError("paths", "given only with --source files", self.source, "--paths", "DataConfig")
+        if self.source == "files" and not self.paths:
+            raise ConfigError("paths", "at least one file or glob with --source files", [], "--paths", "DataConfig")
+        check_paths("DataConfig", "paths", self.paths)
+        if not self.text_field:
+            raise ConfigError("text_field", "a field or column name", self.text_field, owner="DataConfig")
+        if not re.match(r"^(https?|file)://", self.shard_url):
+            raise ConfigError("shard_url", "an http://, https:// or file:// URL", self.shard_url, owner="DataConfig")
 
 
 @dataclass
 class ChatDataConfig:
-    """Where midtraining/SFT conversations come from and how they are batched."""
+    """chat data: where midtraining/SFT conversations come from and how they are batched"""
 
-    mode: str = "packed"  # packed | padded (padded: the seed's baseline, for benchmarks)
-    epochs: float = 1.0  # passes over the mixture when --num-steps is -1
-    synthetic_size: int = 2000  # conversations of the offline synthetic tasks per epoch
-    synthetic_weight: float = 1.0  # 0 leaves them out
-    smoltalk: str | None = None
-    smoltalk_weight: float = 1.0
-    mmlu: str | None = None
-    mmlu_weight: float = 1.0
-    gsm8k: str | None = None
-    gsm8k_weight: float = 1.0
-    buffer_size: int | None = None  # pending conversations for best-fit packing (None: batcher default)
-    val_size: int = 200  # held-out synthetic conversations for validation bits-per-byte
-    seed: int = 0
+    mode: str = opt("packed", "packed: whole conversations best-fit packed per row, document-masked; padded: "
+                    "one conversation per row (the seed's method, a benchmark baseline)", choices=("packed", "padded"))
+    epochs: float = opt(1.0, "passes over the mixture when --num-steps is -1", above=0, hi=1e4)
+    synthetic_size: int = opt(2000, "conversations of the offline synthetic tasks per epoch", lo=1, hi=10**8)
+    synthetic_weight: float = opt(1.0, "copies of each synthetic conversation per epoch (0 leaves them out)",
+                                  lo=0, hi=1e4)
+    smoltalk: str | None = opt(None, "add SmolTalk (parquet/jsonl file, folder or URL)", metavar="PATH_OR_URL")
+    smoltalk_weight: float = opt(1.0, "copies of each SmolTalk item per epoch", lo=0, hi=1e4)
+    mmlu: str | None = opt(None, "add MMLU (parquet/jsonl file, folder or URL)", metavar="PATH_OR_URL")
+    mmlu_weight: float = opt(1.0, "copies of each MMLU item per epoch", lo=0, hi=1e4)
+    gsm8k: str | None = opt(None, "add GSM8K (parquet/jsonl file, folder or URL)", metavar="PATH_OR_URL")
+    gsm8k_weight: float = opt(1.0, "copies of each GSM8K item per epoch", lo=0, hi=1e4)
+    buffer_size: int | None = opt(None, "pending conversations for best-fit packing (default: max(64, 8 × rows))",
+                                  lo=1, hi=10**7)
+    val_size: int = opt(200, "held-out synthetic conversations for validation bits per byte", lo=1, hi=10**7)
+    seed: int = opt(0, "seed of the mixture's shuffle and the synthetic tasks", lo=0, hi=2**32 - 1, flag="data-seed")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        for name in ("smoltalk", "mmlu", "gsm8k"):
+            check_path_or_url("ChatDataConfig", name, getattr(self, name))
 
 
 @dataclass
 class SamplingConfig:
-    temperature: float = 0.8
-    top_k: int | None = 50  # None or 0: no filtering
-    top_p: float | None = None
-    max_tokens: int = 256
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
+    """sampling"""
+
+    temperature: float = opt(0.8, "sampling temperature (0: greedy)", lo=0, hi=100)
+    top_k: int | None = opt(50, "keep the K most likely tokens (0: no filtering)", lo=0, hi=2**24)
+    top_p: float | None = opt(None, "keep the smallest set of tokens whose probability reaches P", above=0, hi=1)
+    max_tokens: int = opt(256, "most tokens per reply", lo=1, hi=2**24)
+    seed: int | None = opt(None, "sampling seed (default: random)", lo=0, hi=2**63 - 1)
+    stop: list[str] = opt(factory=list, help="stop generating at any of these strings", cli=False)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+RL_TASKS: tuple[str, ...] = ("arithmetic", "gsm8k")
+
+
+@dataclass
+class RLConfig:
+    """`picochat rl`: on-policy policy gradient from the run's SFT checkpoint (stage "rl").
+
+    Each step samples `samples_per_prompt` completions for each of `prompts_per_step` training
+    prompts, scores them with the task's checker and pushes up the log-probability of the sampled
+    tokens in proportion to their advantage (reward minus the prompt group's mean)."""
+
+    run: str = "default"
+    task: str = "arithmetic"  # arithmetic (offline synthetic) | gsm8k
+    gsm8k: str | None = None  # GSM8K train source (file, folder or URL); None: the hub's parquet
+    gsm8k_test: str | None = None  # GSM8K test source for evaluation; None: the hub's parquet
+    train_size: int = 2000  # synthetic prompts per epoch (arithmetic)
+    num_steps: int = -1  # -1: one pass over the training prompts
+    prompts_per_step: int = 16  # over all ranks
+    samples_per_prompt: int = 16
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int | None = None  # None: sample from the whole distribution
+    std_normalize: bool = False  # divide each group's advantages by its reward std
+    kl_coef: float = 0.0  # > 0: penalise KL to the frozen SFT model (k3 estimator per sampled token)
+    device_batch_size: int = 32  # rows per forward/backward of the update
+    lr_frac: float = 0.05  # every optimizer LR scaled by this; decays linearly to 0 over the run
+    eval_every: int = 25  # steps between held-out evaluations (0: only before and after)
+    eval_prompts: int = 64  # held-out prompts per evaluation (over all ranks)
+    eval_samples: int = 8  # k of pass@k
+    eval_temperature: float = 1.0
+    save_every: int = 25  # 0: only at the end; -1: never
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+    eager_rollouts: bool = False  # baseline: eager engine, one prompt's samples at a time
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self) -> None:
+        def bad(name: str, allowed: str):
+            raise ValueError(f"RLConfig.{name} must be {allowed} (got {getattr(self, name)!r})")
+
+        if self.task not in RL_TASKS:
+            bad("task", f"one of {', '.join(RL_TASKS)}")
+        for name in ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "device_batch_size",
+                     "eval_samples", "train_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                bad(name, "an integer >= 1")
+        if self.num_steps < -1:
+            bad("num_steps", "-1 (one pass) or >= 0")
+        for name in ("eval_every", "eval_prompts"):
+            if getattr(self, name) < 0:
+                bad(name, ">= 0")
+        if self.save_every < -1:
+            bad("save_every", ">= -1")
+        if not 0 < self.temperature <= 10:
+            bad("temperature", "in (0, 10]: on-policy sampling needs a stochastic policy")
+        if not 0 <= self.eval_temperature <= 10:
+            bad("eval_temperature", "in [0, 10]")
+        if self.top_k is not None and self.top_k < 1:
+            bad("top_k", "None or >= 1")
+        if not 0 <= self.kl_coef <= 100:
+            bad("kl_coef", "in [0, 100]")
+        if not 0 < self.lr_frac <= 10:
+            bad("lr_frac", "in (0, 10]")

@@ -8,10 +8,9 @@ CPU. A recipe is the `TrainConfig` a stage starts from plus one factor applied t
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, replace
 
-from .config import OptimConfig, TrainConfig
+from .config import MIN_VOCAB, OptimConfig, TrainConfig, check_fields, opt
 
 
 @dataclass(frozen=True)
@@ -38,6 +37,9 @@ RECIPES: dict[str, Recipe] = {
                   TrainConfig(stage="sft", total_batch_tokens=2**16, eval_every=100,
                               optim=OptimConfig(warmdown_frac=1.0), **_CHAT), lr_frac=0.1),
 }
+
+# The stages `train/sft.py` trains on conversations (`picochat midtrain`, `picochat sft`), in order.
+CHAT_FINETUNE: tuple[str, ...] = ("mid", "sft")
 
 # What a chat stage of `picochat run` takes from its own recipe; everything else (depth, sequence
 # length, device, seed, learning rates, ...) follows the pretraining settings of the same command.
@@ -76,17 +78,21 @@ def follow_on(stage: str, base: TrainConfig) -> tuple[TrainConfig, float]:
 
 @dataclass(frozen=True)
 class DemoSizes:
-    depth: int = 3
-    batch_size: int = 8  # rows of seq_len tokens per step (one micro-batch, no accumulation)
-    seq_len: int = 256
-    pretrain_steps: int = 300
-    mid_steps: int = 450
-    sft_steps: int = 150
-    synthetic_size: int = 8000  # synthetic conversations per epoch
-    tokenizer_vocab: int = 4096
-    eval_examples: int = 60  # held-out questions per task
-    chat_lr_frac: tuple[tuple[str, float], ...] = (("mid", 1.0), ("sft", 0.3))
-    chat_warmdown_frac: float = 0.5
+    depth: int = opt(3, "model depth", lo=1, hi=64)
+    batch_size: int = opt(8, "rows of --seq-len tokens per step (one micro-batch)", lo=1, hi=4096)
+    seq_len: int = opt(256, "tokens per row", lo=16, hi=65536)
+    pretrain_steps: int = opt(300, "pretraining steps", lo=1, hi=10**7)
+    mid_steps: int = opt(450, "midtraining steps", lo=1, hi=10**7)
+    sft_steps: int = opt(150, "SFT steps", lo=1, hi=10**7)
+    synthetic_size: int = opt(8000, "synthetic conversations per epoch", lo=1, hi=10**7)
+    tokenizer_vocab: int = opt(4096, "tokenizer vocabulary", lo=MIN_VOCAB, hi=2**17)
+    eval_examples: int = opt(60, "held-out questions per task", lo=1, hi=10**5)
+    chat_lr_frac: tuple[tuple[str, float], ...] = opt((("mid", 1.0), ("sft", 0.3)), cli=False)
+    chat_warmdown_frac: float = opt(0.5, "share of each chat stage's steps spent decaying the learning rate",
+                                    lo=0, hi=1)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 DEMO = DemoSizes()
@@ -108,11 +114,3 @@ def demo_configs(sizes: DemoSizes, run: str, device: str) -> dict[str, tuple[Tra
         out[stage] = (replace(base, stage=stage, num_steps=steps[stage], eval_every=0,
                               optim=replace(base.optim, warmdown_frac=sizes.chat_warmdown_frac)), lr_frac)
     return out
-
-
-def demo_sizes(quick: bool = False, overrides: dict | None = None) -> DemoSizes:
-    """The demo's sizes, the quick ones with `quick`, with any field replaced by a non-None override."""
-    overrides = overrides or {}
-    known = {f.name for f in dataclasses.fields(DemoSizes)}
-    given = {k: v for k, v in overrides.items() if v is not None and k in known}
-    return replace(DEMO_QUICK if quick else DEMO, **given)

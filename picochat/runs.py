@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .common import atomic_write_bytes, log, picochat_home
-from .config import ModelConfig
+from .config import RUN_NAME, ConfigError, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,8 @@ class RunPaths:
 
     @classmethod
     def for_run(cls, name: str) -> "RunPaths":
-        if not name or "/" in name or name.startswith("."):
-            raise ValueError(f"invalid run name {name!r}: use letters, digits, '-' or '_'")
+        if not RUN_NAME.fullmatch(name or ""):
+            raise ConfigError("run", "letters, digits, '_', '-' or '.' (not starting with '.')", name)
         return cls(picochat_home() / "runs" / name)
 
     @property

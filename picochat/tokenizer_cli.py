@@ -7,8 +7,8 @@ import json
 import sys
 import time
 
-from .options import add_run_arg
-from .config import DataConfig, TokenizerConfig
+from .config import MIN_VOCAB, ConfigError, DataConfig, TokenizerConfig
+from .options import add_config_options, add_run_arg, config_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,10 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     t = tsub.add_parser("train", help="train a byte-level BPE on the run's text source")
     add_run_arg(t)
-    t.add_argument("--vocab-size", type=int, default=TokenizerConfig.vocab_size)
-    t.add_argument("--max-chars", type=int, default=TokenizerConfig.max_chars,
-                   help="characters of text to learn from")
-    t.add_argument("--doc-cap", type=int, default=TokenizerConfig.doc_cap)
+    add_config_options(t, TokenizerConfig, title="tokenizer")
     from .data.cli import add_source_args
 
     add_source_args(t)
@@ -59,6 +56,16 @@ def train_tokenizer(run: str, data: DataConfig, cfg: TokenizerConfig) -> dict:
     t0 = time.perf_counter()
     tok = Tokenizer.train(counted(), cfg.vocab_size, doc_cap=cfg.doc_cap, max_chars=cfg.max_chars)
     seconds = time.perf_counter() - t0
+    if n_chars == 0:
+        raise ConfigError("paths", "files with text in them (the train split has no characters)",
+                          data.paths or data.source)
+    if tok.vocab_size < cfg.vocab_size:  # BPE ran out of pairs seen twice: the text is too small or too uniform
+        if tok.vocab_size <= MIN_VOCAB:
+            raise ConfigError("vocab_size", f"at most {MIN_VOCAB} for this text ({n_chars:,} characters: no pair of "
+                              "tokens repeats, so nothing can be merged)", cfg.vocab_size)
+        log.warning(f"tokenizer: learned only {tok.vocab_size} of the {cfg.vocab_size} tokens asked for: "
+                    f"{n_chars:,} characters of the {data.source} source hold no more repeated pairs "
+                    "(more or more varied text would allow more)")
     tok.save(paths.tokenizer)
     stats = {"vocab_size": tok.vocab_size, "chars": n_chars, "seconds": round(seconds, 3),
              "mb_per_s": round(n_chars / 1e6 / max(seconds, 1e-9), 3), "path": str(paths.tokenizer)}
@@ -70,8 +77,8 @@ def train_tokenizer(run: str, data: DataConfig, cfg: TokenizerConfig) -> dict:
 def cmd_train(args: argparse.Namespace) -> int:
     from .data.cli import data_config_from_args
 
-    cfg = TokenizerConfig(vocab_size=args.vocab_size, max_chars=args.max_chars, doc_cap=args.doc_cap)
-    train_tokenizer(args.run, data_config_from_args(args), cfg)
+    cfg, data = config_from_args(args, TokenizerConfig), data_config_from_args(args)
+    train_tokenizer(args.run, data, cfg)
     return 0
 
 
@@ -91,8 +98,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .data.sources import iter_texts
     from .runs import load_tokenizer
 
+    data = data_config_from_args(args)
     tok = load_tokenizer(args.run)
-    sample = list(itertools.islice(iter_texts(data_config_from_args(args), "val"), 500))
+    sample = list(itertools.islice(iter_texts(data, "val"), 500))
     t0 = time.perf_counter()
     bpt = tok.bytes_per_token(sample) if sample else float("nan")
     seconds = time.perf_counter() - t0

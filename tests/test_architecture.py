@@ -15,7 +15,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "picochat"
 # Rooms, bottom first. A module may import its own room and any room of a lower level; never up,
 # never sideways. Keep in step with docs/ARCHITECTURE.md.
 LEVELS: list[tuple[str, ...]] = [
-    ("picochat", "picochat.config", "picochat.common", "picochat.options"),
+    ("picochat", "picochat.config"),
+    ("picochat.common", "picochat.options"),
     # infer.tools is the calculator: pure Python, imports nothing; data renders tool outputs with it
     ("picochat.recipes", "picochat.tokenizer", "picochat.model", "picochat.infer.tools"),
     ("picochat.runs",),

@@ -91,8 +91,8 @@ def test_open_source_default_and_iter_texts():
     assert isinstance(open_source(cfg), EmbeddedSource)
     texts = list(iter_texts(cfg))
     assert len(texts) == 198 and texts == generate_documents(200, 9)[:198]
-    with pytest.raises(ValueError, match="unknown data source"):
-        open_source(DataConfig(source="nope"))
+    with pytest.raises(ValueError, match=r"source \(--source\) must be one of embedded, files, shards"):
+        open_source(DataConfig(source="nope"))  # the config itself refuses it
 
 
 # -- local files -------------------------------------------------------------------------------------
@@ -213,11 +213,15 @@ def test_shard_source_uses_last_shard_as_val(tmp_path):
         sources.ShardSource(DataConfig(source="shards", num_shards=5), download=False)
 
 
-def test_cli_config_from_args():
+def test_cli_config_from_args(tmp_path, monkeypatch):
     import argparse
 
     from picochat.data.cli import add_source_args, data_config_from_args
 
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.txt").write_text("a")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "x.jsonl").write_text('{"body": "x"}\n')
     p = argparse.ArgumentParser()
     add_source_args(p)
     cfg = data_config_from_args(p.parse_args([]))
@@ -228,3 +232,5 @@ def test_cli_config_from_args():
     assert (cfg.source, cfg.num_shards, cfg.shard_url) == ("shards", 4, "http://x")
     with pytest.raises(ValueError, match="--paths"):
         data_config_from_args(p.parse_args(["--source", "embedded", "--paths", "a.txt"]))
+    with pytest.raises(ValueError, match=r"\(--paths\) must be existing files or globs that match files"):
+        data_config_from_args(p.parse_args(["--paths", "a.txt", "nope*.txt"]))

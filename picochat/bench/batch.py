@@ -182,13 +182,14 @@ def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_r
                     seq_len: int = 2048, serial_requests: int = 16, seed: int = 0, sync_every: int | None = None,
                     kernels: str = "auto", prefill_budget: int | None = None,
                     compile: bool | str = False) -> list[dict]:
+    from ..common import compute_dtype
     from ..config import ModelConfig
     from ..infer.scheduler import Scheduler, SchedulerConfig
     from ..model.gpt import build_model
 
     device = torch.device(device)
     cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = compute_dtype(device)
     cfg = ModelConfig.from_depth(depth, vocab_size=vocab_size, seq_len=seq_len)
     model = build_model(cfg, device, seed=seed).to(dtype).eval()
     top = max(list(concurrency) + [1])

@@ -26,7 +26,6 @@ Batch fields (CPU tensors moved to `device`):
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -35,6 +34,7 @@ import torch
 
 from picochat.common import log
 
+from .packing import BestFitPool
 from .tasks.base import Conversation, Task
 
 IGNORE = -1  # target value for positions without loss
@@ -156,10 +156,7 @@ class SFTBatcher:
         self._source: Iterator[Conversation] | None = None
 
     def _reset_buffer(self) -> None:
-        # pending conversations: seq -> (ids, mask); `_keys` sorted (length, seq) for best-fit lookup
-        self._docs: dict[int, tuple[list[int], list[int]]] = {}
-        self._keys: list[tuple[int, int]] = []
-        self._next_seq = 0
+        self._pool = BestFitPool()  # pending conversations (ids, mask) for best-fit packing
 
     # -- filling the buffer ---------------------------------------------------------------------------
     def _render(self, conv: Conversation) -> tuple[list[int], list[int]]:
@@ -182,30 +179,20 @@ class SFTBatcher:
         if conv is None:
             return False
         ids, mask = self._render(conv)
-        seq = self._next_seq
-        self._next_seq += 1
-        self._docs[seq] = (ids, mask)
-        bisect.insort(self._keys, (len(ids), seq))
+        self._pool.add((ids, mask), len(ids))
         return True
 
     def _take(self, max_len: int) -> tuple[list[int], list[int]] | None:
-        """Remove and return the longest pending conversation of at most `max_len` tokens (the
-        earliest one among equals), or None."""
-        j = bisect.bisect_right(self._keys, (max_len, float("inf"))) - 1
-        if j < 0:
-            return None
-        length = self._keys[j][0]
-        j = bisect.bisect_left(self._keys, (length, -1))  # earliest arrival of that length
-        _, seq = self._keys.pop(j)
-        return self._docs.pop(seq)
+        """The longest pending conversation of at most `max_len` tokens (earliest among equals), or None."""
+        return self._pool.take_fitting(max_len)
 
     # -- rows and batches --------------------------------------------------------------------------------
     def _row(self) -> list[tuple[list[int], list[int]]] | None:
         """The conversations of the next row, or None when no data is left."""
         want = self.buffer_size if self.mode == "packed" else 1
-        while len(self._keys) < want and self._pull():
+        while len(self._pool) < want and self._pull():
             pass
-        if not self._keys:
+        if not len(self._pool):
             return None
         if self.mode == "padded":
             return [self._take(self.capacity)]
@@ -270,8 +257,8 @@ class SFTBatcher:
         return c
 
     def state_dict(self) -> dict[str, Any]:
-        pending = [(seq, *self._docs[seq]) for _, seq in self._keys]
-        return {"mixture": self.mixture.state_dict(), "pending": pending, "next_seq": self._next_seq,
+        pending = [(seq, ids, mask) for seq, _, (ids, mask) in self._pool.pending()]
+        return {"mixture": self.mixture.state_dict(), "pending": pending, "next_seq": self._pool.next_seq,
                 "counts": dict(self._counts), "mode": self.mode, "shape": [self.B, self.T],
                 "buffer_size": self.buffer_size}
 
@@ -283,9 +270,8 @@ class SFTBatcher:
         self._source = None  # a fresh iterator starts at the restored mixture position
         self._reset_buffer()
         for seq, ids, mask in state["pending"]:
-            self._docs[int(seq)] = (list(ids), list(mask))
-            bisect.insort(self._keys, (len(ids), int(seq)))
-        self._next_seq = int(state["next_seq"])
+            self._pool.add((list(ids), list(mask)), len(ids), seq=int(seq))
+        self._pool.next_seq = int(state["next_seq"])
         self.buffer_size = int(state.get("buffer_size", self.buffer_size))
         self._counts.update(state["counts"])
 

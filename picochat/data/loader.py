@@ -20,7 +20,6 @@ Data flow inside one `PretrainLoader`:
 
 from __future__ import annotations
 
-import bisect
 import queue
 import threading
 import time
@@ -31,11 +30,8 @@ import numpy as np
 import torch
 
 from ..common import log
+from .packing import BestFitPool
 
-# Pool keys pack (length, arrival sequence number) into one int: sorting by key sorts by length and
-# breaks ties by arrival, deterministically, with cheap int comparisons in `bisect`.
-_SEQ_BITS = 40
-_SEQ_MASK = (1 << _SEQ_BITS) - 1
 _STATE_VERSION = 1
 
 
@@ -171,9 +167,7 @@ class PretrainLoader:
     # -- state -----------------------------------------------------------------------------------
     def _reset(self, next_chunk: int) -> None:
         self._next_chunk = next_chunk  # the packer's position: next source chunk index it will pull
-        self._keys: list[int] = []  # sorted pool keys (length << 40 | seq)
-        self._docs: dict[int, np.ndarray] = {}  # seq -> tokens
-        self._seq = 0
+        self._pool = BestFitPool()  # documents (token arrays) waiting for a row
         self._exhausted = False
         self._failure: BaseException | None = None
         self.batches = 0
@@ -185,11 +179,11 @@ class PretrainLoader:
 
     def state_dict(self) -> dict:
         """Plain data (ints + int32 tensors): resumes exactly at the next batch."""
-        seqs = [k & _SEQ_MASK for k in self._keys]
-        lengths = [k >> _SEQ_BITS for k in self._keys]
-        flat = np.concatenate([self._docs[s] for s in seqs]) if seqs else np.zeros(0, np.int32)
+        pending = list(self._pool.pending())
+        seqs, lengths = [p[0] for p in pending], [p[1] for p in pending]
+        flat = np.concatenate([p[2] for p in pending]) if pending else np.zeros(0, np.int32)
         return {
-            "version": _STATE_VERSION, "next_chunk": self._next_chunk, "seq": self._seq,
+            "version": _STATE_VERSION, "next_chunk": self._next_chunk, "seq": self._pool.next_seq,
             "rank": self.rank, "world_size": self.world_size, "split": self.split,
             "batch_size": self.batch_size, "seq_len": self.seq_len, "batches": self.batches,
             "pool_seqs": torch.tensor(seqs, dtype=torch.int64),
@@ -215,14 +209,13 @@ class PretrainLoader:
                                  f"this loader has {getattr(self, key)!r}")
         self._stop_prefetch()
         self._reset(int(state["next_chunk"]))
-        self._seq, self.batches = int(state["seq"]), int(state["batches"])
+        self._pool.clear(next_seq=int(state["seq"]))
+        self.batches = int(state["batches"])
         flat = state["pool_tokens"].numpy().astype(np.int32, copy=False)
         offset = 0
         for seq, length in zip(state["pool_seqs"].tolist(), state["pool_lengths"].tolist()):
-            self._docs[seq] = flat[offset:offset + length]
-            self._keys.append((length << _SEQ_BITS) | seq)
+            self._pool.add(flat[offset:offset + length], length, seq=seq)
             offset += length
-        self._keys.sort()
         stats = state["stats"]
         self.tokens_in, self.tokens_emitted = stats["tokens_in"], stats["tokens_emitted"]
         self.tokens_cropped, self.docs_in = stats["tokens_cropped"], stats["docs_in"]
@@ -231,7 +224,7 @@ class PretrainLoader:
     @property
     def stats(self) -> dict:
         """Counters; exactly: tokens_in == emitted + cropped + dropped + pooled."""
-        pooled = sum(k >> _SEQ_BITS for k in self._keys)
+        pooled = self._pool.total_length()
         return {"batches": self.batches, "docs_in": self.docs_in, "tokens_in": self.tokens_in,
                 "tokens_emitted": self.tokens_emitted, "tokens_cropped": self.tokens_cropped,
                 "tokens_dropped": self.tokens_dropped, "tokens_pooled": pooled,
@@ -272,35 +265,25 @@ class PretrainLoader:
                 # No row can hold it and rows must start at a document start: keep its first row.
                 self.tokens_cropped += len(doc) - self.row_len
                 doc = doc[:self.row_len]
-            self._docs[self._seq] = doc
-            bisect.insort(self._keys, (len(doc) << _SEQ_BITS) | self._seq)
-            self._seq += 1
+            self._pool.add(doc, len(doc))
         return True
-
-    def _take(self, index: int) -> np.ndarray:
-        key = self._keys.pop(index)
-        return self._docs.pop(key & _SEQ_MASK)
 
     def _fill_row(self, row: np.ndarray) -> int:
         """Best-fit pack one row in place; returns tokens placed (< row length: the source ran dry)."""
-        pos, n = 0, self.row_len
-        keys = self._keys
+        pos, n, pool = 0, self.row_len, self._pool
         while pos < n:
-            while len(keys) < self.pool_docs and self._pull_chunk():
+            while len(pool) < self.pool_docs and self._pull_chunk():
                 pass
-            if not keys:
+            if not len(pool):
                 return pos
             room = n - pos
-            i = bisect.bisect_right(keys, (room << _SEQ_BITS) | _SEQ_MASK) - 1
-            if i >= 0:
-                # Largest document that fits; among equal lengths the oldest (no starvation).
-                i = bisect.bisect_left(keys, (keys[i] >> _SEQ_BITS) << _SEQ_BITS)
-                doc = self._take(i)
+            doc = pool.take_fitting(room)  # largest that fits; among equal lengths the oldest
+            if doc is not None:
                 row[pos:pos + len(doc)] = doc
                 pos += len(doc)
             else:
                 # Nothing fits: crop the shortest document to close the row exactly.
-                doc = self._take(0)
+                doc = pool.take_shortest()
                 row[pos:] = doc[:room]
                 self.tokens_cropped += len(doc) - room
                 pos = n

@@ -14,7 +14,7 @@ import sys
 import time
 from typing import TextIO
 
-from ..options import add_run_arg
+from ..options import add_config_options, add_run_arg, config_from_args
 from ..config import SamplingConfig
 from ..runs import CHAT_STAGE_PREFERENCE
 
@@ -29,18 +29,13 @@ MIN_REPLY_TOKENS = 16  # below this a reply is not worth starting: report the ov
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    defaults = SamplingConfig()
     p = sub.add_parser("chat", help="chat with a trained model (interactive, or one answer with -p)")
     add_run_arg(p)
     p.add_argument("--stage", choices=CHAT_STAGE_PREFERENCE, default=None,
                    help=f"checkpoint stage (default: the latest of {', then '.join(CHAT_STAGE_PREFERENCE)})")
     p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
-    p.add_argument("--temperature", type=float, default=defaults.temperature)
-    p.add_argument("--top-k", type=int, default=defaults.top_k, help="0 = no filtering")
-    p.add_argument("--top-p", type=float, default=defaults.top_p)
-    p.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="most tokens per reply")
-    p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--device", default="auto")
+    add_config_options(p, SamplingConfig, title="sampling")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--mode", choices=["naive", "eager", "fast"], default=None,
                    help="decode path (default: fast on CUDA, eager elsewhere)")
     p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
@@ -183,6 +178,8 @@ def run(args: argparse.Namespace) -> int:
     from ..runs import load_model
     from .scheduler import ContextOverflowError, Scheduler, SchedulerConfig
 
+    sampling = config_from_args(args, SamplingConfig)  # bad values stop here, before the model loads
+    sampling.top_k = sampling.top_k or None
     device = detect_device(args.device)
     model, tokenizer, meta = load_model(args.run, args.stage, device)
     stage = meta.get("stage", args.stage or "?")
@@ -192,8 +189,6 @@ def run(args: argparse.Namespace) -> int:
     engine = Scheduler(model, tokenizer, SchedulerConfig(
         slots=1, mode=args.mode, compile=args.compile,
         kernels=args.kernels if (args.mode or "fast") == "fast" else "auto"))
-    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
-                              max_tokens=args.max_tokens, seed=args.seed)
     session = ChatSession(engine, tokenizer, sampling)
     if args.prompt is not None:
         session.reply(args.prompt)  # a ContextOverflowError reaches the CLI's error report (exit 1)

@@ -18,7 +18,9 @@ KERNELS = ("auto", "torch", "triton")
 
 def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     if name is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        from ..common import compute_dtype
+
+        return compute_dtype(device)
     if isinstance(name, torch.dtype):
         return name
     dtype = getattr(torch, str(name), None)

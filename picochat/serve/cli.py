@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import sys
 import threading
 
 from ..options import add_run_arg
@@ -80,6 +81,9 @@ def run(args: argparse.Namespace) -> int:
     loaded: dict = {}
     loader = threading.Thread(target=_load, args=(app, args, config, loaded), name="picochat-load", daemon=True)
     loader.start()
+    if args.host not in ("127.0.0.1", "::1", "localhost") and not args.api_key:
+        print(f"warning: listening on {args.host} without --api-key: anyone who can reach this port can use "
+              "the model", file=sys.stderr)
     shown = "localhost" if args.host in ("127.0.0.1", "::1") else args.host
     print(f"picochat serve · run {args.run} · {stage} ({checkpoint.name}) · http://{shown}:{args.port}/ "
           f"(chat page; API at /v1, health at /health, metrics at /metrics)", flush=True)
@@ -102,6 +106,12 @@ def _load(app, args: argparse.Namespace, config, loaded: dict) -> None:
 
     try:
         device = detect_device(args.device)
+        if device.type == "cpu":
+            # Leave a core to the HTTP event loop: with every core in torch's pool, a pool worker
+            # pre-empted by the loop stalls each op's barrier, and decoding slows down many times over.
+            import torch
+
+            torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 2) - 1)))
         model, tokenizer, meta = load_model(args.run, args.stage, device, args.step)
         sched_config = SchedulerConfig(slots=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
                                        mode=args.mode, kernels=args.kernels, compile=args.compile)

@@ -26,8 +26,9 @@ from typing import Any
 import torch
 
 from ..common import DistInfo, log
-from ..config import ChatDataConfig, ModelConfig, TrainConfig
-from ..recipes import RECIPES, recipe_for_command, scale_lr
+from ..config import ChatDataConfig, ModelConfig, TrainConfig, check_number
+from ..options import add_config_options, config_from_args
+from ..recipes import CHAT_FINETUNE, RECIPES, recipe_for_command, scale_lr
 from ..runs import STAGES, RunPaths
 from .cli import add_train_args, train_config_from_args
 # ChatDataConfig (in config) and scale_lr (in recipes) are imported here too for callers of this module
@@ -241,24 +242,11 @@ def chat_train(cfg: TrainConfig, data: ChatDataConfig, start_from: tuple[str, ..
 
 
 def add_chat_data_args(p: argparse.ArgumentParser) -> None:
-    d = ChatDataConfig()
-    p.add_argument("--mode", choices=("packed", "padded"), default=d.mode,
-                   help="packed: whole conversations best-fit packed per row, document-masked (default); "
-                        "padded: one conversation per row (the seed's method, a benchmark baseline)")
-    p.add_argument("--epochs", type=float, default=d.epochs, help="passes over the mixture when --num-steps is -1")
-    p.add_argument("--synthetic-size", type=int, default=d.synthetic_size,
-                   help="conversations of the offline synthetic tasks per epoch")
-    p.add_argument("--synthetic-weight", type=float, default=d.synthetic_weight, help="0 leaves them out")
-    for name in ("smoltalk", "mmlu", "gsm8k"):
-        p.add_argument(f"--{name}", metavar="PATH_OR_URL", help=f"add {name} (parquet/jsonl file, folder or URL)")
-        p.add_argument(f"--{name}-weight", type=float, default=1.0, help=f"copies of each {name} item per epoch")
-    p.add_argument("--buffer-size", type=int, default=None, help="pending conversations for best-fit packing")
-    p.add_argument("--val-size", type=int, default=d.val_size, help="held-out synthetic conversations for val bpb")
-    p.add_argument("--data-seed", type=int, default=d.seed, help="seed of the mixture's shuffle and synthetic tasks")
+    add_config_options(p, ChatDataConfig, title="chat data")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    for stage in ("mid", "sft"):
+    for stage in CHAT_FINETUNE:
         recipe = RECIPES[stage]
         prefer = STAGES[stage].starts_from
         p = sub.add_parser(recipe.command, help=recipe.summary,
@@ -268,25 +256,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         add_train_args(p, recipe.train)
         add_chat_data_args(p)
         p.add_argument("--init-lr-frac", type=float, default=recipe.lr_frac,
-                       help="scale every learning rate by this (SFT refines gently)")
+                       help=f"scale every learning rate by this (default: {recipe.lr_frac:g})")
         p.set_defaults(func=cmd_chat_train, command_name=recipe.command)
 
 
 def chat_data_config_from_args(args: argparse.Namespace) -> ChatDataConfig:
-    return ChatDataConfig(mode=args.mode, epochs=args.epochs, synthetic_size=args.synthetic_size,
-                          synthetic_weight=args.synthetic_weight, smoltalk=args.smoltalk,
-                          smoltalk_weight=args.smoltalk_weight, mmlu=args.mmlu, mmlu_weight=args.mmlu_weight,
-                          gsm8k=args.gsm8k, gsm8k_weight=args.gsm8k_weight, buffer_size=args.buffer_size,
-                          val_size=args.val_size, seed=args.data_seed)
+    return config_from_args(args, ChatDataConfig)
 
 
 def cmd_chat_train(args: argparse.Namespace) -> int:
     from ..common import cleanup_distributed
 
     stage = recipe_for_command(args.command_name).stage
+    check_number("init_lr_frac", args.init_lr_frac, above=0, hi=100, is_int=False)
     cfg = scale_lr(train_config_from_args(args, stage), args.init_lr_frac)
+    data = chat_data_config_from_args(args)
     try:
-        chat_train(cfg, chat_data_config_from_args(args))
+        chat_train(cfg, data)
     finally:
         cleanup_distributed()
     return 0

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 
 from ..common import log
+from ..config import check_fields, opt
+from .core_bundle import BASELINE_SOURCES
 
 DEFAULT_CHAT_TASKS = "arc-easy,arc-challenge,mmlu,gsm8k,humaneval"
 
@@ -36,21 +39,32 @@ def _load(run: str, stage: str | None, device: str, compile_model: bool = False)
     return model, tokenizer, meta, dev
 
 
-def run_core(run: str, stage: str = "base", bundle: str | None = None, max_per_task: int | None = None,
-             baselines: str = "corrected", device: str = "auto", mode: str = "batched", compile_model: bool = True,
-             progress: bool = True, write: bool = True) -> dict:
+@dataclass(frozen=True)
+class CoreEvalConfig:
+    bundle: str | None = opt(None, "eval bundle: URL (.zip), local .zip or folder (default: nanochat's eval_bundle.zip)")
+    max_per_task: int | None = opt(None, "items per task (default: all)", lo=1)
+    baselines: str = opt("corrected", "random baselines: DCLM's corrected values or the bundle's own csv",
+                         choices=BASELINE_SOURCES)
+    mode: str = opt("batched", "eager: one item per forward, the baseline the benchmark compares with",
+                    choices=("batched", "eager"))
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+def run_core(run: str, stage: str = "base", cfg: CoreEvalConfig | None = None, device: str = "auto",
+             compile_model: bool = True, progress: bool = True, write: bool = True) -> dict:
     """CORE of a run's checkpoint; writes `results/core_<stage>.json`."""
     from ..runs import write_result
     from .core import evaluate_core
     from .core_bundle import DEFAULT_BUNDLE_URL, load_tasks, open_bundle
 
-    if max_per_task is not None and max_per_task < 1:
-        raise ValueError(f"--max-per-task must be >= 1, got {max_per_task}")
-    root = open_bundle(bundle)
-    tasks = load_tasks(root, baselines)
-    model, tokenizer, meta, dev = _load(run, stage, device, compile_model and mode == "batched")
-    result = evaluate_core(model, tokenizer, tasks, max_per_task, mode, progress)
-    result.update(_checkpoint_fields(meta), bundle=str(bundle or DEFAULT_BUNDLE_URL), baselines=baselines,
+    cfg = cfg or CoreEvalConfig()
+    root = open_bundle(cfg.bundle)
+    tasks = load_tasks(root, cfg.baselines)
+    model, tokenizer, meta, dev = _load(run, stage, device, compile_model and cfg.mode == "batched")
+    result = evaluate_core(model, tokenizer, tasks, cfg.max_per_task, cfg.mode, progress)
+    result.update(_checkpoint_fields(meta), bundle=str(cfg.bundle or DEFAULT_BUNDLE_URL), baselines=cfg.baselines,
                   device=str(dev))
     if write:
         write_result(run, f"core_{meta['stage']}", result)
@@ -111,13 +125,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b = esub.add_parser("base", help="CORE: the DCLM in-context tasks, centered accuracy")
     add_run_arg(b)
     b.add_argument("--stage", default="base", help="checkpoint stage to score (default: base)")
-    b.add_argument("--bundle", default=None, help="eval bundle: URL (.zip), local .zip or folder "
-                                                  "(default: nanochat's eval_bundle.zip)")
-    b.add_argument("--max-per-task", type=int, default=None, help="items per task (default: all)")
-    b.add_argument("--baselines", choices=("corrected", "bundle"), default="corrected",
-                   help="random baselines: DCLM's corrected values (default) or the bundle's own csv")
-    b.add_argument("--mode", choices=("batched", "eager"), default="batched",
-                   help="eager: one item per forward, the baseline the benchmark compares with")
+    add_config_options(b, CoreEvalConfig)
     b.add_argument("--device", default="auto")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=cmd_eval_base)
@@ -137,7 +145,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval_base(args: argparse.Namespace) -> int:
-    result = run_core(args.run, args.stage, args.bundle, args.max_per_task, args.baselines, args.device, args.mode,
+    from ..options import config_from_args
+
+    result = run_core(args.run, args.stage, config_from_args(args, CoreEvalConfig), args.device,
                       progress=not args.no_progress)
     print(format_core_table(result))
     print(f"CORE {result['core']:.4f} ({result['baselines']} baselines) in {result['seconds']:.1f}s")

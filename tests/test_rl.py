@@ -168,6 +168,10 @@ def test_cli_errors_are_one_line(home, tiny_run) -> None:
     assert proc.returncode == 1 and "needs an SFT checkpoint" in proc.stderr and "Traceback" not in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "picochat", "rl", "--run", tiny_run, "--task", "chess"],
                           env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "RLConfig.task must be one of" in proc.stderr
-    with pytest.raises(ValueError, match="RLConfig.temperature"):
+    assert proc.returncode == 2 and "invalid choice: 'chess'" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "picochat", "rl", "--run", tiny_run, "--temperature", "0"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode in (1, 2) and "--temperature must be a number > 0" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    with pytest.raises(ValueError, match=r"RLConfig.temperature \(--temperature\)"):
         RLConfig(temperature=0)

@@ -45,6 +45,14 @@ def picochat_home() -> Path:
     return Path(os.environ.get("PICOCHAT_HOME", Path.home() / ".cache" / "picochat")).expanduser()
 
 
+def use_compile_cache() -> Path:
+    """Keep torch.compile's caches (inductor's FX graphs, AOT autograd results, Triton kernels) under
+    $PICOCHAT_HOME/compile_cache instead of /tmp, so they outlive a reboot and the second run of the same
+    shapes is warm (the batch-size finder compiles three shapes). A directory the user set wins."""
+    path = Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(picochat_home() / "compile_cache")))
+    return path
+
+
 def downloads_dir() -> Path:
     return picochat_home() / "downloads"
 

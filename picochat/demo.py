@@ -1,7 +1,7 @@
 """`picochat demo`: the whole pipeline on the embedded offline corpus, in minutes on a CPU.
 
 tokenizer → sample batches → pretraining (loss curve, samples) → midtraining + SFT on the synthetic
-chat tasks → accuracy against a trivial baseline → a few chat answers. Every stage is the real one
+chat tasks → (with --rl-steps, RL on arithmetic) → accuracy against a trivial baseline → a few chat answers. Every stage is the real one
 (the same commands a user runs), only with tiny sizes.
 """
 
@@ -22,6 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_run_arg(p)
     p.set_defaults(run="demo")
     add_config_options(p, DemoSizes, DEMO)
+    p.add_argument("--rl-steps", type=int, default=0,
+                   help="steps of RL on the synthetic arithmetic task after SFT (default: 0, none)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--quick", action="store_true",
                    help=f"a much smaller run (seconds), for smoke tests: depth {DEMO_QUICK.depth}, "
@@ -82,10 +84,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"{stage}: {stage_cfg.num_steps} steps, final loss {result['final_loss']:.3f}, "
               f"padding {100 * result.get('padding_frac', 0):.1f}% of positions")
 
+    last = "sft"
+    if args.rl_steps > 0:
+        _banner("3+/5  reinforcement learning on arithmetic (calculator rollouts, group advantages)")
+        last = _rl(run, args.rl_steps, args.device)
+
     _banner("4/5  accuracy on held-out synthetic questions (greedy) vs a trivial baseline")
     from .eval.chat_eval import DEFAULT_TASKS, evaluate_run, format_table
 
-    rows = evaluate_run(run, "sft", DEFAULT_TASKS, max_examples=sizes.eval_examples, device=args.device)
+    rows = evaluate_run(run, last, DEFAULT_TASKS, max_examples=sizes.eval_examples, device=args.device)
     print(format_table(rows))
     print("(trivial = the best single constant answer, chosen with hindsight on the same questions)")
 
@@ -96,7 +103,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .infer.engine import Engine
     from .runs import load_model
 
-    model, tok, _ = load_model(run, "sft", detect_device(args.device))
+    model, tok, _ = load_model(run, last, detect_device(args.device))
     session = ChatSession(Engine(model, tok), tok, SamplingConfig(temperature=0.0, max_tokens=64))
     for question in ("Who are you?", "What is 23 plus 19?", "Spell the word garden.",
                      "What is the capital of France?"):
@@ -110,6 +117,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"Or serve it (API + chat page): picochat serve --run {run}   then open http://127.0.0.1:8000/")
     print(f"report card: {report}")
     return 0
+
+
+def _rl(run: str, steps: int, device: str) -> str:
+    """A short RL stage at demo sizes; returns the stage to evaluate and chat with."""
+    from .config import RLConfig
+    from .train.rl import rl_train
+
+    cfg = RLConfig(run=run, num_steps=steps, prompts_per_step=8, samples_per_prompt=8, max_new_tokens=96,
+                   eval_prompts=32, eval_samples=4, eval_every=0, save_every=0, lr_frac=0.2, device=device)
+    r = rl_train(cfg)
+    print(f"rl: {steps} steps, held-out pass@1 {r['first_eval']['pass@1']:.2f} → {r['final_eval']['pass@1']:.2f}, "
+          f"pass@4 {r['first_eval']['pass@4']:.2f} → {r['final_eval']['pass@4']:.2f}")
+    return "rl"
 
 
 def _show_batches(run: str, data, seq_len: int) -> None:

@@ -375,3 +375,23 @@ def test_ranks_agree_without_hanging(tmp_path, world):
         assert o["cached"] == [8, True]
         assert o["oom"] == 4
         assert o["error"] == ("ValueError" if r == 0 else "RuntimeError")
+
+
+def test_trainer_marks_the_chosen_size_bad_after_an_oom_in_training(home):
+    """An OOM in training at the finder's size marks its cache entry, so the next search goes below it."""
+    from picochat.config import TrainConfig
+    from picochat.train.autobatch_cache import default_cache_path, load_cache
+    from picochat.train.loop import Trainer
+
+    sim = SimMemory(fixed=100, per_sample=10, total=100 + 10 * 40)
+    first = _find(sim, 4, 4 * 128, 1, use_cache=True, cache_key={"depth": 2})
+    assert first.device_batch_size == 32
+    trainer = Trainer(TrainConfig(run="oom"), ModelConfig.from_depth(1), None, make_batches=None)
+    trainer.autobatch_key = first.cache_key
+    trainer._mark_batch_bad_on_oom(ValueError("not memory"), 32)  # other errors leave the cache alone
+    assert not load_cache(default_cache_path())["entries"][first.cache_key].get("bad")
+    trainer._mark_batch_bad_on_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"), 32)
+    assert load_cache(default_cache_path())["entries"][first.cache_key]["bad_sizes"] == [32]
+    again = _find(SimMemory(sim.fixed, sim.per_sample, sim.total), 4, 4 * 128, 1, use_cache=True,
+                  cache_key={"depth": 2})
+    assert not again.cache_hit and again.device_batch_size == 16

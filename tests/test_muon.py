@@ -137,8 +137,13 @@ def _sharded_worker(rank: int, world: int, port: int, out: str) -> None:
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
         params = _params()
-        _run(Muon(params, lr=0.02, weight_decay=0.1), params, range(3))
+        opt = Muon(params, lr=0.02, weight_decay=0.1)
+        _run(opt, params, range(3))
         torch.save([p.detach() for p in params], f"{out}.{rank}")
+        if rank == 0:  # a probe step on one rank alone (the other "ran out of memory"): no collective, no hang
+            with opt.collectives_off():
+                _run(opt, params, range(3, 4))
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 

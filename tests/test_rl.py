@@ -41,12 +41,14 @@ def _sft_home(tmp_path_factory, _tiny_tokenizer_dir) -> Path:
     torch.set_num_threads(1)  # a model this small gains nothing from a second thread, and loses a lot on a busy box
     try:
         tok = Tokenizer.load(home / "runs" / "arith" / "tokenizer")
-        lr = 2.0  # a from-scratch fine-tune: twice the reference rates gets there in SFT_STEPS steps
+        # a from-scratch fine-tune: twice the reference rates gets there in SFT_STEPS steps (calibrated
+        # with torch.optim.Muon, kept here so the starting model does not move with the house Muon)
+        lr = 2.0
         cfg = TrainConfig(run="arith", stage="sft", depth=2, seq_len=128, device_batch_size=16,
                           total_batch_tokens=16 * 128, num_steps=SFT_STEPS, eval_every=0, sample_every=0,
                           save_every=0, device="cpu", compile=False, seed=0,
                           optim=OptimConfig(matrix_lr=0.02 * lr, embedding_lr=0.2 * lr, unembedding_lr=0.004 * lr,
-                                            warmdown_frac=0.3))
+                                            warmdown_frac=0.3, muon_impl="torch"))
         model_cfg = ModelConfig.from_depth(2, vocab_size=tok.vocab_size, seq_len=128)
         make = make_chat_batches([ArithmeticTask("train", size=5000, seed=0)], [1.0], tok, ChatDataConfig(), 128)
         Trainer(cfg, model_cfg, tok, make).train()
@@ -81,6 +83,41 @@ def _losses(home: Path, run: str) -> dict[int, dict]:
         rec = json.loads(line)
         out[rec["step"]] = rec
     return out
+
+
+def test_rl_raises_held_out_reward(home, arith_run) -> None:
+    """The learning signal: 30 RL steps (16 prompts x 8 samples) raise pass@1 on 48 held-out
+    arithmetic prompts (4 samples each) by at least 0.10, fixed seed (measured: 0.27 -> 0.46).
+
+    Rollouts and evaluation sample at temperature 1.5, not 1.0. Why: at 1.0 this depth-2 model's
+    misses are mostly what it cannot yet do (copying 6-digit numbers), and a few dozen steps on 2
+    cores moved pass@1 by only +0.02..+0.08 (measured over several learning rates), too close to the
+    noise of a held-out set a test can afford. At 1.5 most misses are its own sampling noise, which
+    RL removes fast by sharpening the policy: the same reward, checker and update, a signal that
+    shows within a test's budget. The log-probabilities are those of the tempered distribution."""
+    from picochat.train.rl import rl_train
+
+    cfg = RLConfig(run=arith_run, num_steps=30, prompts_per_step=16, samples_per_prompt=8, max_new_tokens=80,
+                   temperature=1.5, eval_temperature=1.5, std_normalize=True, lr_frac=0.4, device_batch_size=32,
+                   eval_prompts=48, eval_samples=4, eval_every=0, save_every=0, device="cpu", seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = rl_train(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    before, after = result["first_eval"]["pass@1"], result["final_eval"]["pass@1"]
+    assert after >= before + 0.10, f"pass@1 {before:.3f} -> {after:.3f}"
+    assert result["final_eval"]["pass@4"] >= after
+    # the stage's files: a checkpoint load_model finds first, the logs, and the report card's result
+    _, _, meta = runs.load_model(arith_run)
+    assert meta["stage"] == "rl" and meta["step"] == 30
+    written = runs.read_results(arith_run)["rl"]
+    assert written["pass@1 after"] == after and written["pass@1 before"] == before and written["steps"] == 30
+    logged = _losses(home, arith_run)
+    assert sorted(logged) == list(range(30))
+    assert all(0 < r["sampled_tokens"] <= r["completion_tokens"] for r in logged.values())
+    assert sum(r["groups_with_signal"] for r in logged.values()) > 0
 
 
 def test_sigkill_then_resume_gives_identical_losses(home, arith_run) -> None:

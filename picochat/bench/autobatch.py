@@ -65,6 +65,10 @@ class _Bench:
         self.optimizers = build_optimizers(self.model, OptimConfig(), device)
         # dynamic=False as in training: each batch shape is its own static graph, so the size the
         # finder verifies is compiled exactly as training will run it.
+        if args.compile:
+            from ..common import use_compile_cache
+
+            use_compile_cache()  # as training does: a second run of the benchmark finds its graphs compiled
         self.train_model = torch.compile(self.model, dynamic=False) if args.compile else self.model
         self.gen = torch.Generator(device=device).manual_seed(0)
 

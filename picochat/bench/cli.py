@@ -14,6 +14,7 @@ PROVIDERS = (
     ("picochat.bench.tiles", "add_tiles_parser"),
     ("picochat.bench.sft", "add_sft_parser"),
     ("picochat.bench.autobatch", "add_autobatch_parser"),
+    ("picochat.bench.muon", "add_muon_parser"),
     ("picochat.bench.report", "add_report_parser"),
     ("picochat.bench.rl", "add_rl_parser"),
     ("picochat.bench.serve", "add_serve_parser"),

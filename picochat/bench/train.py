@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
 import torch
 
@@ -20,10 +21,15 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--vocab-size", type=int, default=32768)
     p.add_argument("--steps", type=int, default=30, help="measured steps (after warm-up)")
-    p.add_argument("--warmup", type=int, default=8, help="steps left out of the figures (compile, autotune)")
+    p.add_argument("--warmup", type=int, default=8,
+                   help="steps left out of the figures (compile, autotune); at least 1 for the CPU-time figure")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--device", default="auto")
+    p.add_argument("--muon", default="picochat",
+                   help="comma list: picochat (train/muon.py) and/or torch (torch.optim.Muon, the baseline)")
+    p.add_argument("--sdpa", default="default",
+                   help="comma list of attention backends to force: default, cudnn, flash, efficient")
     p.add_argument("--profile", action="store_true",
                    help="after measuring, profile 3 steps and print the top CUDA kernels (where time goes)")
     p.add_argument("--append", help="append JSON records to this file (e.g. docs/benchmarks/results.jsonl)")
@@ -48,11 +54,27 @@ class RandomTokens:
         pass
 
 
+SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
+
+
+def sdpa_backend(name: str):
+    """A context forcing one SDPA backend (compiled graphs trace under it), or nothing for 'default'."""
+    import contextlib
+
+    if name == "default":
+        return contextlib.nullcontext()
+    if name not in SDPA_BACKENDS:
+        raise ValueError(f"--sdpa: unknown backend {name!r}; choose from default, {', '.join(SDPA_BACKENDS)}")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, SDPA_BACKENDS[name])])
+
+
 def measure_train(depth: int, device_batch_size: int | str, seq_len: int, vocab_size: int, steps: int,
                   warmup: int, grad_accum: int = 1, compile: bool | None = None, device: str = "auto",
-                  profile: bool = False) -> dict:
+                  profile: bool = False, muon: str = "picochat", sdpa: str = "default") -> dict:
     from ..common import detect_device
-    from ..config import ModelConfig, TrainConfig
+    from ..config import ModelConfig, OptimConfig, TrainConfig
     from ..train.loop import Trainer
 
     dev = detect_device(device)
@@ -62,11 +84,17 @@ def measure_train(depth: int, device_batch_size: int | str, seq_len: int, vocab_
     total = dbs * seq_len * grad_accum if isinstance(dbs, int) else 256 * seq_len
     cfg = TrainConfig(run="bench", depth=depth, seq_len=seq_len, device_batch_size=dbs, total_batch_tokens=total,
                       num_steps=warmup + steps, eval_every=0, sample_every=0, save_every=-1, compile=compile,
-                      device=device)
-    stats = []
+                      device=device, optim=OptimConfig(muon_impl=muon))
+    stats, cpu_marks = [], []  # CPU seconds used by this process (all threads) at the end of each step
+
+    def on_step(s, t):
+        stats.append(s)
+        cpu_marks.append(time.process_time())
+
     trainer = Trainer(cfg, model_cfg, None, lambda B, dist, d: RandomTokens(B, seq_len, vocab_size, d),
-                      on_step=lambda s, t: stats.append(s))
-    result = trainer.train()
+                      on_step=on_step)
+    with sdpa_backend(sdpa):
+        result = trainer.train()
     timed = stats[warmup:]
     tok_s = statistics.median(s.tok_per_s for s in timed)
     mfus = [s.mfu for s in timed if s.mfu is not None]
@@ -75,9 +103,14 @@ def measure_train(depth: int, device_batch_size: int | str, seq_len: int, vocab_
                vocab_size=vocab_size, tok_per_s=round(tok_s), mfu=round(statistics.median(mfus), 4) if mfus else None,
                peak_mem_gib=round(max(s.peak_mem_gib for s in timed), 2), steps=steps,
                compile=trainer.compiled, params=trainer.model.num_params(),
-               dtype="bf16" if dev.type == "cuda" else "fp32")
+               dtype="bf16" if dev.type == "cuda" else "fp32", muon=muon, sdpa=sdpa,
+               step_s=round(statistics.median(s.seconds for s in timed), 4))
+    if dev.type == "cpu":  # on a shared CPU wall time depends on the neighbours; CPU time much less
+        used = [b - a for a, b in zip(cpu_marks[warmup - 1:], cpu_marks[warmup:])] if warmup else []
+        rec["cpu_s_per_step"] = round(statistics.median(used), 4) if used else None
     if profile:
-        print_profile(trainer, cfg.num_steps)
+        with sdpa_backend(sdpa):
+            print_profile(trainer, cfg.num_steps)
     del trainer
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -101,11 +134,13 @@ def print_profile(trainer, num_steps: int, steps: int = 3) -> None:
 
 def cmd_train_bench(args: argparse.Namespace) -> int:
     sizes = [s.strip() for s in str(args.device_batch_size).split(",")]
+    runs = [(size, muon.strip(), sdpa.strip()) for size in sizes for muon in args.muon.split(",")
+            for sdpa in args.sdpa.split(",")]
     records = []
-    for size in sizes:
+    for size, muon, sdpa in runs:
         try:
             records.append(measure_train(args.depth, size, args.seq_len, args.vocab_size, args.steps, args.warmup,
-                                         args.grad_accum, args.compile, args.device, args.profile))
+                                         args.grad_accum, args.compile, args.device, args.profile, muon, sdpa))
         except Exception as e:  # noqa: BLE001 - an OOM is a result (recorded); anything else is a bug
             if not is_oom_error(e):
                 raise
@@ -113,19 +148,23 @@ def cmd_train_bench(args: argparse.Namespace) -> int:
 
             rec = base_record("train", detect_device(args.device), args.depth)
             rec.update(device_batch_size=size, seq_len=args.seq_len, oom=True, tok_per_s=None, mfu=None,
-                       peak_mem_gib=None)
+                       peak_mem_gib=None, muon=muon, sdpa=sdpa)
             records.append(rec)
         finally:  # one size's compiled graphs and buffers must not crowd the next
             torch._dynamo.reset()
             free_memory()
-    print(f"\n{'gpu':<28}{'depth':>6}{'batch':>7}{'seq':>6}{'tok/s':>12}{'MFU':>8}{'peak GiB':>10}")
+    print(f"\n{'device':<28}{'depth':>6}{'batch':>7}{'seq':>6}{'muon':>10}{'sdpa':>9}{'tok/s':>12}{'MFU|cpu s':>11}"
+          f"{'peak GiB':>10}")
     for r in records:
         if r.get("oom"):
-            print(f"{r['gpu'][:27]:<28}{r['depth']:>6}{r['device_batch_size']:>7}{r['seq_len']:>6}  out of memory")
+            print(f"{r['gpu'][:27]:<28}{r['depth']:>6}{r['device_batch_size']:>7}{r['seq_len']:>6}{r['muon']:>10}"
+                  f"{r['sdpa']:>9}  out of memory")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        print(f"{r['gpu'][:27]:<28}{r['depth']:>6}{r['device_batch_size']:>7}{r['seq_len']:>6}"
-              f"{r['tok_per_s']:>12,}{mfu:>8}{r['peak_mem_gib']:>10}")
+        if r.get("cpu_s_per_step") is not None:
+            mfu = f"{r['cpu_s_per_step']:.3f} s"  # CPU-seconds per step: the figure a shared CPU still gives
+        print(f"{r['gpu'][:27]:<28}{r['depth']:>6}{r['device_batch_size']:>7}{r['seq_len']:>6}{r['muon']:>10}"
+              f"{r['sdpa']:>9}{r['tok_per_s']:>12,}{mfu:>11}{r['peak_mem_gib']:>10}")
     append_records(args.append, records)
     print_json_last(records if len(records) > 1 else records[0])
     return 0

@@ -17,12 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..model.attention import KVCache
 from .runners import CachedRunner, NaiveRunner, bucket_size
 from .sampling import sample_rows
 
 MAX_LOGPROBS = 20  # top alternatives a row may ask for (SamplingParams.logprobs)
+PREFILL_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # no cuDNN
 
 
 @dataclass
@@ -156,8 +158,14 @@ class DecodeBatch:
         chunk's last token; leaves each slot's position after its chunk."""
         lens = [len(c) for c in chunks]
         ends = [s + n for s, n in zip(starts, lens)]
-        logits = self._prefill_naive(slots, chunks, starts, ends) if self.naive else \
-            self._prefill_cached(slots, chunks, starts)
+        # Every prefill has a new (rows, chunk, window) shape. torch 2.11 sends masked attention to
+        # cuDNN first on Hopper, and cuDNN builds an execution plan per new shape (tens of ms on an
+        # H200 at d12: it was most of TTFT and the stalls of continuous batching). Flash cannot
+        # take the mask; the memory-efficient kernel needs no plan. The backend switch is
+        # process-wide while this forward runs; it only takes cuDNN out of the order.
+        with sdpa_kernel(PREFILL_ATTENTION):
+            logits = self._prefill_naive(slots, chunks, starts, ends) if self.naive else \
+                self._prefill_cached(slots, chunks, starts)
         self.set_rows(slots, ends, [0] * len(slots))
         return logits
 

@@ -19,7 +19,8 @@ Public API::
     ) -> AutoBatchResult            # .device_batch_size (= .chosen), .grad_accum, .seconds, .compiles,
                                     # .probes, .fit_a/.fit_b, .predicted_peak, .measured_peak, .cache_hit,
                                     # .cache_key, .table(), .to_dict()
-    mark_bad(cache_key, batch_size=None, path=None)   # the trainer calls this after an OOM in training
+    mark_bad(cache_key, batch_size=None, path=None)   # the trainer (train/loop.py) calls this when
+                                                      #   training runs out of memory at the chosen size
     candidate_batch_sizes(total_batch_tokens, seq_len, world_size) -> list[int]
     is_oom_error(exc) -> bool
 
@@ -255,7 +256,10 @@ def find_device_batch_size(
     warmup_steps: int = 1,
     accum_reserve_bytes: int | None = None,
 ) -> AutoBatchResult:
-    """The largest exact device batch whose real step fits; see the module docstring."""
+    """The largest exact device batch whose real step fits; see the module docstring.
+
+    The steps: the candidates (exact sizes), the memory budget, the cache entry for everything that
+    changes the answer, then a verified cache hit or a search, then the cache update."""
     t0 = time.perf_counter()
     device = torch.device(device)
     rows = total_batch_tokens // (seq_len * world_size) if seq_len * world_size else 0
@@ -264,61 +268,117 @@ def find_device_batch_size(
         raise ValueError(f"world_size={world_size} but the process group has {dist.get_world_size()} ranks")
     if max_batch_size is not None:
         candidates = [b for b in candidates if b <= max_batch_size] or candidates[:1]
-
     if probe is None and device.type != "cuda":
         return _skip(device, default, candidates, rows, t0)
-    if probe is None:
-        probe = CudaMemoryProbe(device)
+    probe = probe or CudaMemoryProbe(device)
 
-    total = int(-_max_over_ranks([-float(probe.total_bytes())], device)[0])  # the smallest GPU decides
-    headroom_arg = headroom_bytes
-    if headroom_bytes is None:
-        headroom_bytes = int(max(min(GiB, total / 8), 0.05 * total))
-    budget = total - headroom_bytes
-    if accum_reserve_bytes is None:
-        accum_reserve_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-
-    def limit(b: int) -> int:
-        # The probe is one micro-step; with accumulation, later micro-steps run their forward with a
-        # full set of gradients already allocated, which the probe never sees: keep room for them.
-        return budget - (accum_reserve_bytes if rows // b > 1 else 0)
-    name_fn, cap_fn = getattr(probe, "name", None), getattr(probe, "capacity_bytes", None)
+    budget = _Budget.measure(probe, device, model, rows, headroom_bytes, accum_reserve_bytes)
     identity = {  # everything that changes the answer; free memory varies run to run, so not that
         "user": dict(cache_key or {}), "seq_len": seq_len, "total_batch_tokens": total_batch_tokens,
-        "world_size": world_size, "gpu": name_fn() if callable(name_fn) else gpu_name(device),
-        "gpu_memory": int(cap_fn()) if callable(cap_fn) else total, "headroom": headroom_arg,
-        "accum_reserve": accum_reserve_bytes,
-        "max_batch_size": max_batch_size, "torch": torch.__version__,
+        "world_size": world_size, **_gpu_identity(probe, device, budget.total), "headroom": headroom_bytes,
+        "accum_reserve": budget.accum_reserve, "max_batch_size": max_batch_size, "torch": torch.__version__,
     }
     key = cache_key_hash(identity)
     path = Path(cache_path) if cache_path else default_cache_path()
     entry = load_cache(path)["entries"].get(key, {}) if use_cache else {}
-    # A size that ran out of memory in training rules out it and anything larger (on any rank).
-    min_bad = int(-_max_over_ranks([-float(min(entry.get("bad_sizes") or [2**52]))], device)[0])
-    if min_bad < 2**52:
-        candidates = [b for b in candidates if b < min_bad]
-        log.info("autobatch: cache marks batch %d bad for this setup; considering smaller sizes", min_bad)
-        if not candidates:
-            raise AutoBatchError(f"every candidate batch is marked bad in {path} (key {key[:12]}); "
-                                 f"delete that entry to search again")
+    candidates = _below_bad_sizes(entry, candidates, device, path, key)
 
-    res = AutoBatchResult(device_batch_size=0, grad_accum=0, total_bytes=total, budget_bytes=budget,
-                          accum_reserve_bytes=accum_reserve_bytes,
+    res = AutoBatchResult(device_batch_size=0, grad_accum=0, total_bytes=budget.total, budget_bytes=budget.budget,
+                          accum_reserve_bytes=budget.accum_reserve,
                           cache_key=key if use_cache else None, candidates=list(candidates))
-    seen_shapes: set[int] = set()
+    prober = _Prober(train_step, model, optimizers, probe, device, budget, res, warmup_steps)
+    prober.snapshot()
+    try:
+        chosen, candidates = _try_cached(prober, entry, candidates, use_cache, key, path, seq_len)
+        if chosen is None:
+            chosen = _search(prober.run, candidates, budget.limit, res, model, seq_len, budget.total)
+    except BaseException:
+        # Restore what we can, but never let a second failure (a sticky CUDA error) hide the first.
+        with contextlib.suppress(Exception):
+            prober.leave_no_trace()
+        raise
+    prober.leave_no_trace()
 
-    def run(b: int, phase: str) -> ProbeRecord:
-        """Run the real step at b (warm-up, then measured) on every rank; agree on the outcome."""
-        seen_shapes.add(b)
+    b = int(-_max_over_ranks([-float(chosen.batch_size)], device)[0])  # identical by construction; be sure
+    res.device_batch_size, res.grad_accum = b, rows // b
+    res.measured_peak = chosen.peak_bytes
+    res.compiles = len(prober.shapes)
+    res.seconds = time.perf_counter() - t0
+    if use_cache and not res.cache_hit:
+        _remember(path, key, res, identity)
+    log.info("%s", res.table())
+    return res
+
+
+@dataclass
+class _Budget:
+    """What a probe may peak at: total − headroom, less one set of gradients when accumulating."""
+
+    total: int
+    budget: int
+    accum_reserve: int
+    rows: int
+
+    @classmethod
+    def measure(cls, probe: MemoryProbe, device: torch.device, model: nn.Module, rows: int,
+                headroom_bytes: int | None, accum_reserve_bytes: int | None) -> "_Budget":
+        total = int(-_max_over_ranks([-float(probe.total_bytes())], device)[0])  # the smallest GPU decides
+        if headroom_bytes is None:
+            headroom_bytes = int(max(min(GiB, total / 8), 0.05 * total))
+        if accum_reserve_bytes is None:
+            accum_reserve_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        return cls(total, total - headroom_bytes, accum_reserve_bytes, rows)
+
+    def limit(self, b: int) -> int:
+        # The probe is one micro-step; with accumulation, later micro-steps run their forward with a
+        # full set of gradients already allocated, which the probe never sees: keep room for them.
+        return self.budget - (self.accum_reserve if self.rows // b > 1 else 0)
+
+
+def _gpu_identity(probe: MemoryProbe, device: torch.device, total: int) -> dict[str, Any]:
+    name_fn, cap_fn = getattr(probe, "name", None), getattr(probe, "capacity_bytes", None)
+    return {"gpu": name_fn() if callable(name_fn) else gpu_name(device),
+            "gpu_memory": int(cap_fn()) if callable(cap_fn) else total}
+
+
+def _below_bad_sizes(entry: dict, candidates: list[int], device: torch.device, path: Path, key: str) -> list[int]:
+    """A size that ran out of memory in training rules out it and anything larger (on any rank)."""
+    min_bad = int(-_max_over_ranks([-float(min(entry.get("bad_sizes") or [2**52]))], device)[0])
+    if min_bad >= 2**52:
+        return candidates
+    log.info("autobatch: cache marks batch %d bad for this setup; considering smaller sizes", min_bad)
+    candidates = [b for b in candidates if b < min_bad]
+    if not candidates:
+        raise AutoBatchError(f"every candidate batch is marked bad in {path} (key {key[:12]}); "
+                             f"delete that entry to search again")
+    return candidates
+
+
+class _Prober:
+    """Runs the real step at a size on every rank and agrees on the outcome; restores the model after."""
+
+    def __init__(self, train_step: Callable[[int], None], model: nn.Module, optimizers, probe: MemoryProbe,
+                 device: torch.device, budget: _Budget, res: AutoBatchResult, warmup_steps: int):
+        self.train_step, self.model, self.optimizers, self.probe = train_step, model, optimizers, probe
+        self.device, self.budget, self.res, self.warmup_steps = device, budget, res, warmup_steps
+        self.shapes: set[int] = set()
+        self.snap = None
+
+    def snapshot(self) -> None:
+        self.snap = take_snapshot(self.model, self.optimizers)
+
+    def run(self, b: int, phase: str) -> ProbeRecord:
+        """Warm-up call(s), then one measured call at b; all ranks agree on fit / OOM / error."""
+        self.shapes.add(b)
         peak, oom, err = 0, False, None
-        drop_grads(model, optimizers)
+        drop_grads(self.model, self.optimizers)
         try:
-            for _ in range(warmup_steps):  # optimizer state, compiled graph and autotuning exist after this
-                train_step(b)
-            drop_grads(model, optimizers)
-            probe.reset()
-            train_step(b)
-            peak = probe.peak_bytes()
+            for _ in range(self.warmup_steps):  # optimizer state, compiled graph and autotuning exist after this
+                self.train_step(b)
+            drop_grads(self.model, self.optimizers)
+            self.probe.reset()
+            self.train_step(b)
+            peak = self.probe.peak_bytes()
         except Exception as e:  # noqa: BLE001 - classified right here; non-OOM re-raised below
             if is_oom_error(e):
                 oom = True
@@ -326,63 +386,53 @@ def find_device_batch_size(
                 err = e
             del e  # the traceback pins activations: drop it before freeing
         if oom:
-            drop_grads(model, optimizers)
+            drop_grads(self.model, self.optimizers)
             free_memory()
-        not_fit, errored, peak_all = _max_over_ranks([float(oom), float(err is not None), float(peak)], device)
+        not_fit, errored, peak_all = _max_over_ranks([float(oom), float(err is not None), float(peak)], self.device)
         if err is not None:
             raise err
         if errored:
             raise RuntimeError("autobatch: another rank failed with a non-OOM error during the probe")
         oom_all = bool(not_fit)
-        rec = ProbeRecord(b, None if oom_all else int(peak_all), not oom_all and peak_all <= limit(b), oom_all, phase)
-        res.probes.append(rec)
+        rec = ProbeRecord(b, None if oom_all else int(peak_all), not oom_all and peak_all <= self.budget.limit(b),
+                          oom_all, phase)
+        self.res.probes.append(rec)
         return rec
 
-    def leave_no_trace() -> None:
-        drop_grads(model, optimizers)
-        restore_snapshot(snap, optimizers)
+    def leave_no_trace(self) -> None:
+        drop_grads(self.model, self.optimizers)
+        if self.snap is not None:
+            restore_snapshot(self.snap, self.optimizers)
         free_memory()
-        probe.reset()  # the trainer's own peak-memory report starts from here
+        self.probe.reset()  # the trainer's own peak-memory report starts from here
 
-    snap = take_snapshot(model, optimizers)
-    try:
-        chosen = None
-        cached = entry.get("device_batch_size") if (entry and not entry.get("bad")) else None
-        miss, hi, neg_lo = _max_over_ranks([float(cached is None), float(cached or 0), -float(cached or 0)], device)
-        if not miss and hi == -neg_lo and int(hi) in candidates:  # every rank has the same usable entry
-            lo = hi
-            rec = run(int(lo), "cache-verify")
-            if rec.fits:
-                chosen, res.cache_hit = rec, True
-                res.predicted_peak = entry.get("measured_peak")
-            else:
-                log.warning("autobatch: cached batch %d failed verification; searching again", int(lo))
-                if use_cache:
-                    mark_bad(key, int(lo), path)
-                candidates = [b for b in candidates if b < int(lo)]
-                if not candidates:
-                    _too_big(rec, limit(rec.batch_size), total, model, seq_len)
-        if chosen is None:
-            chosen = _search(run, candidates, limit, res, model, seq_len, total)
-    except BaseException:
-        # Restore what we can, but never let a second failure (a sticky CUDA error) hide the first.
-        with contextlib.suppress(Exception):
-            leave_no_trace()
-        raise
-    leave_no_trace()
 
-    b = int(-_max_over_ranks([-float(chosen.batch_size)], device)[0])  # identical by construction; be sure
-    res.device_batch_size, res.grad_accum = b, rows // b
-    res.measured_peak = chosen.peak_bytes
-    res.compiles = len(seen_shapes)
-    res.seconds = time.perf_counter() - t0
-    if use_cache and not res.cache_hit:
-        def upd(e: dict[str, Any]) -> None:
-            e.update(device_batch_size=b, bad=False, measured_peak=res.measured_peak, identity=identity,
-                     created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-        update_cache(path, key, upd)
-    log.info("%s", res.table())
-    return res
+def _try_cached(prober: _Prober, entry: dict, candidates: list[int], use_cache: bool, key: str, path: Path,
+                seq_len: int) -> tuple[ProbeRecord | None, list[int]]:
+    """Verify a cached size that every rank holds; on failure mark it bad and search below it."""
+    device, res = prober.device, prober.res
+    cached = entry.get("device_batch_size") if (entry and not entry.get("bad")) else None
+    miss, hi, neg_lo = _max_over_ranks([float(cached is None), float(cached or 0), -float(cached or 0)], device)
+    if miss or hi != -neg_lo or int(hi) not in candidates:
+        return None, candidates
+    rec = prober.run(int(hi), "cache-verify")
+    if rec.fits:
+        res.cache_hit, res.predicted_peak = True, entry.get("measured_peak")
+        return rec, candidates
+    log.warning("autobatch: cached batch %d failed verification; searching again", int(hi))
+    if use_cache:
+        mark_bad(key, int(hi), path)
+    candidates = [b for b in candidates if b < int(hi)]
+    if not candidates:
+        _too_big(rec, prober.budget.limit(rec.batch_size), prober.budget.total, prober.model, seq_len)
+    return None, candidates
+
+
+def _remember(path: Path, key: str, res: AutoBatchResult, identity: dict) -> None:
+    def upd(e: dict[str, Any]) -> None:
+        e.update(device_batch_size=res.device_batch_size, bad=False, measured_peak=res.measured_peak,
+                 identity=identity, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    update_cache(path, key, upd)
 
 
 def _search(run: Callable[[int, str], ProbeRecord], candidates: list[int], limit: Callable[[int], int],

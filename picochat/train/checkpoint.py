@@ -165,6 +165,31 @@ def save_checkpoint(stage_dir: Path, step: int, model: torch.nn.Module, optimize
     return target
 
 
+def save_from_ranks(stage_dir: Path, step: int, model: torch.nn.Module, optimizers: list | None, meta: dict,
+                    local_state: dict, keep_last: int = 2) -> Path:
+    """Every rank calls this at the same step: each rank's `local_state` (loader, RNG) is gathered,
+    rank 0 writes the checkpoint, and every rank returns once it is written, or raises the same
+    CheckpointWriteError when it could not be (no rank is left waiting in a collective)."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    gathered = [local_state]
+    if distributed:
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, local_state)
+    target, error = Path(stage_dir) / f"step_{step:06d}", None
+    if not distributed or torch.distributed.get_rank() == 0:
+        try:
+            save_checkpoint(stage_dir, step, model, optimizers, meta, {"step": step, "ranks": gathered}, keep_last)
+        except CheckpointWriteError as e:
+            error = str(e)
+    if distributed:  # also the barrier: every rank learns whether rank 0's save worked
+        box = [error]
+        torch.distributed.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise CheckpointWriteError(error)
+    return target
+
+
 def prepare_stage_dir(stage_dir: Path, model: torch.nn.Module, optimizers: list | None, keep_last: int) -> None:
     """Before training writes checkpoints (rank 0): clear unfinished saves, warn when space is short."""
     clear_stale_writes(stage_dir)

@@ -22,7 +22,7 @@ from typing import Protocol
 import torch
 
 from ..common import (DistInfo, autocast, compute_dtype, detect_device, gpu_name, init_distributed, log,
-                      seed_everything, synchronize)
+                      seed_everything, synchronize, use_compile_cache)
 from ..config import ModelConfig, TrainConfig
 from ..eval.bpb import bpb_batches, evaluate_bpb  # noqa: F401  (bpb_batches: the stages' validation batches)
 from . import checkpoint as ckpt
@@ -115,11 +115,14 @@ class Trainer:
 
             wrapped = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.ddp = wrapped if self.dist.is_distributed else None
+        if use_compile:
+            use_compile_cache()
         self.train_model = torch.compile(wrapped, dynamic=False) if use_compile else wrapped
         self.compiled = use_compile
 
     def _choose_device_batch(self) -> int:
         cfg, T, W = self.cfg, self.cfg.seq_len, self.dist.world_size
+        self.autobatch_key = None  # the finder's cache entry, marked bad if training then runs out of memory
         if cfg.device_batch_size == "auto":
             from .autobatch import find_device_batch_size
 
@@ -131,6 +134,7 @@ class Trainer:
                            "dtype": str(compute_dtype(self.device)),
                            "stage": cfg.stage},
                 default=default)
+            self.autobatch_key = result.cache_key
             return result.device_batch_size
         B = int(cfg.device_batch_size)
         if cfg.total_batch_tokens % (B * T * W):
@@ -151,8 +155,12 @@ class Trainer:
         with (self.ddp.no_sync() if self.ddp is not None else contextlib.nullcontext()), autocast(self.device):
             loss = self.train_model(x, x, attn_mask=self._attn_mask(micro), loss_reduction="sum")
         (loss / x.numel()).backward()
-        for opt in self.optimizers:
-            opt.step()
+        with contextlib.ExitStack() as local:  # no collective inside a probe: Muon works unshared
+            for opt in self.optimizers:
+                if hasattr(opt, "collectives_off"):
+                    local.enter_context(opt.collectives_off())
+            for opt in self.optimizers:
+                opt.step()
         self.model.zero_grad(set_to_none=True)
 
     # -- the loop ------------------------------------------------------------------------------
@@ -203,6 +211,9 @@ class Trainer:
             if self.make_val_batches:
                 last_val = self._validate(step, writer)
             result.update(final_loss=stats.loss if stats is not None else None, val_bpb=last_val)
+        except Exception as e:
+            self._mark_batch_bad_on_oom(e, B)
+            raise
         finally:
             stop.restore()
             if bar is not None:
@@ -212,6 +223,17 @@ class Trainer:
             if hasattr(batches, "close"):
                 batches.close()
         return result
+
+    def _mark_batch_bad_on_oom(self, exc: BaseException, batch_size: int) -> None:
+        """Out of memory at a size the finder chose: mark its cache entry bad, so the next run (a
+        --resume, say) searches below that size instead of reusing it."""
+        from .autobatch import is_oom_error
+        from .autobatch_cache import mark_bad
+
+        if getattr(self, "autobatch_key", None) and is_oom_error(exc):
+            mark_bad(self.autobatch_key, batch_size)
+            log.error(f"out of memory at device batch {batch_size}, which autobatch chose: marked it bad in the "
+                      f"cache; the next run (e.g. with --resume) picks a smaller size")
 
     def _train_step(self, step, num_steps, batches, grad_accum, flops_tok, peak) -> StepStats:
         cfg, device, world = self.cfg, self.device, self.dist.world_size
@@ -338,26 +360,8 @@ class Trainer:
 
     def _save(self, step: int, batches, loss: float, val_bpb) -> None:
         local = {"loader": batches.state_dict(), "rng": self._rng_state()}
-        if self.dist.is_distributed:
-            gathered = [None] * self.dist.world_size
-            torch.distributed.all_gather_object(gathered, local)
-        else:
-            gathered = [local]
-        error = None
-        if self.dist.is_main:
-            meta = {**self._meta(), "loss": loss, "val_bpb": val_bpb}
-            try:
-                path = ckpt.save_checkpoint(self.stage_dir, step, self.model, self.optimizers, meta,
-                                            {"step": step, "ranks": gathered}, keep_last=self.cfg.keep_last)
-                log.debug(f"saved {path}")
-            except ckpt.CheckpointWriteError as e:
-                error = str(e)
-        if self.dist.is_distributed:  # also the barrier: every rank learns whether rank 0's save worked
-            box = [error]
-            torch.distributed.broadcast_object_list(box, src=0)
-            error = box[0]
-        if error is not None:
-            raise ckpt.CheckpointWriteError(error)
+        ckpt.save_from_ranks(self.stage_dir, step, self.model, self.optimizers,
+                             {**self._meta(), "loss": loss, "val_bpb": val_bpb}, local, self.cfg.keep_last)
 
     def _stopped(self, signum: int, step: int, num_steps: int) -> TrainingStopped:
         saved = self.stage_dir / f"step_{step:06d}" if self.cfg.save_every >= 0 else None

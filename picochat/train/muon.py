@@ -12,7 +12,9 @@ What differs is how O is computed:
 - Matrices of the same shape (after turning tall ones on their side, so the Gram matrix is the
   small one) are stacked and orthogonalised in one batched call per shape, not one call each.
 - The arithmetic is float32 on CPU (bfloat16 matrix products are emulated in software on AVX2-only
-  CPUs: that was 2.6 of the demo's 3.2 s per step), bfloat16 on CUDA, compiled there.
+  CPUs: that was 2.6 of the demo's 3.2 s per step), bfloat16 on CUDA. Not compiled by default: on an
+  H200 the compiled and eager steps took 5.53 and 5.57 ms at d12 (the work is batched cuBLAS
+  matmuls), and every compile adds to a cold start (`compile=True` is there to re-measure).
 - The polynomial defaults to the Polar Express sequence instead of Keller Jordan's fixed quintic
   (`coefficients="keller"` restores the latter, the numbers torch.optim.Muon uses).
 - Under torchrun each rank orthogonalises its share of every stack and the results are all-gathered,
@@ -23,6 +25,7 @@ What differs is how O is computed:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from functools import lru_cache
@@ -129,12 +132,12 @@ def default_ortho_dtype(device: torch.device) -> torch.dtype:
 class Muon(torch.optim.Optimizer):
     """Muon for 2-D hidden matrices; see the module docstring for the update and what differs from
     torch.optim.Muon. `coefficients`: "polar_express" (default), "keller", or explicit (a, b, c)
-    steps. `ortho_dtype`: None picks bfloat16 on CUDA, float32 elsewhere. `compile`: None compiles
-    the orthogonalisation on CUDA."""
+    steps. `ortho_dtype`: None picks bfloat16 on CUDA, float32 elsewhere. `compile`: torch.compile
+    the orthogonalisation (off by default: it measured no faster)."""
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  weight_decay: float = 0.0, coefficients: str | Sequence = "polar_express",
-                 ortho_dtype: torch.dtype | None = None, compile: bool | None = None):
+                 ortho_dtype: torch.dtype | None = None, compile: bool = False):
         if lr < 0 or momentum < 0 or weight_decay < 0:
             raise ValueError(f"Muon: lr, momentum and weight_decay must be >= 0 (got {lr}, {momentum}, {weight_decay})")
         name = coefficients if isinstance(coefficients, str) else "custom"
@@ -148,6 +151,18 @@ class Muon(torch.optim.Optimizer):
                     raise ValueError(f"Muon takes 2-D matrices only; got a parameter of shape {tuple(p.shape)}")
         self.ortho_dtype, self.compile = ortho_dtype, compile
         self._ortho_fns: dict[str, object] = {}
+        self.share_work = True  # under torchrun: orthogonalise a share per rank and all-gather
+
+    @contextlib.contextmanager
+    def collectives_off(self):
+        """Steps inside orthogonalise every matrix on this rank, with no collective: for the batch-size
+        finder's probes, where a rank that ran out of memory mid-step must not leave the others
+        waiting in an all-gather. Same result, the whole work per rank."""
+        before, self.share_work = self.share_work, False
+        try:
+            yield self
+        finally:
+            self.share_work = before
 
     # -- checkpoints ---------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:
@@ -176,7 +191,7 @@ class Muon(torch.optim.Optimizer):
         key = str(device)
         if key not in self._ortho_fns:
             fn = orthogonalize
-            if self.compile if self.compile is not None else device.type == "cuda":
+            if self.compile:
                 fn = torch.compile(orthogonalize, dynamic=False)
             self._ortho_fns[key] = fn
         return self._ortho_fns[key]
@@ -218,14 +233,17 @@ class Muon(torch.optim.Optimizer):
         Returns the function that waits for the gather and applies every update of the bucket."""
         device = params[0].device
         dtype = self.ortho_dtype or default_ortho_dtype(device)
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        shared = self.share_work and dist.is_available() and dist.is_initialized()
+        world = dist.get_world_size() if shared else 1
         rank = dist.get_rank() if world > 1 else 0
         per_rank = -(-len(params) // world)
         mine = [_on_side(u) for u in updates[rank * per_rank:(rank + 1) * per_rank]]
         stack = torch.stack(mine).to(dtype) if mine else torch.empty((0, *shape), device=device, dtype=dtype)
         if len(mine) < per_rank:  # zero matrices pad the last share (they stay zero)
             stack = torch.cat([stack, stack.new_zeros((per_rank - len(mine), *shape))])
-        ortho = self._orthogonalizer(device)(stack, self._steps[group["coefficients"]])
+        name = group["coefficients"]
+        steps = self._steps[name] if name in self._steps else coefficients_named(name)
+        ortho = self._orthogonalizer(device)(stack, steps)
         work = None
         if world > 1:
             gathered = torch.empty((per_rank * world, *shape), device=device, dtype=dtype)

@@ -14,6 +14,20 @@ How a stop goes:
    `REPEAT_WINDOW_S` of the first count as the same request: under `torchrun`, and under Slurm, one
    request often reaches a worker twice (once directly, once forwarded by torchrun).
 
+A training loop of its own uses it as `Trainer.train` does:
+
+    stop = StopSignals().install()
+    try:
+        while step < num_steps:
+            ...one optimizer step...; step += 1
+            signum = stop.agreed(device) if step < num_steps else 0
+            if signum or <periodic save due>: checkpoint.save_from_ranks(...)
+            if signum: raise TrainingStopped(stage, step, num_steps, signal_name(signum), <checkpoint>)
+    finally:
+        stop.restore()
+
+Before the loop (set-up, compiling) the signals keep their default effect: nothing is lost there.
+
 The handler does nothing but record: it runs between two bytecodes of the main thread, where
 logging or printing could re-enter a stream that was being written (hence `os.write`).
 """

@@ -139,9 +139,10 @@ def check_path_or_url(owner: str, name: str, value: str | None, flag: str | None
         raise ConfigError(name, "an existing file or folder, or a URL", value, flag, owner)
 
 
-def check_device(value: str, flag: str = "--device") -> None:
-    """The spelling of a device (whether this machine has it is checked by common.detect_device)."""
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value or ""):
+def check_device(value: Any, flag: str = "--device") -> None:
+    """The spelling of a device, or a torch.device (whether this machine has it is checked by
+    common.detect_device)."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(value or "")):
         raise ConfigError("device", "auto, cpu, cuda, cuda:N or mps", value, flag)
 
 

@@ -93,7 +93,8 @@ def _keep_parent_values(sub_parser: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..options import add_run_arg
+    from ..options import add_config_options, add_run_arg
+    from .chat_suite import ChatEvalConfig
     from ..data.cli import add_source_args
     from .chat_eval import add_legacy_args, cmd_eval
 
@@ -126,10 +127,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_run_arg(c)
     c.add_argument("--stage", default=None, help="checkpoint stage (default: the latest of rl, sft, mid, base)")
     c.add_argument("--tasks", default=DEFAULT_CHAT_TASKS, help="comma list: benchmarks and/or synthetic task names")
-    c.add_argument("--max-examples", type=int, default=None, help="items per task (default: all)")
-    c.add_argument("--max-tokens", type=int, default=512, help="longest generated answer")
-    c.add_argument("--batch-size", type=int, default=64, help="rows the decode loop keeps running (scheduler slots)")
-    c.add_argument("--sandbox-workers", type=int, default=8, help="HumanEval programs run at once")
+    add_config_options(c, ChatEvalConfig)
     c.add_argument("--data", action="append", default=[], metavar="TASK=PATH_OR_URL",
                    help="data for a task (parquet/jsonl file, folder or URL); default: the public parquet URL")
     c.add_argument("--device", default="auto")
@@ -157,13 +155,13 @@ def _sources(pairs: list[str]) -> dict[str, str]:
 
 
 def cmd_eval_chat(args: argparse.Namespace) -> int:
+    from ..options import config_from_args
     from .chat_suite import ChatEvalConfig, format_chat_table
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise ValueError("--tasks is empty")
-    cfg = ChatEvalConfig(max_examples=args.max_examples, max_tokens=args.max_tokens, batch_size=args.batch_size,
-                         sandbox_workers=args.sandbox_workers)
+    cfg = config_from_args(args, ChatEvalConfig)
     result = run_chat(args.run, tasks, args.stage, cfg, _sources(args.data), args.device,
                       progress=not args.no_progress)
     print(format_chat_table(result))

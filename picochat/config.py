@@ -224,8 +224,8 @@ class OptimConfig:
     warmdown_frac: float = opt(0.2, "share of the steps spent decaying the learning rate at the end", lo=0, hi=1)
     final_lr_frac: float = opt(0.0, "learning rate at the last step, as a share of the peak", lo=0, hi=1)
     grad_clip: float = opt(0.0, "clip the gradient norm to this (0: off)", lo=0, hi=1e6)
-    muon_coefficients: str = opt("polar_express", "Muon's orthogonalisation polynomial (keller: torch.optim.Muon's "
-                                 "quintic)", choices=("polar_express", "keller"))
+    muon_coefficients: str = opt("keller", "Muon's orthogonalisation polynomial (keller: torch.optim.Muon's "
+                                 "quintic; polar_express: arXiv:2505.16932, weaker at high rates, see muon.py)", choices=("polar_express", "keller"))
     muon_impl: str = opt("picochat", "Muon implementation: picochat (batched, train/muon.py) or torch "
                          "(torch.optim.Muon, the baseline)", choices=("picochat", "torch"))
 

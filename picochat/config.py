@@ -139,9 +139,10 @@ def check_path_or_url(owner: str, name: str, value: str | None, flag: str | None
         raise ConfigError(name, "an existing file or folder, or a URL", value, flag, owner)
 
 
-def check_device(value: str, flag: str = "--device") -> None:
-    """The spelling of a device (whether this machine has it is checked by common.detect_device)."""
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value or ""):
+def check_device(value: Any, flag: str = "--device") -> None:
+    """The spelling of a device, or a torch.device (whether this machine has it is checked by
+    common.detect_device)."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(value or "")):
         raise ConfigError("device", "auto, cpu, cuda, cuda:N or mps", value, flag)
 
 
@@ -223,8 +224,8 @@ class OptimConfig:
     warmdown_frac: float = opt(0.2, "share of the steps spent decaying the learning rate at the end", lo=0, hi=1)
     final_lr_frac: float = opt(0.0, "learning rate at the last step, as a share of the peak", lo=0, hi=1)
     grad_clip: float = opt(0.0, "clip the gradient norm to this (0: off)", lo=0, hi=1e6)
-    muon_coefficients: str = opt("polar_express", "Muon's orthogonalisation polynomial (keller: torch.optim.Muon's "
-                                 "quintic)", choices=("polar_express", "keller"))
+    muon_coefficients: str = opt("keller", "Muon's orthogonalisation polynomial (keller: torch.optim.Muon's "
+                                 "quintic; polar_express: arXiv:2505.16932, weaker at high rates, see muon.py)", choices=("polar_express", "keller"))
     muon_impl: str = opt("picochat", "Muon implementation: picochat (batched, train/muon.py) or torch "
                          "(torch.optim.Muon, the baseline)", choices=("picochat", "torch"))
 
@@ -352,62 +353,45 @@ RL_TASKS: tuple[str, ...] = ("arithmetic", "gsm8k")
 
 @dataclass
 class RLConfig:
-    """`picochat rl`: on-policy policy gradient from the run's SFT checkpoint (stage "rl").
+    """reinforcement learning (`picochat rl`): on-policy policy gradient from the run's SFT checkpoint
 
     Each step samples `samples_per_prompt` completions for each of `prompts_per_step` training
     prompts, scores them with the task's checker and pushes up the log-probability of the sampled
     tokens in proportion to their advantage (reward minus the prompt group's mean)."""
 
-    run: str = "default"
-    task: str = "arithmetic"  # arithmetic (offline synthetic) | gsm8k
-    gsm8k: str | None = None  # GSM8K train source (file, folder or URL); None: the hub's parquet
-    gsm8k_test: str | None = None  # GSM8K test source for evaluation; None: the hub's parquet
-    train_size: int = 2000  # synthetic prompts per epoch (arithmetic)
-    num_steps: int = -1  # -1: one pass over the training prompts
-    prompts_per_step: int = 16  # over all ranks
-    samples_per_prompt: int = 16
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_k: int | None = None  # None: sample from the whole distribution
-    std_normalize: bool = False  # divide each group's advantages by its reward std
-    kl_coef: float = 0.0  # > 0: penalise KL to the frozen SFT model (k3 estimator per sampled token)
-    device_batch_size: int = 32  # rows per forward/backward of the update
-    lr_frac: float = 0.05  # every optimizer LR scaled by this; decays linearly to 0 over the run
-    eval_every: int = 25  # steps between held-out evaluations (0: only before and after)
-    eval_prompts: int = 64  # held-out prompts per evaluation (over all ranks)
-    eval_samples: int = 8  # k of pass@k
-    eval_temperature: float = 1.0
-    save_every: int = 25  # 0: only at the end; -1: never
-    seed: int = 0
-    device: str = "auto"
-    resume: bool = False
-    eager_rollouts: bool = False  # baseline: eager engine, one prompt's samples at a time
+    run: str = opt("default", cli=False)
+    task: str = opt("arithmetic", "arithmetic (offline synthetic, calculator tool) or gsm8k", choices=RL_TASKS)
+    gsm8k: str | None = opt(None, "GSM8K training set: parquet/jsonl file, folder or URL (default: the hub's)",
+                            metavar="PATH_OR_URL")
+    gsm8k_test: str | None = opt(None, "GSM8K test set for the held-out evaluation (default: the hub's)",
+                                 metavar="PATH_OR_URL")
+    train_size: int = opt(2000, "synthetic arithmetic prompts per epoch", lo=1, hi=10**9)
+    num_steps: int = opt(-1, "optimizer steps (-1: one pass over the training prompts)", lo=0, hi=10**9,
+                         special=(-1,))
+    prompts_per_step: int = opt(16, "prompts per step over all ranks (divisible by the number of ranks)",
+                                lo=1, hi=10**6)
+    samples_per_prompt: int = opt(16, "completions per prompt (the group its advantage is relative to)",
+                                  lo=1, hi=4096)
+    max_new_tokens: int = opt(256, "tokens each completion may add (tool outputs included)", lo=1, hi=10**6)
+    temperature: float = opt(1.0, "sampling temperature of the rollouts (the policy trained is softmax(logits/T))",
+                             above=0, hi=10)
+    top_k: int | None = opt(None, "sample from the k most likely tokens only (default: all)", lo=1, hi=10**7)
+    std_normalize: bool = opt(False, "divide each group's advantages by the std of its rewards")
+    kl_coef: float = opt(0.0, "weight of a KL penalty to the frozen SFT model (0: none)", lo=0, hi=100)
+    device_batch_size: int = opt(32, "rows per forward/backward pass of the update", lo=1, hi=10**6)
+    lr_frac: float = opt(0.05, "every optimizer learning rate times this; decays linearly to 0", above=0, hi=10)
+    eval_every: int = opt(25, "steps between held-out evaluations (0: only before and after)", lo=0, hi=10**9)
+    eval_prompts: int = opt(64, "held-out prompts per evaluation (0: no evaluation)", lo=0, hi=10**7)
+    eval_samples: int = opt(8, "samples per held-out prompt: the k of pass@k", lo=1, hi=4096)
+    eval_temperature: float = opt(1.0, "sampling temperature of the evaluation (0: greedy)", lo=0, hi=10)
+    save_every: int = opt(25, "checkpoint every N steps (0: only at the end; -1: never)", lo=0, hi=10**9,
+                          special=(-1,))
+    seed: int = opt(0, "seed of the prompt order and of every sample", lo=0, hi=2**62)
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
+    resume: bool = opt(False, "continue from the latest good rl checkpoint")
+    eager_rollouts: bool = opt(False, "baseline: the eager decode step, one prompt's samples at a time "
+                                      "(as upstream nanochat samples)")
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self) -> None:
-        def bad(name: str, allowed: str):
-            raise ValueError(f"RLConfig.{name} must be {allowed} (got {getattr(self, name)!r})")
-
-        if self.task not in RL_TASKS:
-            bad("task", f"one of {', '.join(RL_TASKS)}")
-        for name in ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "device_batch_size",
-                     "eval_samples", "train_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                bad(name, "an integer >= 1")
-        if self.num_steps < -1:
-            bad("num_steps", "-1 (one pass) or >= 0")
-        for name in ("eval_every", "eval_prompts"):
-            if getattr(self, name) < 0:
-                bad(name, ">= 0")
-        if self.save_every < -1:
-            bad("save_every", ">= -1")
-        if not 0 < self.temperature <= 10:
-            bad("temperature", "in (0, 10]: on-policy sampling needs a stochastic policy")
-        if not 0 <= self.eval_temperature <= 10:
-            bad("eval_temperature", "in [0, 10]")
-        if self.top_k is not None and self.top_k < 1:
-            bad("top_k", "None or >= 1")
-        if not 0 <= self.kl_coef <= 100:
-            bad("kl_coef", "in [0, 100]")
-        if not 0 < self.lr_frac <= 10:
-            bad("lr_frac", "in (0, 10]")
+        check_fields(self)

@@ -48,7 +48,7 @@ def sparkline(values: list[float], width: int = 60) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .config import ChatDataConfig, DataConfig, TokenizerConfig, check_device
+    from .config import ChatDataConfig, DataConfig, TokenizerConfig, check_device, check_number
     from .recipes import CHAT_FINETUNE, DEMO, DEMO_QUICK, DemoSizes, demo_configs, scale_lr
     from .runs import RunPaths
     from .tokenizer_cli import train_tokenizer
@@ -57,6 +57,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     run, paths = args.run, RunPaths.for_run(args.run)
     sizes = DEMO_QUICK if args.quick else config_from_args(args, DemoSizes, DEMO)
     check_device(args.device)
+    check_number("rl_steps", args.rl_steps, lo=0, hi=10**6)
     configs = demo_configs(sizes, run, args.device)
     data = DataConfig()
 

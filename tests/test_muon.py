@@ -66,7 +66,7 @@ def test_batched_orthogonalisation_matches_float64_reference(name):
 def test_update_equals_reference_muon_in_float64():
     """Three steps of the optimizer = Nesterov momentum, float64 orthogonalisation, decay, LR scaling."""
     params = _params()
-    opt = Muon(params, lr=0.02, momentum=0.95, weight_decay=0.1)
+    opt = Muon(params, lr=0.02, momentum=0.95, weight_decay=0.1, coefficients="polar_express")
     _run(opt, params, range(3))
     for i, start in enumerate(_params()):
         w, buf = start.detach().double(), torch.zeros(SHAPES[i], dtype=torch.float64)

@@ -106,6 +106,7 @@ DEMO = {
     "--tokenizer-vocab": (["10"], "from 265 to"),
     "--eval-examples": (["0"], "from 1 to"),
     "--chat-warmdown-frac": (["1.5"], "from 0 to 1"),
+    "--rl-steps": (["-1", "10000000"], "from 0 to 1,000,000"),
     "--device": (["gpu"], "auto, cpu, cuda, cuda:N or mps"),
 }
 PREVIEW = {"--num-docs": (["0", "-1"], "from 1 to"), "--max-chars": (["0"], "from 1 to")}

@@ -168,8 +168,12 @@ def test_cli_errors_are_one_line(home, tiny_run) -> None:
     assert proc.returncode == 1 and "needs an SFT checkpoint" in proc.stderr and "Traceback" not in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "picochat", "rl", "--run", tiny_run, "--task", "chess"],
                           env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "RLConfig.task must be one of" in proc.stderr
-    with pytest.raises(ValueError, match="RLConfig.temperature"):
+    assert proc.returncode == 2 and "invalid choice: 'chess'" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "picochat", "rl", "--run", tiny_run, "--temperature", "0"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode in (1, 2) and "--temperature must be a number > 0" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    with pytest.raises(ValueError, match=r"RLConfig.temperature \(--temperature\)"):
         RLConfig(temperature=0)
 
 
@@ -190,3 +194,18 @@ def test_sigterm_stops_after_the_step_and_resumes_exactly(home, arith_run) -> No
     for step in range(4):
         assert resumed[step]["loss"] == clean[step]["loss"], step
         assert resumed[step]["reward"] == clean[step]["reward"], step
+
+
+def test_bench_rl_cpu(home, arith_run) -> None:
+    """`picochat bench rl` runs the real step in both modes and ends with its JSON record."""
+    env = {**os.environ, "PICOCHAT_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "picochat", "bench", "rl", "--run", arith_run, "--prompts", "2",
+                           "--samples", "2", "--new-tokens", "8", "--steps", "1", "--device", "cpu"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["bench"] == "rl" and out["depth"] == 2 and "rollout_speedup" in out
+    assert [r["mode"] for r in out["records"]] == ["batched", "eager"]
+    for r in out["records"]:
+        assert r["rollout_s"] > 0 and r["update_s"] > 0 and r["rollout_tok_per_s"] > 0
+        assert 0 < r["completion_tokens"] <= 2 * 2 * 8

@@ -70,7 +70,7 @@ def run_rl_bench(run: str, modes: list[str], prompts: int, samples: int, new_tok
                "rollout_s": round(sum(t["rollout_s"] for t in times) / n, 3),
                "update_s": round(sum(t["update_s"] for t in times) / n, 3),
                "completion_tokens": round(sum(t["completion_tokens"] for t in times) / n),
-               "vocab_size": trainer.model_cfg.vocab_size,
+               "vocab_size": trainer.model_cfg.vocab_size, "depth": trainer.model_cfg.n_layer,
                "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available()
                else None}
         rec["step_s"] = round(rec["rollout_s"] + rec["update_s"], 3)
@@ -125,7 +125,8 @@ def cmd_rl_bench(args: argparse.Namespace) -> int:
                 os.environ.pop("PICOCHAT_HOME", None)
             else:
                 os.environ["PICOCHAT_HOME"] = old_home
-    base = base_record("rl", device, depth if not args.run else None)
+    depth = records[0]["depth"] if records else depth
+    base = base_record("rl", device, depth)
     records = [{**base, **r} for r in records]
     print(f"\nrl step · {base['gpu']} · d{depth} · {args.prompts} prompts x {args.samples} samples x "
           f"<= {args.new_tokens} new tokens · torch {base['torch']}")

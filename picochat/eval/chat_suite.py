@@ -22,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..common import log
+from ..config import check_fields, opt
+from .execution import MAX_SLOTS
 
 # name -> random baseline for ChatCORE (None: not part of ChatCORE)
 BENCHMARKS: dict[str, float] = {"arc-easy": 0.25, "arc-challenge": 0.25, "mmlu": 0.25, "gsm8k": 0.0,
@@ -31,18 +33,14 @@ ITEM_TEXT_CHARS = 600  # of each completion kept in the per-item results
 
 @dataclass(frozen=True)
 class ChatEvalConfig:
-    max_examples: int | None = None  # per task; None = all
-    max_tokens: int = 512  # longest generated answer (GSM8K, HumanEval)
-    batch_size: int = 64  # rows the decode loop keeps running (scheduler slots)
-    sandbox_workers: int = 8  # HumanEval programs run at once
-    batch_tokens: int = 8192  # tokens per forward when scoring letters
+    max_examples: int | None = opt(None, "items per task (default: all)", lo=1)
+    max_tokens: int = opt(512, "longest generated answer (GSM8K, HumanEval)", lo=1, hi=1 << 20)
+    batch_size: int = opt(64, "rows the decode loop keeps running (scheduler slots)", lo=1, hi=4096)
+    sandbox_workers: int = opt(8, "HumanEval programs run at once", lo=1, hi=MAX_SLOTS)
+    batch_tokens: int = opt(8192, "tokens per forward when scoring answer letters", lo=1, hi=1 << 24)
 
     def __post_init__(self) -> None:
-        if self.max_examples is not None and self.max_examples < 1:
-            raise ValueError(f"max_examples must be >= 1 or None, got {self.max_examples}")
-        for name in ("max_tokens", "batch_size", "sandbox_workers", "batch_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_fields(self)
 
 
 def load_task(name: str, source: str | None = None, synthetic_size: int = 200, seed: int = 1):

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 
 from ..common import log
+from ..config import check_fields, opt
+from .core_bundle import BASELINE_SOURCES
 
 DEFAULT_CHAT_TASKS = "arc-easy,arc-challenge,mmlu,gsm8k,humaneval"
 
@@ -36,21 +39,32 @@ def _load(run: str, stage: str | None, device: str, compile_model: bool = False)
     return model, tokenizer, meta, dev
 
 
-def run_core(run: str, stage: str = "base", bundle: str | None = None, max_per_task: int | None = None,
-             baselines: str = "corrected", device: str = "auto", mode: str = "batched", compile_model: bool = True,
-             progress: bool = True, write: bool = True) -> dict:
+@dataclass(frozen=True)
+class CoreEvalConfig:
+    bundle: str | None = opt(None, "eval bundle: URL (.zip), local .zip or folder (default: nanochat's eval_bundle.zip)")
+    max_per_task: int | None = opt(None, "items per task (default: all)", lo=1)
+    baselines: str = opt("corrected", "random baselines: DCLM's corrected values or the bundle's own csv",
+                         choices=BASELINE_SOURCES)
+    mode: str = opt("batched", "eager: one item per forward, the baseline the benchmark compares with",
+                    choices=("batched", "eager"))
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+def run_core(run: str, stage: str = "base", cfg: CoreEvalConfig | None = None, device: str = "auto",
+             compile_model: bool = True, progress: bool = True, write: bool = True) -> dict:
     """CORE of a run's checkpoint; writes `results/core_<stage>.json`."""
     from ..runs import write_result
     from .core import evaluate_core
     from .core_bundle import DEFAULT_BUNDLE_URL, load_tasks, open_bundle
 
-    if max_per_task is not None and max_per_task < 1:
-        raise ValueError(f"--max-per-task must be >= 1, got {max_per_task}")
-    root = open_bundle(bundle)
-    tasks = load_tasks(root, baselines)
-    model, tokenizer, meta, dev = _load(run, stage, device, compile_model and mode == "batched")
-    result = evaluate_core(model, tokenizer, tasks, max_per_task, mode, progress)
-    result.update(_checkpoint_fields(meta), bundle=str(bundle or DEFAULT_BUNDLE_URL), baselines=baselines,
+    cfg = cfg or CoreEvalConfig()
+    root = open_bundle(cfg.bundle)
+    tasks = load_tasks(root, cfg.baselines)
+    model, tokenizer, meta, dev = _load(run, stage, device, compile_model and cfg.mode == "batched")
+    result = evaluate_core(model, tokenizer, tasks, cfg.max_per_task, cfg.mode, progress)
+    result.update(_checkpoint_fields(meta), bundle=str(cfg.bundle or DEFAULT_BUNDLE_URL), baselines=cfg.baselines,
                   device=str(dev))
     if write:
         write_result(run, f"core_{meta['stage']}", result)
@@ -93,7 +107,8 @@ def _keep_parent_values(sub_parser: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..options import add_run_arg
+    from ..options import add_config_options, add_run_arg
+    from .chat_suite import ChatEvalConfig
     from ..data.cli import add_source_args
     from .chat_eval import add_legacy_args, cmd_eval
 
@@ -110,13 +125,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b = esub.add_parser("base", help="CORE: the DCLM in-context tasks, centered accuracy")
     add_run_arg(b)
     b.add_argument("--stage", default="base", help="checkpoint stage to score (default: base)")
-    b.add_argument("--bundle", default=None, help="eval bundle: URL (.zip), local .zip or folder "
-                                                  "(default: nanochat's eval_bundle.zip)")
-    b.add_argument("--max-per-task", type=int, default=None, help="items per task (default: all)")
-    b.add_argument("--baselines", choices=("corrected", "bundle"), default="corrected",
-                   help="random baselines: DCLM's corrected values (default) or the bundle's own csv")
-    b.add_argument("--mode", choices=("batched", "eager"), default="batched",
-                   help="eager: one item per forward, the baseline the benchmark compares with")
+    add_config_options(b, CoreEvalConfig)
     b.add_argument("--device", default="auto")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=cmd_eval_base)
@@ -126,10 +135,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_run_arg(c)
     c.add_argument("--stage", default=None, help="checkpoint stage (default: the latest of rl, sft, mid, base)")
     c.add_argument("--tasks", default=DEFAULT_CHAT_TASKS, help="comma list: benchmarks and/or synthetic task names")
-    c.add_argument("--max-examples", type=int, default=None, help="items per task (default: all)")
-    c.add_argument("--max-tokens", type=int, default=512, help="longest generated answer")
-    c.add_argument("--batch-size", type=int, default=64, help="rows the decode loop keeps running (scheduler slots)")
-    c.add_argument("--sandbox-workers", type=int, default=8, help="HumanEval programs run at once")
+    add_config_options(c, ChatEvalConfig)
     c.add_argument("--data", action="append", default=[], metavar="TASK=PATH_OR_URL",
                    help="data for a task (parquet/jsonl file, folder or URL); default: the public parquet URL")
     c.add_argument("--device", default="auto")
@@ -139,7 +145,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval_base(args: argparse.Namespace) -> int:
-    result = run_core(args.run, args.stage, args.bundle, args.max_per_task, args.baselines, args.device, args.mode,
+    from ..options import config_from_args
+
+    result = run_core(args.run, args.stage, config_from_args(args, CoreEvalConfig), args.device,
                       progress=not args.no_progress)
     print(format_core_table(result))
     print(f"CORE {result['core']:.4f} ({result['baselines']} baselines) in {result['seconds']:.1f}s")
@@ -157,13 +165,13 @@ def _sources(pairs: list[str]) -> dict[str, str]:
 
 
 def cmd_eval_chat(args: argparse.Namespace) -> int:
+    from ..options import config_from_args
     from .chat_suite import ChatEvalConfig, format_chat_table
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise ValueError("--tasks is empty")
-    cfg = ChatEvalConfig(max_examples=args.max_examples, max_tokens=args.max_tokens, batch_size=args.batch_size,
-                         sandbox_workers=args.sandbox_workers)
+    cfg = config_from_args(args, ChatEvalConfig)
     result = run_chat(args.run, tasks, args.stage, cfg, _sources(args.data), args.device,
                       progress=not args.no_progress)
     print(format_chat_table(result))

@@ -104,6 +104,7 @@ class _Config:
 _configs: dict[str | None, _Config] = {}  # by requested mode (None: the strongest that works)
 _lock = threading.Lock()
 _busy: set[int] = set()  # slots this process is using
+_next_slot = 0
 _slot_cond = threading.Condition()
 
 
@@ -183,14 +184,18 @@ def run_program(code: str, limits: SandboxLimits | None = None, mode: str | None
 def _take_slot() -> tuple[int, int | None]:
     """A free slot and, as root, an exclusive lock on its uid shared with every other process on the
     machine (several evaluations at once must never share a uid: cleanup kills by uid)."""
+    global _next_slot
     while True:
         with _slot_cond:
-            free = [k for k in range(MAX_SLOTS) if k not in _busy]
-            for k in free:
+            # round robin: a uid just used may still have dead children waiting for init to reap them,
+            # and those count against its process limit
+            order = [(_next_slot + j) % MAX_SLOTS for j in range(MAX_SLOTS)]
+            for k in (k for k in order if k not in _busy):
                 fd = _lock_uid(k) if _is_root() else None
                 if fd is None and _is_root():
                     continue
                 _busy.add(k)
+                _next_slot = (k + 1) % MAX_SLOTS
                 return k, fd
             _slot_cond.wait(timeout=0.05)
 
@@ -300,20 +305,26 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
-def _kill_user(uid: int, rounds: int = 20) -> None:
-    """SIGKILL every process of the sandbox's own uid until none is left (a fork bomb races us)."""
-    for _ in range(rounds):
-        found = False
+def _kill_user(uid: int, patience_s: float = 2.0) -> None:
+    """SIGKILL every process of the sandbox's own uid until none is left (a fork bomb races us), then
+    wait a little for the dead ones to be reaped: they count against the uid's process limit."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        live = dead = 0
         for p in Path("/proc").iterdir():
             if not p.name.isdigit():
                 continue
             try:  # the real uid from status: /proc/<pid> itself may be owned by root (non-dumpable)
                 status = (p / "status").read_text()
-                if int(status.split("\nUid:")[1].split()[0]) == uid:
-                    found = True
+                if int(status.split("\nUid:")[1].split()[0]) != uid:
+                    continue
+                if status.split("\nState:")[1].split()[0] == "Z":
+                    dead += 1
+                else:
+                    live += 1
                     os.kill(int(p.name), signal.SIGKILL)
             except (OSError, ValueError, IndexError):
                 continue
-        if not found:
+        if not live and not dead or time.monotonic() > deadline:
             return
         time.sleep(0.01)

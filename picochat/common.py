@@ -8,6 +8,7 @@ import logging
 import os
 import random
 import shutil
+import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,3 +211,15 @@ def all_reduce_sum(value: float | int, device: torch.device) -> float:
     t = torch.tensor([float(value)], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t)
     return t.item()
+
+
+def git_commit() -> str:
+    """HEAD of the checkout, or $PICOCHAT_COMMIT where the tree was copied without its history."""
+    if os.environ.get("PICOCHAT_COMMIT"):
+        return os.environ["PICOCHAT_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

@@ -19,7 +19,7 @@ import platform
 import time
 from pathlib import Path
 
-from .common import atomic_write_bytes, log
+from .common import atomic_write_bytes, git_commit, log
 from .runs import STAGES, RunPaths, latest_checkpoint, read_meta, read_results
 
 DEFAULT_GPU_HOURLY_USD = 3.0  # assumed price of one GPU-hour (an H100/H200 on demand); --gpu-hourly-usd
@@ -67,24 +67,9 @@ def system_section() -> str:
 
         device = f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
     rows = [["device", device], ["torch", torch.__version__], ["python", platform.python_version()],
-            ["platform", platform.platform()], ["commit", _commit()],
+            ["platform", platform.platform()], ["commit", git_commit()],
             ["generated", time.strftime("%Y-%m-%d %H:%M:%S")]]
     return "## System\n\n" + _table(["", ""], rows)
-
-
-def _commit() -> str:
-    """HEAD of the checkout picochat runs from (or $PICOCHAT_COMMIT), else "unknown"."""
-    import os
-    import subprocess
-
-    if os.environ.get("PICOCHAT_COMMIT"):
-        return os.environ["PICOCHAT_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def stage_summary(paths: RunPaths, stage: str) -> dict | None:

@@ -5,24 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-
-def git_commit() -> str:
-    """HEAD of the checkout, or $PICOCHAT_COMMIT where the tree was copied without its history."""
-    if os.environ.get("PICOCHAT_COMMIT"):
-        return os.environ["PICOCHAT_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+from ..common import git_commit
 
 
 def device_name(device: torch.device) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import time
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..common import atomic_dir, log
-from ..runs import CheckpointError, list_checkpoints, read_meta, sha256_file
+from ..runs import CheckpointError, latest_checkpoint, list_checkpoints, load_weights, read_meta, sha256_file
 
 METADATA_SLACK = 1 << 16  # meta.json, pickling and zip headers, beyond the tensors themselves
 
@@ -240,3 +241,29 @@ def load_training_state(path: Path, optimizers: list) -> dict:
         opt.load_state_dict(state)
     ts = path / "train_state.pt"
     return torch.load(ts, map_location="cpu", weights_only=False) if ts.exists() else {}
+
+
+def rng_state(device: torch.device) -> dict:
+    """This process's random states (torch, python, and the device's on CUDA), for a checkpoint."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def load_for_resume(stage_dir: Path, model: torch.nn.Module, optimizers: list, expected: dict) -> tuple[Path, dict] | None:
+    """Load the stage's latest checkpoint into `model` and `optimizers` after checking that its meta
+    matches `expected` (field -> value); return (its path, the saved train state), or None if there is none."""
+    path = latest_checkpoint(stage_dir)
+    if path is None:
+        return None
+    check_compatible(read_meta(path), expected, path)
+    load_weights(path, model)
+    return path, load_training_state(path, optimizers)

@@ -352,14 +352,8 @@ class Trainer:
                           "seed": self.cfg.seed, "depth": self.cfg.depth},
                 "world_size": self.dist.world_size}
 
-    def _rng_state(self) -> dict:
-        state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        if self.device.type == "cuda":
-            state["cuda"] = torch.cuda.get_rng_state(self.device)
-        return state
-
     def _save(self, step: int, batches, loss: float, val_bpb) -> None:
-        local = {"loader": batches.state_dict(), "rng": self._rng_state()}
+        local = {"loader": batches.state_dict(), "rng": ckpt.rng_state(self.device)}
         ckpt.save_from_ranks(self.stage_dir, step, self.model, self.optimizers,
                              {**self._meta(), "loss": loss, "val_bpb": val_bpb}, local, self.cfg.keep_last)
 
@@ -371,23 +365,18 @@ class Trainer:
         return stopped
 
     def _resume(self, batches) -> int:
-        path = runs.latest_checkpoint(self.stage_dir)
-        if path is None:
+        expected = self._meta()
+        found = ckpt.load_for_resume(self.stage_dir, self.model, self.optimizers,
+                                     {"model": expected["model"], "train": expected["train"]})
+        if found is None:
             log.info(f"--resume: no checkpoint in {self.stage_dir}; starting from scratch")
             return 0
-        meta = runs.read_meta(path)
-        expected = self._meta()
-        ckpt.check_compatible(meta, {"model": expected["model"], "train": expected["train"]}, path)
-        runs.load_weights(path, self.model)
-        state = ckpt.load_training_state(path, self.optimizers)
+        path, state = found
         ranks = state.get("ranks", [])
         if len(ranks) == self.dist.world_size:
             mine = ranks[self.dist.rank]
             batches.load_state_dict(mine["loader"])
-            torch.set_rng_state(mine["rng"]["torch"])
-            random.setstate(mine["rng"]["python"])
-            if "cuda" in mine["rng"] and self.device.type == "cuda":
-                torch.cuda.set_rng_state(mine["rng"]["cuda"], self.device)
+            ckpt.restore_rng(mine["rng"], self.device)
         else:
             how = "the data order restarts from the beginning"
             if hasattr(batches, "continue_after"):

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import random
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -319,16 +318,10 @@ class RLTrainer:
         return {"model": self.model_cfg.to_dict(), "stage": STAGE, "rl": same, "init_from": str(self.start),
                 "world_size": self.dist.world_size}
 
-    def _rng_state(self) -> dict:
-        state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        if self.device.type == "cuda":
-            state["cuda"] = torch.cuda.get_rng_state(self.device)
-        return state
-
     def _save(self, step: int, stats: dict) -> None:
         ckpt.save_from_ranks(self.stage_dir, step, self.model, self.optimizers,
                              {**self._meta(), "loss": stats["loss"], "reward": stats["reward"]},
-                             {"rng": self._rng_state()})
+                             {"rng": ckpt.rng_state(self.device)})
 
     def _stopped(self, signum: int, step: int, num_steps: int) -> TrainingStopped:
         saved = self.stage_dir / f"step_{step:06d}" if self.cfg.save_every >= 0 else None
@@ -338,23 +331,17 @@ class RLTrainer:
         return stopped
 
     def _resume(self) -> int:
-        path = runs.latest_checkpoint(self.stage_dir)
-        if path is None:
+        expected = self._meta()
+        found = ckpt.load_for_resume(self.stage_dir, self.model, self.optimizers,
+                                     {"model": expected["model"], "rl": expected["rl"]})
+        if found is None:
             log.info(f"--resume: no checkpoint in {self.stage_dir}; starting from the SFT weights")
             return 0
-        meta = runs.read_meta(path)
-        expected = self._meta()
-        ckpt.check_compatible(meta, {"model": expected["model"], "rl": expected["rl"]}, path)
-        runs.load_weights(path, self.model)
+        path, state = found
         self.rollouts.refresh_weights(self.model)
-        state = ckpt.load_training_state(path, self.optimizers)
         ranks = state.get("ranks", [])
         if len(ranks) == self.dist.world_size:
-            rng = ranks[self.dist.rank]["rng"]
-            torch.set_rng_state(rng["torch"])
-            random.setstate(rng["python"])
-            if "cuda" in rng and self.device.type == "cuda":
-                torch.cuda.set_rng_state(rng["cuda"], self.device)
+            ckpt.restore_rng(ranks[self.dist.rank]["rng"], self.device)
         log.info(f"resumed rl from {path} at step {state['step']}")
         return int(state["step"])
 

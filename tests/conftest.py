@@ -1,4 +1,9 @@
-"""Shared fixtures: an isolated PICOCHAT_HOME and a tiny trained tokenizer on the embedded corpus."""
+"""Shared fixtures: an isolated PICOCHAT_HOME and a tiny trained tokenizer on the embedded corpus.
+
+Under pytest-xdist (`make test` runs `pytest -n auto`), each worker gets its own PICOCHAT_HOME below
+the one it was given (nothing a test writes outside its `home` fixture is shared between workers) and
+one thread for torch, inherited by the processes tests start: two workers of two threads each on a
+2-core machine would spin-wait on each other's cores."""
 
 from __future__ import annotations
 
@@ -9,7 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _WORKER:
+    _base = Path(os.environ.get("PICOCHAT_HOME", Path.home() / ".cache" / "picochat")).expanduser()
+    os.environ["PICOCHAT_HOME"] = str(_base / f"xdist-{_WORKER}")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture

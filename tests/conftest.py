@@ -54,3 +54,15 @@ def tiny_run(home, _tiny_tokenizer_dir) -> str:
     """A run named 'tiny' whose tokenizer (512 tokens, embedded corpus) is already trained."""
     shutil.copytree(_tiny_tokenizer_dir, home / "runs" / "tiny" / "tokenizer")
     return "tiny"
+
+
+# Under `pytest -n ... --dist loadfile` a worker takes whole files, in collection order, as it frees
+# up: the files that take longest on 2 cores go first, so no worker is left running a long file after
+# the other has finished everything else (their own order, and every other file's, is unchanged).
+LONGEST_FIRST = ("test_rl.py", "test_faults.py", "test_train.py", "test_chat_suite.py", "test_execution.py",
+                 "test_options.py", "test_autobatch.py", "test_demo.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))

@@ -65,12 +65,12 @@ def _standin(args) -> set[str]:
 
     root = Path(tempfile.mkdtemp(prefix="picochat-eval-standin-"))
     used = set()
-    if args.bundle is None:
+    if args.bundle is None and "core" in args.tasks.split(","):
         args.bundle = str(write_core_bundle(root / "bundle", args.standin))
         used.add("core")
     given = {pair.partition("=")[0] for pair in args.data}
     for name, path in write_chat_sets(root / "chat", args.standin).items():
-        if name not in given:
+        if name not in given and name in args.tasks.split(","):
             args.data.append(f"{name}={path}")
             used.add(name)
     return used

@@ -348,9 +348,11 @@ def test_batch_bench_smoke(capsys, tmp_path):
     args = parser.parse_args(["batch", "--depth", "1", "--seq-len", "128", "--vocab-size", "300", "--concurrency",
                               "2", "--request-rate", "50", "--num-requests", "4", "--serial-requests", "2",
                               "--prompt-median", "8", "--output-median", "6", "--device", "cpu", "--plot", str(plot),
-                              "--append", str(tmp_path / "r.jsonl")])
+                              "--append", str(tmp_path / "r.jsonl"), "--profile"])
     assert args.func(args) == 0
-    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = capsys.readouterr().out
+    assert "profile: continuous, concurrency 2" in out and "scheduler thread (cProfile" in out
+    last = json.loads(out.strip().splitlines()[-1])
     modes = [(r["mode"], r.get("concurrency"), r.get("request_rate")) for r in last["records"]]
     assert modes == [("continuous", 2, None), ("static_fixed", 2, None), ("static", 2, None), ("serial", 2, None),
                      ("continuous", None, 50.0)]

@@ -36,7 +36,8 @@ class SchedulerConfig:
     prefill_budget: int | None = None  # padded prompt tokens per prefill forward; None: 8192 on CUDA, 2048 else
     sync_every: int | None = None  # decode steps per chunk between host reads; None: 16 fast, 1 eager
     mode: str | None = None  # "fast" (CUDA graphs), "eager", or "naive" (no cache: a baseline); None: fast on CUDA
-    kernels: str = "auto"  # fast mode's step: "triton", "torch", or auto (Triton up to TRITON_MAX_ROWS)
+    kernels: str = "auto"  # fast mode's step: "triton", "torch", or auto (Triton up to triton_max_rows)
+    triton_max_rows: int | None = None  # auto: the largest bucket stepped by Triton; None: TRITON_MAX_ROWS
     compile: bool | str = False  # torch.compile the torch step (True or a torch.compile mode)
     dtype: object = None  # "bfloat16" | "float32" | a torch.dtype; None: bf16 on CUDA, fp32 elsewhere
     fuse: bool | None = None  # one q/k/v projection (default: in fast mode)
@@ -51,7 +52,7 @@ class SchedulerConfig:
             if not ok:
                 raise ValueError(f"SchedulerConfig.{name} must be {allowed} (got {getattr(self, name)!r})")
 
-        for name in ("slots", "max_context", "sync_every", "window_step", "prefill_budget"):
+        for name in ("slots", "max_context", "sync_every", "window_step", "prefill_budget", "triton_max_rows"):
             value = getattr(self, name)
             check(name, value is None or (isinstance(value, int) and value >= 1), "an integer >= 1 or None")
         for name in ("max_queue", "max_slots", "tool_workers"):

@@ -134,7 +134,8 @@ class Scheduler:
         if self.mode != "fast":
             return "torch"
         if self.kernels == "auto":
-            return "torch" if self.triton_unusable or bucket_rows > TRITON_MAX_ROWS else "triton"
+            top = self.config.triton_max_rows or TRITON_MAX_ROWS
+            return "torch" if self.triton_unusable or bucket_rows > top else "triton"
         return self.kernels
 
     # -- submitting ------------------------------------------------------------------------------

@@ -403,6 +403,23 @@ def test_fast_scheduler_matches_eager_on_staggered_requests(kernels):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fast_triton_whole_chunk_graphs_match_eager():
+    """Triton buckets launch a whole chunk (steps, copies out and temperature sampling) as one
+    graph: greedy and seeded temperature-only requests, staggered, give eager's tokens (fp32)."""
+    dev = torch.device("cuda")
+    m = random_model(n_layer=2, n_head=4, n_kv_head=2, n_embd=128, vocab=265, seq_len=256, device=dev, seed=3)
+    ps = prompts(7, seed=6)
+    params = [SamplingParams(max_tokens=40 if i == 1 else 12 + 7 * i, **GREEDY) if i % 2 else
+              SamplingParams(max_tokens=12 + 7 * i, temperature=0.8, seed=10 + i, stop_token_ids=()) for i in range(7)]
+    eager = Scheduler(m, None, SchedulerConfig(slots=4, mode="eager", sync_every=4, pipeline=True, dtype="float32"))
+    fast = Scheduler(m, None, SchedulerConfig(slots=4, mode="fast", sync_every=4, dtype="float32", kernels="triton"))
+    assert {kind for _, kind in fast.batch.chunk_graphs} == {"greedy", "sample"}
+    assert _staggered(fast, ps, params) == _staggered(eager, ps, params)
+    assert fast.batch.whole_chunks > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fast_scheduler_seeded_sampling_independent_of_batch_mates():
     """On CUDA in fp32 a seeded request draws the same tokens alone and in a batch (the noise is
     keyed by seed, sample and position; the logits of a row do not depend on its batch-mates

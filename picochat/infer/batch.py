@@ -90,9 +90,39 @@ class DecodeBatch:
         self._runner_args = dict(dtype=dtype, graph=graph, compile=compile, window_step=window_step,
                                  graph_pool=pool)
         self._kernels_for = kernels_for
+        # (bucket, "greedy" | "sample") -> a CUDA graph of k_max whole decode steps (see _capture_chunks)
+        self.chunk_graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}
+        self.whole_chunks = 0  # chunks launched as one graph (stats, tests)
         if graph:  # capture every bucket's graphs now: capturing writes junk into the cache rows
             for b in self.buckets:
                 self.runner(b)
+                self._capture_chunks(b)
+
+    def _capture_chunks(self, bucket: int) -> None:
+        """For a Triton bucket (no attention windows: one graph serves every step), capture whole
+        chunks: k_max steps, each with its token copied out (and, for "sample", temperature
+        sampling with per-row noise, the drawn token fed back), in one graph. The host then
+        launches one graph per chunk instead of a replay plus eager copies (and ~30 eager sampling
+        kernels) per step. Chunks with top-k/top-p, forced tokens or logprobs step one by one."""
+        runner = self.runners[bucket]
+        if runner.kernels != "triton" or runner.graph is None:
+            return
+        from .runners import capture_graph
+
+        def chunk(kind: str):
+            def run():
+                for j in range(self.k_max):
+                    logits, tok = runner._fn(self.model, runner.idx, runner.cache)
+                    if kind == "sample":
+                        tok = self.sample(logits, slice(0, bucket), top_k_max=0, any_top_p=False, positions=runner.pos)
+                        self.idx[:bucket, 0].copy_(tok)
+                    self.out[j, :bucket].copy_(tok)
+            return run
+
+        for kind in ("greedy", "sample"):
+            with torch.no_grad():
+                self.chunk_graphs[bucket, kind] = capture_graph(chunk(kind), runner.pos.zero_, self.device, warmup=1,
+                                                            pool=self._runner_args["graph_pool"])[0]
 
     def _dev(self, values, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A small host tensor (or list) on the device. On CUDA through pinned memory without
@@ -226,7 +256,13 @@ class DecodeBatch:
             self.fmask[:k, :bucket].copy_(self._dev(fmask))
             self.ftok[:k, :bucket].copy_(self._dev(ftok))
         rows = slice(0, bucket)
-        for j in range(k):
+        kind = ("sample" if top_k_max == 0 and not any_top_p else None) if sampling else "greedy"
+        whole = self.chunk_graphs.get((bucket, kind)) if k == self.k_max and not forced and logprobs is None else None
+        if whole is not None:
+            whole.replay()
+            self.whole_chunks += 1
+            runner.hi = min(runner.hi + k, runner.max_len - 1)
+        for j in range(0 if whole is not None else k):
             logits, tok = runner.step()  # tok: greedy, already the next step's input
             if sampling:
                 tok = self.sample(logits, rows, top_k_max=top_k_max, any_top_p=any_top_p, positions=runner.pos)

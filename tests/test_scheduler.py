@@ -43,10 +43,13 @@ def model():
 # greedy outputs equal decoding alone
 
 
-@pytest.mark.parametrize("sync_every,pipeline", [(1, False), (3, False), (4, True)])
-def test_staggered_joins_equal_alone(model, sync_every, pipeline):
+@pytest.mark.parametrize("sync_every,pipeline,fresh", [(1, False, None), (3, False, None), (4, True, None),
+                                                       (4, True, True)])
+def test_staggered_joins_equal_alone(model, sync_every, pipeline, fresh):
     """Requests join between chunks (mid-way through others' generations), with different prompt
-    lengths, max_tokens and stop strings; one is cancelled. Each gets its solo output."""
+    lengths, max_tokens and stop strings; one is cancelled. Each gets its solo output. `fresh`:
+    first prompt chunks through the scratch-cache prefill that CUDA graphs replay on GPUs (here
+    eagerly; longer prompts continue with the cached prefill)."""
     ps = prompts(7)
     params = [SamplingParams(max_tokens=30 if i == 1 else 5 + 3 * i, **GREEDY) for i in range(7)]
     solo = [alone(model, p, q, TOK) for p, q in zip(ps, params)]
@@ -55,7 +58,9 @@ def test_staggered_joins_equal_alone(model, sync_every, pipeline):
     stop = text2[4:6] if len(text2) > 6 else None
     if stop:
         params[2] = SamplingParams(max_tokens=params[2].max_tokens, stop=(stop,), **GREEDY)
-    s = Scheduler(model, TOK, SchedulerConfig(slots=4, sync_every=sync_every, pipeline=pipeline, prefill_budget=16))
+    s = Scheduler(model, TOK, SchedulerConfig(slots=4, sync_every=sync_every, pipeline=pipeline, prefill_budget=16,
+                                              prefill_graphs=fresh))
+    assert (s.batch.fresh is not None) == bool(fresh)
     handles = {}
     for step in range(200):
         if step % 2 == 0 and len(handles) < 7:
@@ -83,6 +88,28 @@ def test_staggered_joins_equal_alone(model, sync_every, pipeline):
         assert res.usage.prompt_tokens == len(ps[i]) and res.usage.completion_tokens == len(solo[i])
     st = s.stats()
     assert st["slots_used"] == 0 and st["running"] == 0 and st["finished"]["cancelled"] == 1
+
+
+def test_fresh_prefill_equals_cached_prefill(model):
+    """The scratch-cache prefill (what the prefill graphs replay) gives the cached prefill's logits,
+    cache rows and positions, for scattered slots and prompts of different lengths."""
+    from picochat.infer.batch import DecodeBatch
+    from picochat.infer.modelprep import prepare_model
+
+    m = prepare_model(model, torch.float32, fuse=True)
+    chunks = [[3, 4, 5, 6, 7], [9] * 12, [1, 2]]
+    slots = [0, 2, 3]
+    out = []
+    for fresh in (False, True):
+        b = DecodeBatch(m, 4, 64, k_max=2, dtype=torch.float32, fresh_prefill=fresh)
+        assert (b.fresh is not None) == fresh
+        out.append((b, b.prefill(slots, chunks, [0, 0, 0])))
+    (plain, want), (fresh, got) = out
+    assert torch.allclose(want, got, atol=1e-5, rtol=0)
+    assert torch.equal(plain.pos, fresh.pos)
+    for a, b in zip(plain.cache.k + plain.cache.v, fresh.cache.k + fresh.cache.v):
+        for slot, c in zip(slots, chunks):
+            assert torch.allclose(a[slot, :, :len(c)], b[slot, :, :len(c)], atol=1e-5, rtol=0)
 
 
 def test_long_prompt_prefilled_in_chunks_while_others_decode(model):

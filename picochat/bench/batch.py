@@ -182,7 +182,7 @@ def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_r
                     seq_len: int = 2048, serial_requests: int = 16, seed: int = 0, sync_every: int | None = None,
                     kernels: str = "auto", prefill_budget: int | None = None,
                     compile: bool | str = False, triton_max_rows: int | None = None,
-                    profile: bool = False) -> list[dict]:
+                    profile: bool = False, prefill_graphs: bool | None = None) -> list[dict]:
     from ..common import compute_dtype
     from ..config import ModelConfig
     from ..infer.scheduler import Scheduler, SchedulerConfig
@@ -196,7 +196,8 @@ def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_r
     top = max(list(concurrency) + [1])
     slots = slots or max(top, 1)
     config = SchedulerConfig(slots=slots, sync_every=sync_every, kernels=kernels, prefill_budget=prefill_budget,
-                             max_queue=100_000, compile=compile if cuda else False, triton_max_rows=triton_max_rows)
+                             max_queue=100_000, compile=compile if cuda else False, triton_max_rows=triton_max_rows,
+                             prefill_graphs=prefill_graphs)
     t0 = time.perf_counter()
     sched = Scheduler(model, None, config).start()
     build_s = time.perf_counter() - t0
@@ -204,6 +205,7 @@ def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_r
               "slots": slots, "mode_step": sched.mode, "sync_every": sched.sync_every, "dtype": str(dtype)[6:],
               "vocab_size": vocab_size, "seq_len": seq_len, "scheduler_build_s": round(build_s, 2),
               "compile": config.compile or False, "kernels": kernels,
+              "prefill_graphs": sched.batch.fresh is not None and sched.batch.fresh.graph,
               "step_kernels": {b: r.kernels for b, r in sched.batch.runners.items()} if sched.mode == "fast" else None}
     print(f"scheduler: {slots} slots x {sched.max_context} context, {sched.mode} decode, built in {build_s:.1f} s")
     # warm-up: every bucket size the runs will use, prefill shapes, the host paths
@@ -339,9 +341,11 @@ def add_batch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefill-budget", type=int, default=None,
                    help="padded prompt tokens per prefill forward (default 8192 on CUDA, 2048 elsewhere)")
     p.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton"),
-                   help="the decode step of each batch bucket (auto: Triton up to 8 rows, torch above)")
+                   help="the decode step of each batch bucket (auto: Triton up to --triton-max-rows, torch above)")
     p.add_argument("--triton-max-rows", type=int, default=None,
                    help="with --kernels auto: the largest bucket the Triton step runs (default: the scheduler's)")
+    p.add_argument("--prefill-graphs", choices=("on", "off"), default=None,
+                   help="prompts' first chunks replayed from CUDA graphs (default: on in fast mode)")
     p.add_argument("--profile", action="store_true",
                    help="after the measured runs, profile one short continuous run per concurrency and print "
                         "the kernel table (torch.profiler) and the scheduler thread's Python (cProfile)")
@@ -385,7 +389,8 @@ def cmd_batch_bench(args: argparse.Namespace) -> int:
     records = run_batch_bench(args.depth, conc, rates, modes, args.num_requests, args.prompt_median,
                               args.output_median, args.length_sigma, args.slots, device, args.vocab_size,
                               args.seq_len, args.serial_requests, args.seed, args.sync_every, args.kernels,
-                              args.prefill_budget, args.compile, args.triton_max_rows, args.profile)
+                              args.prefill_budget, args.compile, args.triton_max_rows, args.profile,
+                              None if args.prefill_graphs is None else args.prefill_graphs == "on")
     base = base_record("batch", device, args.depth)
     records = [{**base, **r} for r in records]
     print(f"\nbatch · {base['gpu']} · d{args.depth} · prompt/output medians {args.prompt_median}/"

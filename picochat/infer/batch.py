@@ -51,7 +51,9 @@ class ChunkOut:
 class DecodeBatch:
     def __init__(self, model, slots: int, context: int, *, k_max: int, dtype: torch.dtype, graph: bool = False,
                  compile: str | None = None, window_step: int = 256, kernels_for=lambda bucket: "torch",
-                 naive: bool = False):
+                 naive: bool = False, fresh_prefill: bool | None = None):
+        """`fresh_prefill`: prompts' first chunks through `FreshPrefill` (None: with graphs; True
+        without graphs runs its scratch-cache forward eagerly, as the tests do)."""
         c = model.config
         self.model, self.slots, self.context, self.k_max = model, slots, context, k_max
         self.device = next(model.parameters()).device
@@ -97,6 +99,13 @@ class DecodeBatch:
             for b in self.buckets:
                 self.runner(b)
                 self._capture_chunks(b)
+        self.fresh = None
+        if not naive and (graph if fresh_prefill is None else fresh_prefill):
+            from .prefill_graphs import FreshPrefill
+
+            with sdpa_kernel(PREFILL_ATTENTION):  # captured with the backends prefill runs with
+                self.fresh = FreshPrefill(model, self.cache, max_t=min(2048, context), graph=graph,
+                                          pool=torch.cuda.graph_pool_handle() if graph else None)
 
     def _capture_chunks(self, bucket: int) -> None:
         """For a Triton bucket (no attention windows: one graph serves every step), capture whole
@@ -194,8 +203,12 @@ class DecodeBatch:
         # take the mask; the memory-efficient kernel needs no plan. The backend switch is
         # process-wide while this forward runs; it only takes cuDNN out of the order.
         with sdpa_kernel(PREFILL_ATTENTION):
-            logits = self._prefill_naive(slots, chunks, starts, ends) if self.naive else \
-                self._prefill_cached(slots, chunks, starts)
+            if self.fresh is not None and not any(starts) and self.fresh.fits(len(slots), max(lens)):
+                logits = self.fresh.run(slots, chunks, self._dev)
+            elif self.naive:
+                logits = self._prefill_naive(slots, chunks, starts, ends)
+            else:
+                logits = self._prefill_cached(slots, chunks, starts)
         self.set_rows(slots, ends, [0] * len(slots))
         return logits
 

@@ -116,7 +116,8 @@ class Scheduler:
         def build(kernels_for) -> DecodeBatch:
             return DecodeBatch(self.model, slots, self.max_context, k_max=self.sync_every, dtype=self.dtype,
                                graph=self.mode == "fast", compile=compile_mode, window_step=window_step,
-                               kernels_for=kernels_for, naive=self.mode == "naive")
+                               kernels_for=kernels_for, naive=self.mode == "naive",
+                               fresh_prefill=self.config.prefill_graphs)
 
         try:
             return build(self.kernels_for)

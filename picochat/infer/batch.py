@@ -328,14 +328,17 @@ class DecodeBatch:
 
     @torch.no_grad()
     def first_tokens(self, logits: torch.Tensor, rows: list[int], slots: list[int], positions: list[int], *,
-                     top_k_max: int, any_top_p: bool, logprobs: int | None) -> ChunkOut:
+                     top_k_max: int, any_top_p: bool, logprobs: int | None, sampling: bool = True) -> ChunkOut:
         """Sample each slot's first token from its prompt's logits (`logits[rows[i]]` for slot i)
         and make it the slot's next input, on the device; the tokens (and logprobs) come back as a
         one-step ChunkOut, read later like a chunk (no wait here, so the next chunk launches first)."""
         logits = logits.index_select(0, self._dev(rows, torch.long))
         index = self._dev(slots, torch.long)
         pos = self._dev(positions, torch.long)
-        tok = self.sample(logits, index, top_k_max=top_k_max, any_top_p=any_top_p, positions=pos)
+        if sampling:
+            tok = self.sample(logits, index, top_k_max=top_k_max, any_top_p=any_top_p, positions=pos)
+        else:  # every row greedy: one kernel instead of the sampler's ~40
+            tok = logits.argmax(dim=-1)
         self.idx[index, 0] = tok
         lp = top_lp = top_ids = None
         if logprobs is not None:

@@ -360,6 +360,7 @@ class Scheduler:
                 sample.state, sample.tool, sample.resync = "forcing", None, True
 
     def _admit(self) -> None:
+        settings: list[list] = [[], [], [], [], []]  # slots, temperature, top_k, top_p, keys: one copy each
         with self._lock:
             while self._queue and len(self._free) >= self._queue[0].params.n:
                 req = self._queue.popleft()
@@ -367,8 +368,11 @@ class Scheduler:
                 self._prefilling.append(req)
                 p = req.params
                 n = p.n
-                self.batch.set_sampling(req.slots, [float(p.temperature)] * n, [p.top_k or 0] * n,
-                                        [1.0 if p.top_p is None else float(p.top_p)] * n, req.keys)
+                for column, values in zip(settings, (req.slots, [float(p.temperature)] * n, [p.top_k or 0] * n,
+                                                     [1.0 if p.top_p is None else float(p.top_p)] * n, req.keys)):
+                    column += values
+        if settings[0]:
+            self.batch.set_sampling(*settings)
 
     def _prefill(self) -> None:
         """Prefill prompt chunks (right-padded into one forward of at most `prefill_budget` padded
@@ -418,7 +422,8 @@ class Scheduler:
         any_top_p = any(p.top_p is not None and p.top_p < 1 for p in params)
         lp_k = max((p.logprobs for p in params if p.logprobs is not None), default=None)
         firsts = self.batch.first_tokens(logits, rows, slots, positions, top_k_max=top_k_max,
-                                         any_top_p=any_top_p, logprobs=lp_k)
+                                         any_top_p=any_top_p, logprobs=lp_k,
+                                         sampling=any(p.temperature > 0 for p in params))
         owners = []
         for req, _ in done:
             for index, slot in enumerate(req.slots):

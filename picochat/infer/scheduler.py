@@ -49,6 +49,8 @@ from .sampling import stream_key
 
 log = logging.getLogger("picochat")
 
+FOLLOWUP_WAIT_S = 0.001  # see Scheduler._await_followups
+
 
 class Scheduler:
     """The decode loop over one persistent KV cache; see the module docstring."""
@@ -252,6 +254,7 @@ class Scheduler:
                     self._wake.wait()
                 if self._closing:
                     return
+            finished = self._finished()
             try:
                 self.step()
             except Exception:  # a failed step must not leave every caller waiting forever
@@ -259,6 +262,22 @@ class Scheduler:
                 self._abort_all()
             if not self._launchable():
                 self._wait_for_tools(timeout=0.05)
+            else:
+                self._await_followups(self._finished() - finished)
+
+    def _finished(self) -> int:
+        return sum(self.counters["finished"].values())
+
+    def _await_followups(self, finished: int) -> None:
+        """After samples finished, while a chunk runs on the device: give their callers a moment
+        (up to FOLLOWUP_WAIT_S) to submit follow-up requests, so those join the next chunk. Without
+        it the loop goes straight on to admit with the GIL held and a request sent right after a
+        finish (closed-loop clients, evaluation and RL loops) waits a whole extra chunk. The wait
+        ends as soon as that many requests are queued; it is idle host time, not device time."""
+        if finished <= 0 or self._inflight is None:
+            return
+        with self._lock:
+            self._wake.wait_for(lambda: self._closing or len(self._queue) >= finished, timeout=FOLLOWUP_WAIT_S)
 
     def close(self) -> None:
         """Stop the background thread; requests still queued or running finish as cancelled."""

@@ -182,7 +182,8 @@ def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_r
                     seq_len: int = 2048, serial_requests: int = 16, seed: int = 0, sync_every: int | None = None,
                     kernels: str = "auto", prefill_budget: int | None = None,
                     compile: bool | str = False, triton_max_rows: int | None = None,
-                    profile: bool = False, prefill_graphs: bool | None = None) -> list[dict]:
+                    profile: bool = False, prefill_graphs: bool | None = None,
+                    followup_wait: float | None = None, chunk_graphs: bool = True) -> list[dict]:
     from ..common import compute_dtype
     from ..config import ModelConfig
     from ..infer.scheduler import Scheduler, SchedulerConfig
@@ -197,7 +198,8 @@ def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_r
     slots = slots or max(top, 1)
     config = SchedulerConfig(slots=slots, sync_every=sync_every, kernels=kernels, prefill_budget=prefill_budget,
                              max_queue=100_000, compile=compile if cuda else False, triton_max_rows=triton_max_rows,
-                             prefill_graphs=prefill_graphs)
+                             prefill_graphs=prefill_graphs, chunk_graphs=chunk_graphs,
+                             **({} if followup_wait is None else {"followup_wait": followup_wait}))
     t0 = time.perf_counter()
     sched = Scheduler(model, None, config).start()
     build_s = time.perf_counter() - t0
@@ -206,6 +208,8 @@ def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_r
               "vocab_size": vocab_size, "seq_len": seq_len, "scheduler_build_s": round(build_s, 2),
               "compile": config.compile or False, "kernels": kernels,
               "prefill_graphs": sched.batch.fresh is not None and sched.batch.fresh.graph,
+              "followup_wait_ms": round(1000 * config.followup_wait, 3),
+              "chunk_graphs": sorted({b for b, _ in sched.batch.chunk_graphs}) if sched.mode != "naive" else [],
               "step_kernels": {b: r.kernels for b, r in sched.batch.runners.items()} if sched.mode == "fast" else None}
     print(f"scheduler: {slots} slots x {sched.max_context} context, {sched.mode} decode, built in {build_s:.1f} s")
     # warm-up: every bucket size the runs will use, prefill shapes, the host paths
@@ -346,6 +350,10 @@ def add_batch_parser(sub: argparse._SubParsersAction) -> None:
                    help="with --kernels auto: the largest bucket the Triton step runs (default: the scheduler's)")
     p.add_argument("--prefill-graphs", choices=("on", "off"), default=None,
                    help="prompts' first chunks replayed from CUDA graphs (default: on in fast mode)")
+    p.add_argument("--chunk-graphs", choices=("on", "off"), default="on",
+                   help="Triton buckets launch a whole decode chunk as one CUDA graph (default on)")
+    p.add_argument("--followup-wait", type=float, default=None, metavar="SECONDS",
+                   help="how long the loop waits for follow-up submissions after a finish (0 = off)")
     p.add_argument("--profile", action="store_true",
                    help="after the measured runs, profile one short continuous run per concurrency and print "
                         "the kernel table (torch.profiler) and the scheduler thread's Python (cProfile)")
@@ -380,6 +388,8 @@ def cmd_batch_bench(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < low:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= {low} (got {value})")
+    if args.followup_wait is not None and not 0 <= args.followup_wait <= 1:
+        raise SystemExit(f"--followup-wait must be in [0, 1] seconds (got {args.followup_wait})")
     if args.length_sigma < 0:
         raise SystemExit(f"--length-sigma must be >= 0 (got {args.length_sigma})")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -390,7 +400,8 @@ def cmd_batch_bench(args: argparse.Namespace) -> int:
                               args.output_median, args.length_sigma, args.slots, device, args.vocab_size,
                               args.seq_len, args.serial_requests, args.seed, args.sync_every, args.kernels,
                               args.prefill_budget, args.compile, args.triton_max_rows, args.profile,
-                              None if args.prefill_graphs is None else args.prefill_graphs == "on")
+                              None if args.prefill_graphs is None else args.prefill_graphs == "on",
+                              args.followup_wait, args.chunk_graphs == "on")
     base = base_record("batch", device, args.depth)
     records = [{**base, **r} for r in records]
     print(f"\nbatch · {base['gpu']} · d{args.depth} · prompt/output medians {args.prompt_median}/"

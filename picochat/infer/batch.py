@@ -14,6 +14,7 @@ parked or reused; this module never looks at requests.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..model.attention import KVCache
 from .runners import CachedRunner, NaiveRunner, bucket_size
+
+log = logging.getLogger("picochat")
 from .sampling import sample_rows
 
 MAX_LOGPROBS = 20  # top alternatives a row may ask for (SamplingParams.logprobs)
@@ -51,7 +54,7 @@ class ChunkOut:
 class DecodeBatch:
     def __init__(self, model, slots: int, context: int, *, k_max: int, dtype: torch.dtype, graph: bool = False,
                  compile: str | None = None, window_step: int = 256, kernels_for=lambda bucket: "torch",
-                 naive: bool = False, fresh_prefill: bool | None = None):
+                 naive: bool = False, fresh_prefill: bool | None = None, chunk_graphs: bool = True):
         """`fresh_prefill`: prompts' first chunks through `FreshPrefill` (None: with graphs; True
         without graphs runs its scratch-cache forward eagerly, as the tests do)."""
         c = model.config
@@ -98,14 +101,26 @@ class DecodeBatch:
         if graph:  # capture every bucket's graphs now: capturing writes junk into the cache rows
             for b in self.buckets:
                 self.runner(b)
-                self._capture_chunks(b)
+                if chunk_graphs:
+                    try:
+                        self._capture_chunks(b)
+                    except Exception as e:  # speed, never the answer: the chunk then steps one by one
+                        log.warning(f"capturing whole decode chunks failed ({type(e).__name__}: {e}); "
+                                    "stepping one graph per step")
+                        self.chunk_graphs = {key: g for key, g in self.chunk_graphs.items() if key[0] != b}
+                        torch.cuda.synchronize(self.device)
         self.fresh = None
         if not naive and (graph if fresh_prefill is None else fresh_prefill):
             from .prefill_graphs import FreshPrefill
 
-            with sdpa_kernel(PREFILL_ATTENTION):  # captured with the backends prefill runs with
-                self.fresh = FreshPrefill(model, self.cache, max_t=min(2048, context), graph=graph,
-                                          pool=torch.cuda.graph_pool_handle() if graph else None)
+            try:
+                with sdpa_kernel(PREFILL_ATTENTION):  # captured with the backends prefill runs with
+                    self.fresh = FreshPrefill(model, self.cache, max_t=min(2048, context), graph=graph,
+                                              pool=torch.cuda.graph_pool_handle() if graph else None)
+            except Exception as e:  # speed, never the answer: prompts are then prefilled eagerly
+                log.warning(f"capturing the prefill graphs failed ({type(e).__name__}: {e}); prefilling eagerly")
+                if graph:
+                    torch.cuda.synchronize(self.device)
 
     def _capture_chunks(self, bucket: int) -> None:
         """For a Triton bucket (no attention windows: one graph serves every step), capture whole

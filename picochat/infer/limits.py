@@ -48,7 +48,9 @@ class SchedulerConfig:
     max_slots: int = 256
     pipeline: bool | None = None  # launch the next chunk before reading one; None: in fast mode
     prefill_graphs: bool | None = None  # prompts' first chunks from CUDA graphs (prefill_graphs.py); None: fast mode
+    chunk_graphs: bool = True  # Triton buckets: a whole decode chunk as one CUDA graph (fast mode)
     tool_workers: int = 4
+    followup_wait: float = 0.001  # seconds the loop waits for follow-ups after a finish (Scheduler._await_followups)
 
     def __post_init__(self) -> None:
         def check(name: str, ok: bool, allowed: str) -> None:
@@ -63,6 +65,8 @@ class SchedulerConfig:
         check("mode", self.mode in (None, "fast", "eager", "naive"), "'fast', 'eager', 'naive' or None")
         check("kernels", self.kernels in KERNELS, f"one of {KERNELS}")
         check("memory_fraction", 0 < self.memory_fraction <= 1, "in (0, 1]")
+        check("followup_wait", isinstance(self.followup_wait, (int, float)) and 0 <= self.followup_wait <= 1,
+              "a number of seconds in [0, 1]")
 
 
 def check_request(prompt_tokens, params: SamplingParams, vocab: int, slots: int,

@@ -49,8 +49,6 @@ from .sampling import stream_key
 
 log = logging.getLogger("picochat")
 
-FOLLOWUP_WAIT_S = 0.001  # see Scheduler._await_followups
-
 
 class Scheduler:
     """The decode loop over one persistent KV cache; see the module docstring."""
@@ -119,7 +117,7 @@ class Scheduler:
             return DecodeBatch(self.model, slots, self.max_context, k_max=self.sync_every, dtype=self.dtype,
                                graph=self.mode == "fast", compile=compile_mode, window_step=window_step,
                                kernels_for=kernels_for, naive=self.mode == "naive",
-                               fresh_prefill=self.config.prefill_graphs)
+                               fresh_prefill=self.config.prefill_graphs, chunk_graphs=self.config.chunk_graphs)
 
         try:
             return build(self.kernels_for)
@@ -270,14 +268,16 @@ class Scheduler:
 
     def _await_followups(self, finished: int) -> None:
         """After samples finished, while a chunk runs on the device: give their callers a moment
-        (up to FOLLOWUP_WAIT_S) to submit follow-up requests, so those join the next chunk. Without
-        it the loop goes straight on to admit with the GIL held and a request sent right after a
-        finish (closed-loop clients, evaluation and RL loops) waits a whole extra chunk. The wait
-        ends as soon as that many requests are queued; it is idle host time, not device time."""
-        if finished <= 0 or self._inflight is None:
+        (up to `followup_wait` seconds) to submit follow-up requests, so those join the next
+        chunk. Without it the loop goes straight on to admit with the GIL held and a request sent
+        right after a finish (closed-loop clients, evaluation and RL loops) waits a whole extra
+        chunk. The wait ends as soon as that many requests are queued; it is idle host time while
+        the device works, not device time."""
+        if finished <= 0 or self._inflight is None or not self.config.followup_wait:
             return
         with self._lock:
-            self._wake.wait_for(lambda: self._closing or len(self._queue) >= finished, timeout=FOLLOWUP_WAIT_S)
+            self._wake.wait_for(lambda: self._closing or len(self._queue) >= finished,
+                                timeout=self.config.followup_wait)
 
     def close(self) -> None:
         """Stop the background thread; requests still queued or running finish as cancelled."""

@@ -25,7 +25,8 @@ MIN_T = 64
 
 class FreshPrefill:
     """Prefill of prompt chunks that start at position 0, through a scratch cache of up to
-    `max_rows` x `max_t` tokens (buckets: ROW_BUCKETS rows, powers of two from MIN_T tokens)."""
+    `max_rows` x `max_t` tokens (buckets: ROW_BUCKETS rows; MIN_T tokens times 1, 2, 3, 4, 6, 8,
+    12, ... up to `max_t`)."""
 
     def __init__(self, model, cache: KVCache, *, max_t: int, graph: bool, pool=None, max_rows: int = 4):
         c = model.config
@@ -33,12 +34,10 @@ class FreshPrefill:
         self.device = cache.pos.device
         dtype = cache.k[0].dtype
         self.row_buckets = [r for r in ROW_BUCKETS if r <= max_rows]
-        self.t_buckets = []
-        t = MIN_T
-        while t < max_t:
-            self.t_buckets.append(t)
-            t *= 2
-        self.t_buckets.append(max_t)
+        # 64, 128, 192, 256, 384, 512, 768, ...: a chunk is padded by at most half (launch-bound at
+        # these sizes, a padded token costs little, but a doubled one would)
+        self.t_buckets = sorted({min(t, max_t) for p in range(12) for t in (MIN_T << p, 3 * MIN_T << p >> 1)
+                                 if t >= MIN_T and (t < max_t or t // 2 < max_t)} | {max_t})
         top_r, top_t = self.row_buckets[-1], self.t_buckets[-1]
         self.scratch = KVCache.allocate(c.n_layer, top_r, c.n_kv_head, top_t, c.head_dim, self.device, dtype)
         self.ids = torch.zeros(top_r, top_t, dtype=torch.long, device=self.device)

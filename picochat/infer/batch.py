@@ -54,9 +54,11 @@ class ChunkOut:
 class DecodeBatch:
     def __init__(self, model, slots: int, context: int, *, k_max: int, dtype: torch.dtype, graph: bool = False,
                  compile: str | None = None, window_step: int = 256, kernels_for=lambda bucket: "torch",
-                 naive: bool = False, fresh_prefill: bool | None = None, chunk_graphs: bool = True):
+                 naive: bool = False, fresh_prefill: bool | None = None, chunk_graphs: bool = True,
+                 prefill_tokens: int = 8192):
         """`fresh_prefill`: prompts' first chunks through `FreshPrefill` (None: with graphs; True
-        without graphs runs its scratch-cache forward eagerly, as the tests do)."""
+        without graphs runs its scratch-cache forward eagerly, as the tests do), for groups of up
+        to `prefill_tokens` padded tokens (at most 8192: its scratch cache is that big)."""
         c = model.config
         self.model, self.slots, self.context, self.k_max = model, slots, context, k_max
         self.device = next(model.parameters()).device
@@ -116,7 +118,8 @@ class DecodeBatch:
             try:
                 with sdpa_kernel(PREFILL_ATTENTION):  # captured with the backends prefill runs with
                     self.fresh = FreshPrefill(model, self.cache, max_t=min(2048, context), graph=graph,
-                                              pool=torch.cuda.graph_pool_handle() if graph else None)
+                                              pool=torch.cuda.graph_pool_handle() if graph else None,
+                                              max_rows=min(32, slots), capacity=min(8192, prefill_tokens))
             except Exception as e:  # speed, never the answer: prompts are then prefilled eagerly
                 log.warning(f"capturing the prefill graphs failed ({type(e).__name__}: {e}); prefilling eagerly")
                 if graph:

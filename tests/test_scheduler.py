@@ -112,6 +112,33 @@ def test_fresh_prefill_equals_cached_prefill(model):
             assert torch.allclose(a[slot, :, :len(c)], b[slot, :, :len(c)], atol=1e-5, rtol=0)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_prefill_graphs_equal_cached_prefill_cuda():
+    """The prefill graphs (bucketed rows and tokens, replayed) give the eager cached prefill's
+    logits, cache rows and positions, for scattered slots, in fp32 on CUDA; and a group too big for
+    any bucket runs eagerly."""
+    from picochat.infer.batch import DecodeBatch
+    from picochat.infer.modelprep import prepare_model
+
+    dev = torch.device("cuda")
+    m = prepare_model(random_model(n_layer=2, n_head=4, n_kv_head=2, n_embd=128, vocab=265, seq_len=256,
+                                   device=dev, seed=3), torch.float32, fuse=True)
+    chunks = [[3, 4, 5, 6, 7], [9] * 70, [1, 2]]
+    slots = [0, 2, 3]
+    plain = DecodeBatch(m, 4, 128, k_max=2, dtype=torch.float32, fresh_prefill=False)
+    graphed = DecodeBatch(m, 4, 128, k_max=2, dtype=torch.float32, graph=True, prefill_tokens=512)
+    assert graphed.fresh is not None and graphed.fresh.graphs and graphed.fresh.fits(3, 70)
+    want, got = plain.prefill(slots, chunks, [0, 0, 0]), graphed.prefill(slots, chunks, [0, 0, 0])
+    assert torch.allclose(want, got, atol=1e-4, rtol=0)
+    assert torch.equal(plain.pos, graphed.pos)
+    for a, b in zip(plain.cache.k + plain.cache.v, graphed.cache.k + graphed.cache.v):
+        for slot, c in zip(slots, chunks):
+            assert torch.allclose(a[slot, :, :len(c)], b[slot, :, :len(c)], atol=1e-4, rtol=0)
+    assert not graphed.fresh.fits(4, 130)  # longer than the longest bucket (the 128-token context): eager
+    assert graphed.prefill([0, 1, 2, 3], [[5] * 130] * 4, [0] * 4).shape == (4, 265)
+
+
 def test_long_prompt_prefilled_in_chunks_while_others_decode(model):
     long_prompt = list(range(200, 256)) * 2  # 112 tokens, prefilled 8 per step
     short = [5, 6, 7]

@@ -328,6 +328,8 @@ def plot_records(records: list[dict], path: str, bench: str = "batch") -> None:
 
 
 def add_batch_parser(sub: argparse._SubParsersAction) -> None:
+    from ..options import float_in, int_at_least
+
     p = sub.add_parser("batch", help="many requests through the scheduler: continuous vs static vs serial")
     p.add_argument("--depth", type=int, default=12)
     p.add_argument("--concurrency", default="1,32", help="comma list of closed-loop client counts ('' for none)")
@@ -346,13 +348,13 @@ def add_batch_parser(sub: argparse._SubParsersAction) -> None:
                    help="padded prompt tokens per prefill forward (default 8192 on CUDA, 2048 elsewhere)")
     p.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton"),
                    help="the decode step of each batch bucket (auto: Triton up to --triton-max-rows, torch above)")
-    p.add_argument("--triton-max-rows", type=int, default=None,
+    p.add_argument("--triton-max-rows", type=int_at_least(1), default=None,
                    help="with --kernels auto: the largest bucket the Triton step runs (default: the scheduler's)")
     p.add_argument("--prefill-graphs", choices=("on", "off"), default=None,
                    help="prompts' first chunks replayed from CUDA graphs (default: on in fast mode)")
     p.add_argument("--chunk-graphs", choices=("on", "off"), default="on",
                    help="Triton buckets launch a whole decode chunk as one CUDA graph (default on)")
-    p.add_argument("--followup-wait", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--followup-wait", type=float_in(0, 1), default=None, metavar="SECONDS",
                    help="how long the loop waits for follow-up submissions after a finish (0 = off)")
     p.add_argument("--profile", action="store_true",
                    help="after the measured runs, profile one short continuous run per concurrency and print "
@@ -384,12 +386,10 @@ def cmd_batch_bench(args: argparse.Namespace) -> int:
         raise SystemExit("give --concurrency values >= 1 and/or --request-rate values > 0")
     for name, low in (("slots", 1), ("num_requests", 1), ("serial_requests", 1), ("prompt_median", 1),
                       ("output_median", 1), ("seq_len", 2), ("prefill_budget", 1), ("sync_every", 1), ("depth", 1),
-                      ("vocab_size", 2), ("triton_max_rows", 1)):
+                      ("vocab_size", 2)):
         value = getattr(args, name)
         if value is not None and value < low:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= {low} (got {value})")
-    if args.followup_wait is not None and not 0 <= args.followup_wait <= 1:
-        raise SystemExit(f"--followup-wait must be in [0, 1] seconds (got {args.followup_wait})")
     if args.length_sigma < 0:
         raise SystemExit(f"--length-sigma must be >= 0 (got {args.length_sigma})")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]

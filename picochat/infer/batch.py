@@ -22,9 +22,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..model.attention import KVCache
 from .runners import CachedRunner, NaiveRunner, bucket_size
+from .sampling import sample_rows
 
 log = logging.getLogger("picochat")
-from .sampling import sample_rows
 
 MAX_LOGPROBS = 20  # top alternatives a row may ask for (SamplingParams.logprobs)
 PREFILL_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # no cuDNN

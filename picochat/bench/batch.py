@@ -255,7 +255,8 @@ def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_r
 
 def profile_run(sched, run, rows: int = 30) -> None:
     """Run once under torch.profiler (kernels and ops, every thread) and cProfile (the scheduler's
-    steps); print both tables and how busy the GPU was over the run's wall time."""
+    steps; on Python 3.12 it records the other threads' Python too); print both tables and the
+    kernel time summed over the run's wall time."""
     import cProfile
     import io
     import pstats
@@ -287,8 +288,9 @@ def profile_run(sched, run, rows: int = 30) -> None:
     print(events.table(sort_by=sort, row_limit=rows, max_name_column_width=70))
     if cuda:
         busy = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e6
-        print(f"GPU kernel time {busy:.3f} s over {wall:.3f} s wall ({100 * busy / wall:.0f}% busy, "
-              f"{rec['tok_per_s_total']:,.0f} tok/s while profiled)")
+        print(f"GPU kernel time {busy:.3f} s over {wall:.3f} s wall ({100 * busy / wall:.0f}%: kernels that overlap, "
+              f"as programmatic dependent launch makes them, count twice), {rec['tok_per_s_total']:,.0f} tok/s "
+              "while profiled")
     out = io.StringIO()
     pstats.Stats(py, stream=out).sort_stats("tottime").print_stats(rows)
     print("scheduler thread (cProfile, inflates Python-heavy parts):\n" + out.getvalue()[-6000:])

@@ -513,6 +513,7 @@ def _check_triton_cases(cases: dict, tol: float) -> None:
     for name, worst in cases.items():
         assert worst["tokens_equal"] and worst["pos_equal"], (name, worst)
         assert worst["logits"] < tol and worst["cache"] < tol, (name, worst)
+        assert worst.get("runner_kernels", ["torch", "triton"]) == ["torch", "triton"], (name, worst)
 
 
 def test_triton_decode_step_matches_torch_step_interpreted():

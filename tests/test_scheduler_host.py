@@ -40,8 +40,11 @@ def _all_events(take_by_request: bool, model, tokenizer, work, cancel: int | Non
     return [list(h.events(timeout=5)) for h in handles]
 
 
-@pytest.mark.parametrize("sync_every,pipeline", [(1, False), (4, False), (5, True)])
-def test_take_by_request_sends_the_per_step_loops_events(sync_every, pipeline):
+@pytest.mark.parametrize("sync_every,pipeline,tokenizer", [(1, False, TOK), (4, False, TOK), (5, True, TOK),
+                                                            (4, False, None), (5, True, None)])
+def test_take_by_request_sends_the_per_step_loops_events(sync_every, pipeline, tokenizer):
+    """Without a tokenizer, single samples without logprobs take a chunk's run of tokens at once
+    (`Sample.accept_plain`)."""
     model = random_model(seed=3)
     stop_text = TOK.decode([40, 41])
     work = [([1, 2, 3], SamplingParams(max_tokens=9, temperature=1.0, seed=5, n=3)),
@@ -49,13 +52,17 @@ def test_take_by_request_sends_the_per_step_loops_events(sync_every, pipeline):
             ([6] * 7, SamplingParams(max_tokens=20, temperature=0.9, seed=1, logprobs=0, n=2)),
             ([7, 8, 9], SamplingParams(max_tokens=15, temperature=0)),
             ([2, 2], SamplingParams(max_tokens=30, temperature=1.2, seed=9, stop=(stop_text, "a"))),
-            ([3] * 11, SamplingParams(max_tokens=6, temperature=0, stop_token_ids=(17, 99)))]
+            ([3] * 11, SamplingParams(max_tokens=6, temperature=0, stop_token_ids=(17, 99))),
+            ([5, 1], SamplingParams(max_tokens=25, temperature=1.0, seed=4, stop_token_ids=tuple(range(0, 265, 9)))),
+            ([9, 9, 9], SamplingParams(max_tokens=40, temperature=1.0, seed=2, stop_token_ids=()))]
     cfg = dict(slots=8, sync_every=sync_every, pipeline=pipeline, prefill_budget=16)
-    want = _all_events(False, model, TOK, work, cancel=3, **cfg)
-    got = _all_events(True, model, TOK, work, cancel=3, **cfg)
+    want = _all_events(False, model, tokenizer, work, cancel=3, **cfg)
+    got = _all_events(True, model, tokenizer, work, cancel=3, **cfg)
     assert got == want
     assert all(isinstance(events[-1], DoneEvent) for events in got)
-    assert sum(isinstance(e, TokenEvent) for events in got for e in events) > 60
+    assert sum(isinstance(e, TokenEvent) for events in got for e in events) > 100
+    reasons = {e.reason for events in got for e in events if hasattr(e, "reason")}
+    assert {"stop", "length", "cancelled"} <= reasons
 
 
 def test_take_by_request_with_tool_calls_sends_the_same_events():

@@ -133,6 +133,43 @@ class Sample:
                                   tuple(top) if top is not None else None))
         return call
 
+    @property
+    def plain(self) -> bool:
+        """Whether its next tokens carry no text and need no parsing: no tokenizer (so no text, no
+        tool calls), no stop strings, nothing being forced in, no logprobs."""
+        return (self.state == "text" and self.parser.tokenizer is None and not self.stops.stops
+                and self.request.params.logprobs is None)
+
+    def accept_plain(self, tokens: list[int]) -> int:
+        """`accept` of each token in turn, for a `plain` sample, done for a run of tokens at once:
+        the same TokenEvents, stop on a stop token or at max_tokens. Returns how many tokens it
+        took (the rest of the run comes after its end and is discarded)."""
+        req = self.request
+        take = min(len(tokens), req.max_tokens - self.emitted)
+        if take <= 0:
+            return 0
+        stop_ids = req.stop_ids
+        stopped = False
+        if stop_ids:
+            for i in range(take):
+                if tokens[i] in stop_ids:
+                    take, stopped = i + 1, True
+                    break
+        run = tokens[:take] if take < len(tokens) else tokens
+        self.last, self.emitted = run[-1], self.emitted + take
+        if stopped:
+            self.reason = "stop"
+        elif self.emitted >= req.max_tokens:
+            self.reason = "length"
+        handle = req.handle
+        if handle.first_token_at is None:
+            handle.first_token_at = time.monotonic()
+        if not req.outbox:
+            req.outboxes.append(req)
+        index = self.index
+        req.outbox += [token_event(index, t, "", "text", True, None, None) for t in run]
+        return take
+
     def finish(self, reason: str) -> None:
         """Send this sample's FinishEvent (and the request's DoneEvent after its last sample)."""
         self.state, self.reason = "done", reason

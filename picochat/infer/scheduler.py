@@ -559,6 +559,17 @@ class Scheduler:
         tools_on = self.tokenizer is not None
         accepted = 0
         for group in groups.values():
+            if len(group) == 1 and group[0][1].plain:  # one sample, tokens without text: the run at once
+                col, sample = group[0]
+                took = sample.accept_plain(columns[col])
+                if first:
+                    sample.first_pending = False
+                else:
+                    sample.pos += took
+                accepted += took
+                if sample.reason is not None:
+                    self._end(sample, sample.reason)
+                continue
             params = group[0][1].request.params
             n_top = params.logprobs if logprobs else None
             tools = params.tools and tools_on

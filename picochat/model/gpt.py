@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from .attention import KVCache, causal_attention
+from .softcap_ce import softcap_cross_entropy
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -185,6 +186,8 @@ class GPT(nn.Module):
             x = x[torch.arange(B, device=x.device), logits_at][:, None]
         logits = self.lm_head(x).float()
         cap = self.config.logit_softcap
+        if cap and targets is not None and logits.device.type == "cpu":  # one cache-blocked pass (softcap_ce.py)
+            return softcap_cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), cap, loss_reduction)
         if cap:
             logits = cap * torch.tanh(logits / cap)
         if targets is None:

@@ -88,8 +88,13 @@ class Trainer:
                  make_batches: Callable[[int, DistInfo, torch.device], BatchSource],
                  make_val_batches: Callable[[int, DistInfo, torch.device], Iterator[dict]] | None = None,
                  init_from: Path | None = None, sample_prompts: tuple[str, ...] = (),
-                 on_step: Callable[[StepStats, "Trainer"], None] | None = None):
+                 on_step: Callable[[StepStats, "Trainer"], None] | None = None,
+                 forward_options=None, compile_mode: str | None = None, compile_regions: bool = False):
+        """forward_options (model.gpt.ForwardOptions), compile_mode (torch.compile's `mode`) and
+        compile_regions (GPT.compile_regions instead of one whole-model graph) are the benchmark's
+        levers; the defaults are what training runs."""
         self.cfg, self.model_cfg, self.tokenizer = cfg, model_cfg, tokenizer
+        self.forward_options, self.compile_mode, self.compile_regions = forward_options, compile_mode, compile_regions
         self.make_batches, self.make_val_batches = make_batches, make_val_batches
         self.init_from, self.sample_prompts, self.on_step = init_from, sample_prompts, on_step
         self.paths = RunPaths.for_run(cfg.run)
@@ -104,6 +109,8 @@ class Trainer:
         self.dist = init_distributed(self.device)
         seed_everything(cfg.seed)
         self.model = build_model(self.model_cfg, self.device, seed=cfg.seed)
+        if self.forward_options is not None:
+            self.model.set_options(self.forward_options)
         if self.init_from is not None:
             runs.load_weights(self.init_from, self.model)
             log.info(f"initialised weights from {self.init_from}")
@@ -117,7 +124,11 @@ class Trainer:
         self.ddp = wrapped if self.dist.is_distributed else None
         if use_compile:
             use_compile_cache()
-        self.train_model = torch.compile(wrapped, dynamic=False) if use_compile else wrapped
+        self.train_model = wrapped
+        if use_compile and self.compile_regions:
+            self.model.compile_regions(dynamic=False, mode=self.compile_mode)
+        elif use_compile:
+            self.train_model = torch.compile(wrapped, dynamic=False, mode=self.compile_mode)
         self.compiled = use_compile
 
     def _choose_device_batch(self) -> int:

@@ -117,6 +117,7 @@ def measure_train(depth: int, device_batch_size: int | str, seq_len: int, vocab_
     total = dbs * seq_len * grad_accum if isinstance(dbs, int) else 256 * seq_len
     cfg = TrainConfig(run="bench", depth=depth, seq_len=seq_len, device_batch_size=dbs, total_batch_tokens=total,
                       num_steps=warmup + steps, eval_every=0, sample_every=0, save_every=-1, compile=compile,
+                      compile_scope=compile_scope,
                       device=device, optim=OptimConfig(muon_impl=muon))
     stats, cpu_marks = [], []  # CPU seconds used by this process (all threads) at the end of each step
 
@@ -126,8 +127,7 @@ def measure_train(depth: int, device_batch_size: int | str, seq_len: int, vocab_
 
     trainer = Trainer(cfg, model_cfg, None,
                       lambda B, dist, d: RandomTokens(B, seq_len, vocab_size, d, repeat=tokens == "repeat"),
-                      on_step=on_step, forward_options=options, compile_mode=compile_mode,
-                      compile_regions=compile_scope == "blocks")
+                      on_step=on_step, forward_options=options, compile_mode=compile_mode)
     with sdpa_backend(sdpa):
         result = trainer.train()
     timed = stats[warmup:]
@@ -168,6 +168,29 @@ def print_profile(trainer, num_steps: int, steps: int = 3) -> None:
             trainer._train_step(num_steps - 1, num_steps, batches, grad_accum, 0.0, None)
     key = "self_cuda_time_total" if trainer.device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=70))
+    if trainer.device.type == "cuda":
+        print_kernel_categories(prof, steps)
+
+
+KERNEL_CATEGORIES = (("matmul", ("nvjet", "gemm", "cutlass", "sm90_xmma")), ("attention", ("sdpa", "flash", "fmha", "cudnn")),
+                     ("memcpy", ("memcpy", "memset")), ("elementwise (triton)", ("triton_",)))
+
+
+def print_kernel_categories(prof, steps: int) -> None:
+    """Device time per step by kind of kernel (kernels only, so nothing is counted twice)."""
+    from torch.autograd import DeviceType
+
+    totals: dict[str, float] = {}
+    for evt in prof.key_averages():
+        if evt.device_type != DeviceType.CUDA:
+            continue
+        name = evt.key.lower()
+        kind = next((k for k, pats in KERNEL_CATEGORIES if any(p in name for p in pats)), "other")
+        totals[kind] = totals.get(kind, 0.0) + evt.self_device_time_total / 1e3 / steps
+    whole = sum(totals.values()) or 1.0
+    print(f"device time per step by kernel kind ({whole:.1f} ms):")
+    for kind, ms in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:<22}{ms:>8.2f} ms {100 * ms / whole:>6.1f}%")
 
 
 def cmd_train_bench(args: argparse.Namespace) -> int:

@@ -89,12 +89,11 @@ class Trainer:
                  make_val_batches: Callable[[int, DistInfo, torch.device], Iterator[dict]] | None = None,
                  init_from: Path | None = None, sample_prompts: tuple[str, ...] = (),
                  on_step: Callable[[StepStats, "Trainer"], None] | None = None,
-                 forward_options=None, compile_mode: str | None = None, compile_regions: bool = False):
-        """forward_options (model.gpt.ForwardOptions), compile_mode (torch.compile's `mode`) and
-        compile_regions (GPT.compile_regions instead of one whole-model graph) are the benchmark's
-        levers; the defaults are what training runs."""
+                 forward_options=None, compile_mode: str | None = None):
+        """forward_options (model.gpt.ForwardOptions) and compile_mode (torch.compile's `mode`) are
+        the benchmark's levers; the defaults are what training runs."""
         self.cfg, self.model_cfg, self.tokenizer = cfg, model_cfg, tokenizer
-        self.forward_options, self.compile_mode, self.compile_regions = forward_options, compile_mode, compile_regions
+        self.forward_options, self.compile_mode = forward_options, compile_mode
         self.make_batches, self.make_val_batches = make_batches, make_val_batches
         self.init_from, self.sample_prompts, self.on_step = init_from, sample_prompts, on_step
         self.paths = RunPaths.for_run(cfg.run)
@@ -125,7 +124,7 @@ class Trainer:
         if use_compile:
             use_compile_cache()
         self.train_model = wrapped
-        if use_compile and self.compile_regions:
+        if use_compile and cfg.compile_scope == "blocks":
             self.model.compile_regions(dynamic=False, mode=self.compile_mode)
         elif use_compile:
             self.train_model = torch.compile(wrapped, dynamic=False, mode=self.compile_mode)
@@ -142,6 +141,7 @@ class Trainer:
                 train_step=self._probe_step, model=self.model, optimizers=self.optimizers, seq_len=T,
                 total_batch_tokens=cfg.total_batch_tokens, world_size=W, device=self.device,
                 cache_key={"model": self.model_cfg.to_dict(), "seq_len": T, "compile": self.compiled,
+                           "compile_scope": cfg.compile_scope,
                            "dtype": str(compute_dtype(self.device)),
                            "stage": cfg.stage},
                 default=default)

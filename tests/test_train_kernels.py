@@ -1,0 +1,92 @@
+"""The training forward's fused paths compute what the plain ops compute.
+
+- model/loss.py's one-pass soft-capped cross-entropy against F.cross_entropy on float32 capped
+  logits: values and gradients, every reduction, ignored targets, bfloat16 logits;
+- GPT with ForwardOptions() (fused loss, one q/k/v matmul) against ForwardOptions.reference():
+  same loss and same gradient for every parameter (float32, CPU).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from picochat.config import ModelConfig
+from picochat.model.gpt import ForwardOptions, build_model
+from picochat.model.loss import reference_softcapped_cross_entropy, softcapped_cross_entropy
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("cap", [15.0, 30.0])
+def test_loss_values_and_gradients_match_the_reference(reduction, cap):
+    gen = torch.Generator().manual_seed(int(cap) + len(reduction))
+    logits = torch.randn(96, 1000, generator=gen) * 12  # many values far into the cap's flat part
+    targets = torch.randint(0, 1000, (96,), generator=gen)
+    targets[::5] = -1  # ignored rows
+    ours, ref = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    out = softcapped_cross_entropy(ours, targets, cap, reduction)
+    want = reference_softcapped_cross_entropy(ref, targets, cap, reduction)
+    weights = torch.randn(want.shape, generator=gen)  # a non-uniform upstream gradient
+    (out * weights).sum().backward()
+    (want * weights).sum().backward()
+    assert out.shape == want.shape
+    assert _rel(out, want) < 1e-6  # float32 rounding only
+    assert _rel(ours.grad, ref.grad) < 1e-5
+    assert ours.grad[::5].abs().max() == 0  # ignored rows get no gradient
+
+
+def test_loss_keeps_bf16_logits_bf16_and_stays_close():
+    gen = torch.Generator().manual_seed(3)
+    logits = (torch.randn(64, 4096, generator=gen) * 8).bfloat16()
+    targets = torch.randint(0, 4096, (64,), generator=gen)
+    ours, ref = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    out = softcapped_cross_entropy(ours, targets, 15.0, "sum")
+    want = reference_softcapped_cross_entropy(ref, targets, 15.0, "sum")
+    out.backward()
+    want.backward()
+    assert out.dtype == torch.float32 and ours.grad.dtype == torch.bfloat16
+    assert _rel(out, want) < 1e-6  # the same float32 arithmetic on the same bf16 inputs
+    assert _rel(ours.grad, ref.grad) < 1e-2  # bf16 gradients: rounding of the output only
+
+
+def test_loss_without_cap_or_with_a_huge_cap_is_the_reference():
+    logits, targets = torch.randn(8, 50), torch.randint(0, 50, (8,))
+    for cap in (0.0, 100.0):
+        assert torch.equal(softcapped_cross_entropy(logits, targets, cap),
+                           reference_softcapped_cross_entropy(logits, targets, cap))
+    with pytest.raises(ValueError, match="reduction"):
+        softcapped_cross_entropy(logits, targets, 15.0, "avg")
+
+
+def test_model_options_give_the_same_loss_and_gradients():
+    cfg = ModelConfig.from_depth(2, vocab_size=512, seq_len=32)
+    fused = build_model(cfg, torch.device("cpu"), seed=0).set_options(ForwardOptions())
+    plain = build_model(cfg, torch.device("cpu"), seed=0)
+    assert plain.options == ForwardOptions.reference()  # CPU default: the plain ops
+    with torch.no_grad():  # output projections start at zero: give them weight so every gradient is non-trivial
+        for a, b in zip(fused.parameters(), plain.parameters()):
+            a.add_(0.02 * torch.randn(a.shape, generator=torch.Generator().manual_seed(a.numel())))
+            b.copy_(a)
+    x = torch.randint(0, 512, (3, 33), generator=torch.Generator().manual_seed(1))
+    targets = x[:, 1:].clone()
+    targets[0, :5] = -1
+    lf, lp = fused(x[:, :-1], targets), plain(x[:, :-1], targets)
+    lf.backward()
+    lp.backward()
+    assert abs(lf.item() - lp.item()) < 1e-5
+    for (name, a), b in zip(fused.named_parameters(), plain.parameters()):
+        assert _rel(a.grad, b.grad) < 1e-4, name
+    with torch.no_grad():  # logits (no targets) are the same too
+        assert _rel(fused(x), plain(x)) < 1e-5
+
+
+def test_forward_options_parse():
+    assert ForwardOptions.parse("default") == ForwardOptions()
+    assert ForwardOptions.parse("reference") == ForwardOptions.reference()
+    assert ForwardOptions.parse("loss+bf16res") == ForwardOptions(fused_loss=True, fused_qkv=False, bf16_residual=True)
+    with pytest.raises(ValueError, match="unknown forward lever"):
+        ForwardOptions.parse("loss+fp8")

@@ -39,9 +39,10 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                         "(GPT.compile_regions: each block and the head compiled separately)")
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile mode (e.g. max-autotune-no-cudagraphs); default: torch's default")
-    p.add_argument("--tokens", default="random", choices=("random", "repeat"),
-                   help="random: uniform tokens; repeat: each row's second half repeats its first, so the loss "
-                        "falls and the per-step losses of variants can be compared (a numerics check)")
+    p.add_argument("--tokens", default="random", choices=("random", "repeat", "text"),
+                   help="random: uniform tokens; repeat: each row's second half repeats its first; text: the "
+                        "embedded corpus as bytes, so the loss falls and the per-step losses of variants can be "
+                        "compared (a numerics check)")
     p.add_argument("--cold", action="store_true",
                    help="a fresh compile cache per run (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR), so first_step_s "
                         "is a cold compile")
@@ -54,13 +55,24 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
 class RandomTokens:
     """Uniform random tokens made on the device: measures the model, not the loader."""
 
-    def __init__(self, batch_size: int, seq_len: int, vocab_size: int, device: torch.device, repeat: bool = False):
+    def __init__(self, batch_size: int, seq_len: int, vocab_size: int, device: torch.device, repeat: bool = False,
+                 text: bool = False):
         self.shape, self.vocab, self.device, self.repeat = (batch_size, seq_len + 1), vocab_size, device, repeat
         self.gen = torch.Generator(device=device).manual_seed(0)
+        self.text, self.pos = None, 0
+        if text:  # the embedded corpus as UTF-8 bytes (token = byte): learnable, so loss curves mean something
+            from ..data.corpus import generate_documents
+
+            data = "\n\n".join(generate_documents(8000, 1234)).encode()
+            self.text = torch.tensor(list(data), dtype=torch.long, device=device) % vocab_size
 
     def __next__(self) -> dict:
         B, n = self.shape
-        if self.repeat:  # second half = first half: learnable (induction), so losses say something
+        if self.text is not None:
+            idx = (self.pos + torch.arange(B * n, device=self.device)) % self.text.numel()
+            self.pos = (self.pos + B * n) % self.text.numel()
+            row = self.text[idx].view(B, n)
+        elif self.repeat:  # second half = first half: learnable (induction), so losses say something
             half = torch.randint(0, self.vocab, (B, (n + 1) // 2), device=self.device, generator=self.gen)
             row = torch.cat([half, half], dim=1)[:, :n]
         else:
@@ -126,7 +138,8 @@ def measure_train(depth: int, device_batch_size: int | str, seq_len: int, vocab_
         cpu_marks.append(time.process_time())
 
     trainer = Trainer(cfg, model_cfg, None,
-                      lambda B, dist, d: RandomTokens(B, seq_len, vocab_size, d, repeat=tokens == "repeat"),
+                      lambda B, dist, d: RandomTokens(B, seq_len, vocab_size, d, repeat=tokens == "repeat",
+                                                      text=tokens == "text"),
                       on_step=on_step, forward_options=options, compile_mode=compile_mode)
     with sdpa_backend(sdpa):
         result = trainer.train()

@@ -33,7 +33,7 @@ class ForwardOptions:
 
     fused_loss: bool = True
     fused_qkv: bool = True
-    bf16_residual: bool = False
+    bf16_residual: bool = True
 
     @classmethod
     def reference(cls) -> "ForwardOptions":

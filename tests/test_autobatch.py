@@ -416,13 +416,15 @@ class SimMemoryAtRest(SimMemory):
 @settings(max_examples=40, deadline=None)
 @given(T=st.sampled_from([1, 16, 2048]), rows=st.integers(1, 300).map(lambda r: 2 * r), rest=st.integers(0, 10_000),
        buffer=st.integers(0, 2_000), per=st.integers(1, 1000), room=st.integers(0, 200_000))
-def test_one_probe_is_exact_optimal_and_compiles_at_most_three(T, rows, rest, buffer, per, room):
+def test_one_probe_is_exact_near_optimal_and_compiles_at_most_three(T, rows, rest, buffer, per, room):
     total = rows * T
     sim = SimMemoryAtRest(rest, buffer, per, rest + buffer + 4 * per + room)  # batch 4 always fits
     res = _find(sim, T, total)
     cands = ab.candidate_batch_sizes(total, T, 1)
     assert res.device_batch_size * res.grad_accum * T == total
-    assert res.device_batch_size == _optimum(sim, cands, sim.total)
+    assert sim.need(res.device_batch_size) <= sim.total  # it fits
+    # optimal, except that a second verify needs its predicted peak 5% under the budget
+    assert _optimum(sim, cands, ab.EXTRAPOLATION_SLACK * sim.total) <= res.device_batch_size
     assert res.compiles <= 3 and res.compiles == len({p.batch_size for p in res.probes})
     assert res.probes[0].phase == "probe" and res.probes[0].rest_bytes == rest
     assert sum(p.phase == "probe" for p in res.probes) == 1
@@ -435,6 +437,10 @@ def test_one_probe_saves_a_compile_on_a_large_gpu():
     res = _find(sim, 2048, 2048 * 256, headroom_bytes=7 * GiB)
     assert res.device_batch_size == 64 and res.compiles == 2
     assert [p.batch_size for p in res.probes] == [4, 64]
+    # the probe run eagerly: the verified shape is the only one compiled (and training reuses it)
+    eager = _find(sim, 2048, 2048 * 256, headroom_bytes=7 * GiB, eager_probe=True)
+    assert eager.device_batch_size == 64 and eager.compiles == 1
+    assert [(p.batch_size, p.phase) for p in eager.probes] == [(4, "eager-probe"), (64, "verify")]
 
 
 def test_one_probe_falls_back_to_two_when_batch_four_does_not_fit():

@@ -47,6 +47,8 @@ def add_autobatch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compile-scope", default="model", choices=("model", "blocks"),
                    help="as training's --compile-scope: one whole-model graph, or each block and the head")
+    p.add_argument("--eager-probe", action=argparse.BooleanOptionalAction, default=True,
+                   help="the finder's one probe without torch.compile, as pretraining runs it")
     p.add_argument("--use-cache", action="store_true", help="let the finder use its cache (default: search)")
     p.add_argument("--device", default="auto")
     p.add_argument("--append", help="append the JSON record to this file (e.g. docs/benchmarks/results.jsonl)")
@@ -159,7 +161,7 @@ def measure_autobatch(args: argparse.Namespace) -> dict:
                    "step": "bench-autobatch"},
         probe=CudaMemoryProbe(device, memory_fraction=args.memory_fraction),
         headroom_bytes=None if args.headroom_gib is None else int(args.headroom_gib * GiB),
-        use_cache=args.use_cache)
+        use_cache=args.use_cache, eager_probe=args.eager_probe)
     chosen = result.device_batch_size  # the finder has logged its table
 
     # 2. the throughput sweep: every valid swept size plus the chosen one
@@ -207,7 +209,7 @@ def measure_autobatch(args: argparse.Namespace) -> dict:
         steps_without_oom=done, steps=args.steps, oom=oom, grad_accum=result.grad_accum,
         seq_len=args.seq_len, total_batch_tokens=args.total_batch_tokens, vocab_size=args.vocab_size,
         params=bench.model.num_params(), memory_fraction=args.memory_fraction, compile=bool(args.compile),
-        compile_scope=args.compile_scope,
+        compile_scope=args.compile_scope, eager_probe=args.eager_probe,
         dtype="bf16", best_batch=best["batch"] if best else None,
         best_tok_per_s=best["tok_per_s"] if best else None,
         tok_per_s=at_chosen["tok_per_s"] if at_chosen else None, sweep=sweep,

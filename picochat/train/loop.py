@@ -144,7 +144,10 @@ class Trainer:
                            "compile_scope": cfg.compile_scope,
                            "dtype": str(compute_dtype(self.device)),
                            "stage": cfg.stage},
-                default=default)
+                default=default,
+                # Pretraining's eager step is a safe (larger) memory bound; chat stages' document masks
+                # run FlexAttention, whose eager form materialises every score: no bound worth having.
+                eager_probe=not runs.STAGES[cfg.stage].chat)
             self.autobatch_key = result.cache_key
             return result.device_batch_size
         B = int(cfg.device_batch_size)

@@ -17,7 +17,7 @@ from picochat.model.loss import reference_softcapped_cross_entropy, softcapped_c
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
+    return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm().clamp(min=1e-30))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

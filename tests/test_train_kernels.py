@@ -90,3 +90,48 @@ def test_forward_options_parse():
     assert ForwardOptions.parse("loss+bf16res") == ForwardOptions(fused_loss=True, fused_qkv=False, bf16_residual=True)
     with pytest.raises(ValueError, match="unknown forward lever"):
         ForwardOptions.parse("loss+fp8")
+
+
+def test_eager_chunks_give_the_same_values_and_gradients(monkeypatch):
+    from picochat.model import loss as loss_mod
+
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(50, 300, generator=gen) * 10
+    targets = torch.randint(0, 300, (50,), generator=gen)
+    targets[3] = -1
+    whole = logits.clone().requires_grad_()
+    softcapped_cross_entropy(whole, targets, 15.0, "sum").backward()
+    monkeypatch.setattr(loss_mod, "EAGER_CHUNK_ELEMENTS", 7 * 300)  # 8 chunks, the last one short
+    assert len(loss_mod._row_chunks(logits)) == 8
+    chunked = logits.clone().requires_grad_()
+    out = softcapped_cross_entropy(chunked, targets, 15.0, "sum")
+    out.backward()
+    assert abs(out.item() - reference_softcapped_cross_entropy(logits, targets, 15.0, "sum").item()) < 1e-3
+    assert torch.allclose(chunked.grad, whole.grad, rtol=0, atol=1e-7)
+
+
+def test_compiled_loss_is_one_pass_forward_and_backward(monkeypatch):
+    """The compiler must see the whole rows (one fused kernel each way), never the eager chunks,
+    in the backward too (dynamo's is_compiling() is False while the backward is traced)."""
+    from picochat.model import loss as loss_mod
+
+    seen = []
+    original = loss_mod._row_chunks
+
+    def spy(logits):
+        chunks = original(logits)
+        seen.append(len(chunks))
+        return chunks
+
+    monkeypatch.setattr(loss_mod, "_row_chunks", spy)
+    monkeypatch.setattr(loss_mod, "EAGER_CHUNK_ELEMENTS", 1000)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda z, t: softcapped_cross_entropy(z, t, 15.0, "sum"), dynamic=False)
+    z = torch.randn(64, 500, requires_grad=True)
+    t = torch.randint(0, 500, (64,))
+    fn(z, t).backward()
+    torch._dynamo.reset()
+    assert seen == [1]
+    ref = z.detach().clone().requires_grad_()
+    reference_softcapped_cross_entropy(ref, t, 15.0, "sum").backward()
+    assert _rel(z.grad, ref.grad) < 1e-5

@@ -10,7 +10,9 @@ and one elementwise kernel that reads them again and writes their gradient in bf
 - capped logits lie in [-cap, cap], so ``log Σ exp(s)`` needs no running maximum while
   vocab · e^cap stays far inside float32 (cap ≤ 50: any vocabulary below 10^16);
 - only the logits (in their own dtype), the targets and one log-sum-exp per row are saved;
-  the backward recomputes ``s`` and applies ``dL/dz = (softmax(s) − onehot) · (1 − tanh²)``.
+  the backward recomputes ``s`` and applies ``dL/dz = (softmax(s) − onehot) · (1 − tanh²)``;
+- run eagerly (no compiler to fuse it) it works through the rows in chunks, so its float32
+  temporaries stay small.
 
 Values and gradients equal `reference_softcapped_cross_entropy` (float32 rounding; tested).
 """
@@ -32,30 +34,63 @@ def reference_softcapped_cross_entropy(logits: torch.Tensor, targets: torch.Tens
     return F.cross_entropy(z.view(-1, z.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=reduction)
 
 
+EAGER_CHUNK_ELEMENTS = 2**26  # run eagerly, rows are processed in chunks of ≤ 64M logits (256 MB in float32)
+
+
+def _row_chunks(logits: torch.Tensor) -> list[slice]:
+    """One slice when compiling (the compiler fuses the whole thing and keeps no temporaries);
+    eagerly, chunks of rows, so the float32 temporaries stay small: the batch-size finder's eager
+    probe then sees the memory a compiled step needs, not a (rows × vocab) float32 copy or five."""
+    n = logits.size(0)
+    if torch.compiler.is_compiling():
+        return [slice(0, n)]
+    step = max(1, EAGER_CHUNK_ELEMENTS // max(1, logits.size(1)))
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+def _forward_rows(logits: torch.Tensor, targets: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    s = cap * torch.tanh(logits.float() / cap)
+    lse = torch.exp(s).sum(-1).log()
+    picked = s.gather(-1, targets.clamp(min=0)[:, None]).squeeze(-1)
+    return lse, picked
+
+
+def _backward_rows(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad_rows: torch.Tensor,
+                   cap: float) -> torch.Tensor:
+    t = torch.tanh(logits.float() / cap)
+    probs = torch.exp(cap * t - lse[:, None])
+    vocab = torch.arange(logits.size(-1), device=logits.device)
+    onehot = (vocab[None, :] == targets[:, None]).to(probs.dtype)
+    scale = torch.where(targets >= 0, grad_rows, torch.zeros_like(grad_rows))[:, None]
+    return ((probs - onehot) * (1.0 - t * t) * scale).to(logits.dtype)
+
+
 class _SoftcappedCrossEntropy(torch.autograd.Function):
     """Per-row losses of (N, V) logits against (N,) targets (-1: no loss, 0 there)."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, cap: float) -> torch.Tensor:
-        s = cap * torch.tanh(logits.float() / cap)
-        lse = torch.exp(s).sum(-1).log()
-        valid = targets >= 0
-        picked = s.gather(-1, targets.clamp(min=0)[:, None]).squeeze(-1)
+        chunks = _row_chunks(logits)
+        if len(chunks) == 1:
+            lse, picked = _forward_rows(logits, targets, cap)
+        else:
+            parts = [_forward_rows(logits[c], targets[c], cap) for c in chunks]
+            lse, picked = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         ctx.save_for_backward(logits, targets, lse)
-        ctx.cap = cap
-        return torch.where(valid, lse - picked, torch.zeros_like(lse))
+        # decided here, where dynamo's is_compiling() is reliable (it is False while the compiler traces backward)
+        ctx.cap, ctx.chunked = cap, len(chunks) > 1
+        return torch.where(targets >= 0, lse - picked, torch.zeros_like(lse))
 
     @staticmethod
     def backward(ctx, grad_rows: torch.Tensor):
         logits, targets, lse = ctx.saved_tensors
-        cap = ctx.cap
-        t = torch.tanh(logits.float() / cap)
-        probs = torch.exp(cap * t - lse[:, None])
-        vocab = torch.arange(logits.size(-1), device=logits.device)
-        onehot = (vocab[None, :] == targets[:, None]).to(probs.dtype)
-        scale = torch.where(targets >= 0, grad_rows, torch.zeros_like(grad_rows))[:, None]
-        grad = (probs - onehot) * (1.0 - t * t) * scale
-        return grad.to(logits.dtype), None, None
+        chunks = _row_chunks(logits) if ctx.chunked else [slice(0, logits.size(0))]
+        if len(chunks) == 1:
+            return _backward_rows(logits, targets, lse, grad_rows, ctx.cap), None, None
+        grad = torch.empty_like(logits)
+        for c in chunks:
+            grad[c] = _backward_rows(logits[c], targets[c], lse[c], grad_rows[c], ctx.cap)
+        return grad, None, None
 
 
 def softcapped_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, cap: float,

@@ -230,3 +230,37 @@ def _parse_setting(o: Option, text: str, flag: str) -> Any:
     except (KeyError, ValueError):
         kind = {"bool": "true or false", "optional_bool": "true or false"}.get(o.kind, f"a valid {o.path[-1]}")
         raise ConfigError(o.path[-1], kind, text, flag=flag) from None
+
+
+def int_at_least(lo: int) -> Callable[[str], int]:
+    """An argparse `type` for hand-written options (the benchmarks'): an integer >= `lo`, else
+    argparse's own one-line error (exit 2) naming the option and the range."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo} (got {value})")
+        return value
+
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+def float_in(lo: float, hi: float = float("inf"), *, lo_open: bool = False) -> Callable[[str], float]:
+    """Like `int_at_least` for a float in [lo, hi] (or (lo, hi] with `lo_open`)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (lo < value if lo_open else lo <= value) or not value <= hi or value != value:
+            left = "(" if lo_open else "["
+            raise argparse.ArgumentTypeError(f"must be in {left}{lo}, {hi}] (got {text})")
+        return value
+
+    parse.__name__ = "number"
+    return parse

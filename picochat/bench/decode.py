@@ -18,6 +18,8 @@ warmed up first (graph capture and compilation are not timed), then timed once:
 from __future__ import annotations
 
 import argparse
+
+from ..options import int_at_least
 import time
 
 import torch
@@ -137,13 +139,13 @@ def print_decode_profile(engine, prompts: list[list[int]], kw: dict, steps: int 
 
 def add_decode_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("decode", help="decode tok/s, TTFT and MBU: naive vs eager (KV cache) vs fast (CUDA graphs)")
-    p.add_argument("--depth", type=int, default=12)
+    p.add_argument("--depth", type=int_at_least(1), default=12)
     p.add_argument("--batch-sizes", default="1,8,64", help="comma list")
-    p.add_argument("--prompt-len", type=int, default=512)
-    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--prompt-len", type=int_at_least(1), default=512)
+    p.add_argument("--new-tokens", type=int_at_least(1), default=256)
     p.add_argument("--modes", default="naive,eager,fast", help="comma list of naive, eager, fast")
-    p.add_argument("--vocab-size", type=int, default=32768)
-    p.add_argument("--naive-max-batch", type=int, default=8, help="skip naive above this batch size (slow)")
+    p.add_argument("--vocab-size", type=int_at_least(1), default=32768)
+    p.add_argument("--naive-max-batch", type=int_at_least(1), default=8, help="skip naive above this batch size (slow)")
     p.add_argument("--compile", nargs="?", const="default", default=False, metavar="MODE",
                    help="torch.compile the fast step before graph capture (without MODE: Inductor's "
                         "defaults plus coordinate-descent tuning; or a torch.compile mode such as "
@@ -151,10 +153,10 @@ def add_decode_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton"),
                    help="fast mode's step: hand-fused Triton kernels, the model's torch forward (graphed, "
                         "compiled with --compile), or auto (Triton up to batch 8)")
-    p.add_argument("--window-step", type=int, default=None, help="attention window granularity (cache slots)")
-    p.add_argument("--sync-every", type=int, default=None, help="fast mode: decode steps per host sync")
+    p.add_argument("--window-step", type=int_at_least(1), default=None, help="attention window granularity (cache slots)")
+    p.add_argument("--sync-every", type=int_at_least(1), default=None, help="fast mode: decode steps per host sync")
     p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int_at_least(0), default=0)
     p.add_argument("--profile", action="store_true", help="print the top kernels of the fast step per batch size")
     p.add_argument("--append", help="append JSON records to this file (e.g. docs/benchmarks/results.jsonl)")
     p.set_defaults(func=cmd_decode_bench)

@@ -19,6 +19,8 @@ Prints a human table, then one JSON object as the last stdout line.
 from __future__ import annotations
 
 import argparse
+
+from ..options import float_in, int_at_least
 import json
 import os
 import platform
@@ -184,13 +186,13 @@ def print_table(record: dict) -> None:
 def add_loader_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("loader", help="tokenizer training/encoding MB/s and loader tokens/s on this CPU")
     p.add_argument("--corpus", nargs="+", default=["embedded", "synthetic"])
-    p.add_argument("--vocab-size", type=int, default=16384)
-    p.add_argument("--train-mb", type=float, default=8.0)
-    p.add_argument("--docs", type=int, default=12000)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--batches", type=int, default=60)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--vocab-size", type=int_at_least(1), default=16384)
+    p.add_argument("--train-mb", type=float_in(0.0, lo_open=True), default=8.0)
+    p.add_argument("--docs", type=int_at_least(1), default=12000)
+    p.add_argument("--batch-size", type=int_at_least(1), default=32)
+    p.add_argument("--seq-len", type=int_at_least(1), default=2048)
+    p.add_argument("--batches", type=int_at_least(1), default=60)
+    p.add_argument("--threads", type=int_at_least(1), default=2)
     p.set_defaults(func=cmd_loader_bench)
 
 

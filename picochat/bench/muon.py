@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from ..options import int_at_least
 from .record import append_records, base_record, print_json_last
 
 MODES = ("torch", "picochat", "picochat-compiled")
@@ -21,9 +22,9 @@ MODES = ("torch", "picochat", "picochat-compiled")
 
 def add_muon_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("muon", help="the Muon optimizer step alone: torch.optim.Muon vs picochat's")
-    p.add_argument("--depth", type=int, default=12)
+    p.add_argument("--depth", type=int_at_least(1), default=12)
     p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)}")
-    p.add_argument("--steps", type=int, default=10, help="timed steps (after 3 warm-up steps)")
+    p.add_argument("--steps", type=int_at_least(1), default=10, help="timed steps (after 3 warm-up steps)")
     p.add_argument("--device", default="auto")
     p.add_argument("--append", help="append JSON records to this file (e.g. docs/benchmarks/results.jsonl)")
     p.set_defaults(func=cmd_muon_bench)

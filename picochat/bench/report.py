@@ -20,23 +20,24 @@ from pathlib import Path
 
 import torch
 
+from ..options import float_in, int_at_least
 from .record import append_records, base_record, print_json_last
 
 def add_report_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="reproduce the seed report's headline table, side by side")
     p.add_argument("--only", default="train,sft,decode,diversity,autobatch",
                    help="comma list of parts to run: train, sft, decode, diversity, autobatch")
-    p.add_argument("--depth", type=int, default=12)
+    p.add_argument("--depth", type=int_at_least(1), default=12)
     p.add_argument("--results", default="docs/benchmarks/report.jsonl", help="where records are appended")
     p.add_argument("--render", action="store_true", help="only render docs from --results (no benchmarks)")
     p.add_argument("--docs", default="docs/benchmarks.md")
     p.set_defaults(func=cmd_report)
 
     d = sub.add_parser("diversity", help="distinct first tokens among n samples: shared (seed bug) vs independent")
-    d.add_argument("--depth", type=int, default=12)
-    d.add_argument("--num-samples", type=int, default=16)
-    d.add_argument("--prompts", type=int, default=8)
-    d.add_argument("--temperature", type=float, default=1.0)
+    d.add_argument("--depth", type=int_at_least(1), default=12)
+    d.add_argument("--num-samples", type=int_at_least(1), default=16)
+    d.add_argument("--prompts", type=int_at_least(1), default=8)
+    d.add_argument("--temperature", type=float_in(0.0), default=1.0)
     d.add_argument("--device", default="auto")
     d.add_argument("--append")
     d.set_defaults(func=cmd_diversity)

@@ -16,6 +16,8 @@ second of rollout), tokens per step; the speedup of batched over eager rollouts.
 from __future__ import annotations
 
 import argparse
+
+from ..options import int_at_least
 import os
 import tempfile
 import time
@@ -84,17 +86,17 @@ def run_rl_bench(run: str, modes: list[str], prompts: int, samples: int, new_tok
 
 def add_rl_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("rl", help="RL step time: rollouts (batched vs eager baseline) and update")
-    p.add_argument("--depth", type=int, default=12)
-    p.add_argument("--prompts", type=int, default=16, help="prompts per step")
-    p.add_argument("--samples", type=int, default=16, help="samples per prompt")
-    p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--steps", type=int, default=2, help="timed steps per mode (after one warm-up step)")
+    p.add_argument("--depth", type=int_at_least(1), default=12)
+    p.add_argument("--prompts", type=int_at_least(1), default=16, help="prompts per step")
+    p.add_argument("--samples", type=int_at_least(1), default=16, help="samples per prompt")
+    p.add_argument("--new-tokens", type=int_at_least(1), default=256)
+    p.add_argument("--steps", type=int_at_least(1), default=2, help="timed steps per mode (after one warm-up step)")
     p.add_argument("--modes", default="batched,eager", help="comma list of batched, eager")
-    p.add_argument("--device-batch-size", type=int, default=64, help="rows per forward/backward of the update")
-    p.add_argument("--vocab-size", type=int, default=32768, help="tokenizer of the throwaway run")
+    p.add_argument("--device-batch-size", type=int_at_least(1), default=64, help="rows per forward/backward of the update")
+    p.add_argument("--vocab-size", type=int_at_least(1), default=32768, help="tokenizer of the throwaway run")
     p.add_argument("--run", help="use this run's SFT checkpoint instead of a throwaway random model")
     p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int_at_least(0), default=0)
     p.add_argument("--append", help="append JSON records to this file (e.g. docs/benchmarks/results.jsonl)")
     p.set_defaults(func=cmd_rl_bench)
 

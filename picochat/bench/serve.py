@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 
+from ..options import float_in, int_at_least
 from .loadgen import lengths, run_load, summarize
 
 MODES = ("continuous", "serial")
@@ -134,7 +135,7 @@ def measure(url: str, args, levels: list[tuple[str, float]], vocab: int) -> list
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="HTTP serving: TTFT / ITL / TPOT / tok/s under load, continuous vs serial")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--depth", type=int, default=12, help="serve random weights of this depth (default 12)")
+    src.add_argument("--depth", type=int_at_least(1), default=12, help="serve random weights of this depth (default 12)")
     src.add_argument("--run", default=None, help="serve this trained run instead")
     src.add_argument("--url", default=None, help="drive a server that is already running (mode as --label)")
     p.add_argument("--label", default="continuous", help="with --url: the mode recorded (continuous | serial)")
@@ -142,19 +143,19 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concurrency", default="1,8,32,64", help="closed-loop levels (comma list)")
     p.add_argument("--request-rate", default=None, help="Poisson levels in requests/s (comma list); replaces "
                                                         "--concurrency")
-    p.add_argument("--max-concurrency", type=int, default=None, help="with --request-rate: cap in flight")
-    p.add_argument("--num-prompts", type=int, default=None, help="requests per level (default max(32, 4x level))")
-    p.add_argument("--input-len", type=int, default=512, help="prompt tokens (the median if lognormal)")
-    p.add_argument("--output-len", type=int, default=256, help="output tokens (the median if lognormal)")
+    p.add_argument("--max-concurrency", type=int_at_least(1), default=None, help="with --request-rate: cap in flight")
+    p.add_argument("--num-prompts", type=int_at_least(1), default=None, help="requests per level (default max(32, 4x level))")
+    p.add_argument("--input-len", type=int_at_least(1), default=512, help="prompt tokens (the median if lognormal)")
+    p.add_argument("--output-len", type=int_at_least(1), default=256, help="output tokens (the median if lognormal)")
     p.add_argument("--length-dist", choices=["fixed", "lognormal"], default="fixed")
-    p.add_argument("--sigma", type=float, default=0.5, help="lognormal shape")
-    p.add_argument("--max-context", type=int, default=2048, help="the served context (random weights: seq_len)")
-    p.add_argument("--vocab-size", type=int, default=32768)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--max-batch", type=int, default=None, help="server --max-batch (default: its own)")
+    p.add_argument("--sigma", type=float_in(0.0), default=0.5, help="lognormal shape")
+    p.add_argument("--max-context", type=int_at_least(1), default=2048, help="the served context (random weights: seq_len)")
+    p.add_argument("--vocab-size", type=int_at_least(1), default=32768)
+    p.add_argument("--temperature", type=float_in(0.0), default=0.0)
+    p.add_argument("--max-batch", type=int_at_least(1), default=None, help="server --max-batch (default: its own)")
     p.add_argument("--server-args", default="", help="more `picochat serve` options, e.g. '--kernels torch'")
     p.add_argument("--api-key", default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int_at_least(0), default=0)
     p.add_argument("--plot", default=None, help="write the latency-throughput plot here (PNG)")
     p.add_argument("--append", help="append JSON records to this file (e.g. docs/benchmarks/results.jsonl)")
     p.set_defaults(func=cmd_serve_bench)

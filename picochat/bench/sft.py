@@ -29,6 +29,7 @@ import time
 import numpy as np
 import torch
 
+from ..options import float_in, int_at_least
 from .record import append_records, base_record, print_json_last
 
 MODES = ("packed", "padded")
@@ -36,25 +37,25 @@ MODES = ("packed", "padded")
 
 def add_sft_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sft", help="SFT useful tokens/s: packed vs padded, and pretraining at the same shape")
-    p.add_argument("--depth", type=int, default=12)
-    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--depth", type=int_at_least(1), default=12)
+    p.add_argument("--seq-len", type=int_at_least(1), default=2048)
     p.add_argument("--batch-size", default="32",
                    help="rows per forward pass (device batch size), or 'auto' to let the finder pick it")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--vocab-size", type=int, default=32768)
-    p.add_argument("--steps", type=int, default=20, help="measured steps per mode (after warm-up)")
-    p.add_argument("--warmup", type=int, default=5, help="steps left out of the figures (compile, autotune)")
+    p.add_argument("--grad-accum", type=int_at_least(1), default=1)
+    p.add_argument("--vocab-size", type=int_at_least(1), default=32768)
+    p.add_argument("--steps", type=int_at_least(1), default=20, help="measured steps per mode (after warm-up)")
+    p.add_argument("--warmup", type=int_at_least(0), default=5, help="steps left out of the figures (compile, autotune)")
     p.add_argument("--modes", default="packed,padded", help="comma list of packed, padded")
     p.add_argument("--pretrain", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure the pretraining step at the same shape (for the 0.9x goal)")
     p.add_argument("--length-dist", default="lognormal", choices=("lognormal",),
                    help="conversation length distribution (see --length-median/--length-sigma)")
-    p.add_argument("--length-median", type=float, default=400.0, help="median conversation length in tokens")
-    p.add_argument("--length-sigma", type=float, default=0.9, help="log-space standard deviation")
-    p.add_argument("--buffer-size", type=int, default=None, help="packing buffer (conversations)")
+    p.add_argument("--length-median", type=float_in(0.0, lo_open=True), default=400.0, help="median conversation length in tokens")
+    p.add_argument("--length-sigma", type=float_in(0.0), default=0.9, help="log-space standard deviation")
+    p.add_argument("--buffer-size", type=int_at_least(1), default=None, help="packing buffer (conversations)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int_at_least(0), default=0)
     p.add_argument("--append", help="append JSON records to this file (e.g. docs/benchmarks/results.jsonl)")
     p.set_defaults(func=cmd_sft_bench)
 

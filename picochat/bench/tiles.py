@@ -11,6 +11,8 @@ of a profiled run of them. CUDA and Triton only.
 from __future__ import annotations
 
 import argparse
+
+from ..options import int_at_least
 import dataclasses
 import json
 import time
@@ -75,13 +77,13 @@ def search(model, rows: int, cache_len: int, start: int, steps: int, passes: int
 
 def add_tiles_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tiles", help="search the Triton decode step's launch shapes on this GPU (CUDA only)")
-    p.add_argument("--depth", type=int, default=12)
-    p.add_argument("--vocab-size", type=int, default=32768)
+    p.add_argument("--depth", type=int_at_least(1), default=12)
+    p.add_argument("--vocab-size", type=int_at_least(1), default=32768)
     p.add_argument("--batch-sizes", default="1,2,4,8", help="comma list")
-    p.add_argument("--cache-len", type=int, default=1024, help="cache slots (the engine rounds to 256)")
-    p.add_argument("--start", type=int, default=640, help="context length at the first timed step")
-    p.add_argument("--steps", type=int, default=100, help="timed steps per candidate")
-    p.add_argument("--passes", type=int, default=1, help="coordinate-descent passes")
+    p.add_argument("--cache-len", type=int_at_least(1), default=1024, help="cache slots (the engine rounds to 256)")
+    p.add_argument("--start", type=int_at_least(1), default=640, help="context length at the first timed step")
+    p.add_argument("--steps", type=int_at_least(1), default=100, help="timed steps per candidate")
+    p.add_argument("--passes", type=int_at_least(1), default=1, help="coordinate-descent passes")
     p.add_argument("--profile", action="store_true", help="print the kernels of the best tiles")
     p.add_argument("--append", help="append one JSON record per batch size to this file")
     p.set_defaults(func=cmd_tiles)

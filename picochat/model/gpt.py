@@ -24,6 +24,8 @@ from .loss import reference_softcapped_cross_entropy, softcapped_cross_entropy
 class ForwardOptions:
     """How the training forward is computed; none of these change the weights, checkpoints or the
     math, only the kernels (and, for `bf16_residual`, the rounding). The benchmark's levers.
+    `fused_qkv` and `bf16_residual` act only with gradients on (training): inference and evaluation
+    run as before.
 
     fused_loss: the one-pass soft-capped cross-entropy of `loss.py` (no float32 logits tensor).
     fused_qkv: one q/k/v matrix product per layer (the three weights concatenated on the fly;
@@ -96,7 +98,7 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, attn_mask=None, kv_cache: KVCache | None = None, positions=None, cache_mask=None):
         B, T, _ = x.shape
         H, Hkv = self.n_head, self.n_kv_head
-        if self.c_qkv is None and not self.concat_qkv:
+        if self.c_qkv is None and not (self.concat_qkv and torch.is_grad_enabled()):
             q = self.c_q(x).view(B, T, H, self.head_dim).transpose(1, 2)
             k = self.c_k(x).view(B, T, Hkv, self.head_dim).transpose(1, 2)
             v = self.c_v(x).view(B, T, Hkv, self.head_dim).transpose(1, 2)
@@ -228,7 +230,7 @@ class GPT(nn.Module):
             cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
             cache_mask = kv_cache.mask(positions)
         x = rms_norm(self.wte(idx))
-        if self.options.bf16_residual and torch.is_autocast_enabled(x.device.type):
+        if self.options.bf16_residual and torch.is_grad_enabled() and torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         for block in self.blocks:
             x = block(x, cos, sin, attn_mask, kv_cache, positions, cache_mask)

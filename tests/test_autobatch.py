@@ -424,7 +424,8 @@ def test_one_probe_is_exact_near_optimal_and_compiles_at_most_three(T, rows, res
     assert res.device_batch_size * res.grad_accum * T == total
     assert sim.need(res.device_batch_size) <= sim.total  # it fits
     # optimal, except that a second verify needs its predicted peak 5% under the budget
-    assert _optimum(sim, cands, ab.EXTRAPOLATION_SLACK * sim.total) <= res.device_batch_size
+    near = [c for c in cands if sim.need(c) <= ab.EXTRAPOLATION_SLACK * sim.total]
+    assert max(near, default=cands[0]) <= res.device_batch_size
     assert res.compiles <= 3 and res.compiles == len({p.batch_size for p in res.probes})
     assert res.probes[0].phase == "probe" and res.probes[0].rest_bytes == rest
     assert sum(p.phase == "probe" for p in res.probes) == 1

@@ -135,3 +135,30 @@ def test_compiled_loss_is_one_pass_forward_and_backward(monkeypatch):
     ref = z.detach().clone().requires_grad_()
     reference_softcapped_cross_entropy(ref, t, 15.0, "sum").backward()
     assert _rel(z.grad, ref.grad) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_cuda_default_matches_the_plain_path():
+    """On the GPU, compiled, under bf16 autocast: the default forward (fused loss, one q/k/v matmul,
+    bf16 residual) and the plain ops give the same loss and gradients within bf16 rounding."""
+    device = torch.device("cuda")
+    cfg = ModelConfig.from_depth(4, vocab_size=4096, seq_len=256)
+    models = []
+    for options in (ForwardOptions(), ForwardOptions.reference()):
+        model = build_model(cfg, device, seed=0).set_options(options)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.02 * torch.randn(p.shape, device=device, generator=torch.Generator(device).manual_seed(p.numel())))
+        models.append(model)
+    x = torch.randint(0, 4096, (8, 257), device=device, generator=torch.Generator(device).manual_seed(1))
+    losses = []
+    for model in models:
+        step = torch.compile(model, dynamic=False)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = step(x[:, :-1], x[:, 1:])
+        loss.backward()
+        losses.append(loss.item())
+    assert abs(losses[0] - losses[1]) < 2e-2 * abs(losses[1])
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        assert _rel(a.grad, b.grad) < 5e-2, name

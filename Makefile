@@ -23,8 +23,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/picochat demo
 
+# pytest-xdist: one worker per core (at most 4), a test file's tests on one worker (its session
+# fixtures are built once); each worker gives torch one thread (tests/conftest.py)
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "not gpu"

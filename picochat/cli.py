@@ -40,15 +40,20 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The whole command tree; given the command line `argv`, commands other than the one it runs may
+    register a stub (name and help only) where their full options are slow to import (`bench`)."""
+    wanted = next((a for a in argv if not a.startswith("-")), None) if argv is not None else None
     parser = Parser(
         prog="picochat",
         description="Train a small ChatGPT-style model end to end and talk to it.",
     )
     parser.add_argument("--version", action="version", version=f"picochat {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
-    for module_name in COMMANDS.values():
-        importlib.import_module(module_name).register(sub)
+    for command, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        stub = getattr(module, "register_stub", None)
+        (stub if stub is not None and argv is not None and command != wanted else module.register)(sub)
     return parser
 
 
@@ -63,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     from .train.preemption import TrainingStopped
 
     setup_logging()
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -9,13 +9,16 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .config import ConfigError, check_device
+
+if TYPE_CHECKING:  # torch is imported inside the functions: `picochat --help` should not pay ~2 s for it
+    import torch
 
 log = logging.getLogger("picochat")
 
@@ -100,6 +103,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def detect_device(preference: str = "auto") -> torch.device:
     """The device to use: `preference` if this machine has it (ConfigError naming --device if not)."""
+    import torch
+
     if preference != "auto":
         check_device(preference)
         device = torch.device(preference)
@@ -121,16 +126,22 @@ def detect_device(preference: str = "auto") -> torch.device:
 def compute_dtype(device: torch.device) -> torch.dtype:
     """The dtype of matrix products: bf16 on CUDA (fp32 master weights), fp32 elsewhere (CPU bf16 can be
     emulated in software). The one place this rule is written."""
+    import torch
+
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def autocast(device: torch.device):
+    import torch
+
     if compute_dtype(device) != torch.float32:
         return torch.autocast(device_type=device.type, dtype=compute_dtype(device))
     return contextlib.nullcontext()
 
 
 def synchronize(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":
@@ -138,12 +149,34 @@ def synchronize(device: torch.device) -> None:
 
 
 def gpu_name(device: torch.device) -> str:
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return device.type
 
 
+def cpu_description() -> str:
+    """This CPU by its model name, the vector extension torch dispatches to (which decides whether
+    bfloat16 matrix products run natively or emulated) and the core count."""
+    import torch
+
+    model = "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    isa = torch.backends.cpu.get_cpu_capability()
+    capped = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return f"{model} ({isa}{', oneDNN ' + capped if capped else ''}, {os.cpu_count()} cores)"
+
+
 def seed_everything(seed: int) -> None:
+    import torch
+
     random.seed(seed)
     torch.manual_seed(seed)
     try:
@@ -174,7 +207,8 @@ class DistInfo:
 
 
 def dist_info() -> DistInfo:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    torch = sys.modules.get("torch")  # not imported yet: no process group can have been initialised
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
         return DistInfo(torch.distributed.get_rank(), int(os.environ.get("LOCAL_RANK", 0)),
                         torch.distributed.get_world_size())
     return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
@@ -183,6 +217,8 @@ def dist_info() -> DistInfo:
 
 def init_distributed(device: torch.device) -> DistInfo:
     """Join the process group torchrun prepared (NCCL on CUDA, gloo otherwise). No-op when alone."""
+    import torch
+
     info = dist_info()
     if info.world_size > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -196,6 +232,8 @@ def init_distributed(device: torch.device) -> DistInfo:
 def cleanup_distributed() -> None:
     """Leave the process group together: a rank that tears gloo down while a peer is still inside a
     collective can abort at exit ("terminate called without an active exception")."""
+    import torch
+
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         import gc
 
@@ -206,6 +244,8 @@ def cleanup_distributed() -> None:
 
 def all_reduce_sum(value: float | int, device: torch.device) -> float:
     """Sum a Python number over ranks (identity when alone)."""
+    import torch
+
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return value
     t = torch.tensor([float(value)], dtype=torch.float64, device=device)

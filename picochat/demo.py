@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rl-steps", type=int, default=0,
                    help="steps of RL on the synthetic arithmetic task after SFT (default: 0, none)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--append", metavar="FILE", default=None,
+                   help="append the demo's record (bench 'demo': CPU, seconds per stage, accuracies) to FILE, "
+                        "e.g. docs/benchmarks/results.jsonl")
     p.add_argument("--quick", action="store_true",
                    help=f"a much smaller run (seconds), for smoke tests: depth {DEMO_QUICK.depth}, "
                         f"{DEMO_QUICK.pretrain_steps} pretraining steps (replaces the sizes above)")
@@ -33,6 +36,29 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _banner(text: str) -> None:
     print(f"\n{'━' * 78}\n  {text}\n{'━' * 78}", flush=True)
+
+
+class StageClock:
+    """Wall and CPU seconds (this process, all threads) per stage of the demo, for its closing table."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, tuple[float, float]] = {}
+        self._name, self._t0, self._c0 = None, 0.0, 0.0
+
+    def start(self, name: str) -> None:
+        self.stop()
+        self._name, self._t0, self._c0 = name, time.perf_counter(), time.process_time()
+
+    def stop(self) -> None:
+        if self._name is not None:
+            wall, cpu = time.perf_counter() - self._t0, time.process_time() - self._c0
+            self.seconds[self._name] = (round(wall, 1), round(cpu, 1))
+            self._name = None
+
+    def table(self) -> str:
+        rows = [f"  {name:<10} {wall:7.1f} s wall {cpu:8.1f} s CPU" for name, (wall, cpu) in self.seconds.items()]
+        total = [sum(v[i] for v in self.seconds.values()) for i in (0, 1)]
+        return "\n".join(rows + [f"  {'total':<10} {total[0]:7.1f} s wall {total[1]:8.1f} s CPU"])
 
 
 def sparkline(values: list[float], width: int = 60) -> str:
@@ -60,13 +86,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     check_number("rl_steps", args.rl_steps, lo=0, hi=10**6)
     configs = demo_configs(sizes, run, args.device)
     data = DataConfig()
+    clock = StageClock()
 
+    clock.start("tokenizer")
     _banner("1/5  tokenizer: byte-level BPE on the embedded corpus")
     stats = train_tokenizer(run, data, TokenizerConfig(vocab_size=sizes.tokenizer_vocab))
     print(f"learned {stats['vocab_size']} tokens from {stats['chars'] / 1e6:.1f}M characters "
           f"in {stats['seconds']:.1f}s ({stats['mb_per_s']} MB/s)")
     _show_batches(run, data, sizes.seq_len)
 
+    clock.start("pretrain")
     _banner(f"2/5  pretraining a depth-{sizes.depth} GPT")
     from .train.cli import pretrain
 
@@ -80,6 +109,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     chat_data = ChatDataConfig(synthetic_size=sizes.synthetic_size)
     for stage in CHAT_FINETUNE:
+        clock.start(stage)
         stage_cfg, lr_frac = configs[stage]
         result = chat_train(scale_lr(stage_cfg, lr_frac), chat_data)
         print(f"{stage}: {stage_cfg.num_steps} steps, final loss {result['final_loss']:.3f}, "
@@ -87,9 +117,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     last = "sft"
     if args.rl_steps > 0:
+        clock.start("rl")
         _banner("3+/5  reinforcement learning on arithmetic (calculator rollouts, group advantages)")
         last = _rl(run, args.rl_steps, args.device)
 
+    clock.start("eval")
     _banner("4/5  accuracy on held-out synthetic questions (greedy) vs a trivial baseline")
     from .eval.chat_eval import DEFAULT_TASKS, evaluate_run, format_table
 
@@ -97,6 +129,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(format_table(rows))
     print("(trivial = the best single constant answer, chosen with hindsight on the same questions)")
 
+    clock.start("chat")
     _banner("5/5  chatting with the model")
     from .common import detect_device
     from .config import SamplingConfig
@@ -114,10 +147,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .report import write_report
 
     report = write_report(run)
-    print(f"\ndemo finished in {time.time() - t_start:.0f}s. Talk to it: picochat chat --run {run}")
+    clock.stop()
+    seconds = time.time() - t_start
+    print(f"\ntime per stage (wall; CPU = this process's seconds on all cores):\n{clock.table()}")
+    if args.append:
+        _append_record(args.append, sizes, clock, rows, seconds)
+    print(f"\ndemo finished in {seconds:.0f}s. Talk to it: picochat chat --run {run}")
     print(f"Or serve it (API + chat page): picochat serve --run {run}   then open http://127.0.0.1:8000/")
     print(f"report card: {report}")
     return 0
+
+
+def _append_record(path: str, sizes, clock: StageClock, rows: list[dict], seconds: float) -> None:
+    """One JSON line (bench "demo") with the CPU, the sizes, seconds per stage and the accuracies."""
+    import os
+    import sys
+    from dataclasses import asdict
+
+    import torch
+
+    from .common import cpu_description, git_commit
+
+    rec = {"bench": "demo", "gpu": cpu_description(), "torch": torch.__version__,
+           "date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "depth": sizes.depth,
+           "command": "picochat " + " ".join(sys.argv[1:]), "threads": torch.get_num_threads(),
+           "aten_cpu_capability": os.environ.get("ATEN_CPU_CAPABILITY"), "seconds": round(seconds, 1),
+           "cpu_seconds": round(sum(cpu for _, cpu in clock.seconds.values()), 1),
+           "stage_seconds": {k: wall for k, (wall, _) in clock.seconds.items()},
+           "stage_cpu_seconds": {k: cpu for k, (_, cpu) in clock.seconds.items()},
+           "accuracy": {r["task"]: round(r["accuracy"], 4) for r in rows},
+           "trivial": {r["task"]: round(r["trivial"], 4) for r in rows},
+           "sizes": {k: v for k, v in asdict(sizes).items() if k != "chat_lr_frac"}}
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    print(f"record appended to {path}")
 
 
 def _rl(run: str, steps: int, device: str) -> str:

@@ -90,6 +90,7 @@ class DemoSizes:
     chat_lr_frac: tuple[tuple[str, float], ...] = opt((("mid", 1.0), ("sft", 0.3)), cli=False)
     chat_warmdown_frac: float = opt(0.5, "share of each chat stage's steps spent decaying the learning rate",
                                     lo=0, hi=1)
+    seed: int = opt(42, "seed of the weights (every stage) and of the pretraining data order", lo=0, hi=2**32 - 1)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -107,7 +108,7 @@ def demo_configs(sizes: DemoSizes, run: str, device: str) -> dict[str, tuple[Tra
     base = TrainConfig(run=run, stage="base", depth=sizes.depth, seq_len=sizes.seq_len,
                        device_batch_size=sizes.batch_size, total_batch_tokens=tokens, num_steps=sizes.pretrain_steps,
                        eval_every=max(1, sizes.pretrain_steps // 4), eval_tokens=64 * sizes.seq_len, sample_every=0,
-                       save_every=0, device=device, compile=False)
+                       save_every=0, device=device, compile=False, seed=sizes.seed)
     out = {"base": (base, 1.0)}
     steps = {"mid": sizes.mid_steps, "sft": sizes.sft_steps}
     for stage, lr_frac in sizes.chat_lr_frac:

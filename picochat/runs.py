@@ -16,11 +16,13 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .common import atomic_write_bytes, log, picochat_home
 from .config import RUN_NAME, ConfigError, ModelConfig
+
+if TYPE_CHECKING:  # imported where used, so that the CLI starts without torch
+    import torch
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,8 @@ def load_tokenizer(run: str):
 def load_model(run: str, stage: str | None = None, device: torch.device | None = None, step: int | None = None):
     """The run's model for inference: the latest checkpoint of `stage` (default: rl, then sft, mid,
     base). Returns (model in eval mode, tokenizer, meta) where meta['stage'] says which."""
+    import torch
+
     from .model.gpt import build_model
 
     s, ckpt = find_checkpoint(run, stage, step)

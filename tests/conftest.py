@@ -1,4 +1,9 @@
-"""Shared fixtures: an isolated PICOCHAT_HOME and a tiny trained tokenizer on the embedded corpus."""
+"""Shared fixtures: an isolated PICOCHAT_HOME and a tiny trained tokenizer on the embedded corpus.
+
+Under pytest-xdist (`make test` runs `pytest -n auto`), each worker gets its own PICOCHAT_HOME below
+the one it was given (nothing a test writes outside its `home` fixture is shared between workers) and
+one thread for torch, inherited by the processes tests start: two workers of two threads each on a
+2-core machine would spin-wait on each other's cores."""
 
 from __future__ import annotations
 
@@ -9,7 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _WORKER:
+    _base = Path(os.environ.get("PICOCHAT_HOME", Path.home() / ".cache" / "picochat")).expanduser()
+    os.environ["PICOCHAT_HOME"] = str(_base / f"xdist-{_WORKER}")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture
@@ -42,3 +54,15 @@ def tiny_run(home, _tiny_tokenizer_dir) -> str:
     """A run named 'tiny' whose tokenizer (512 tokens, embedded corpus) is already trained."""
     shutil.copytree(_tiny_tokenizer_dir, home / "runs" / "tiny" / "tokenizer")
     return "tiny"
+
+
+# Under `pytest -n ... --dist loadfile` a worker takes whole files, in collection order, as it frees
+# up: the files that take longest on 2 cores go first, so no worker is left running a long file after
+# the other has finished everything else (their own order, and every other file's, is unchanged).
+LONGEST_FIRST = ("test_rl.py", "test_faults.py", "test_train.py", "test_chat_suite.py", "test_execution.py",
+                 "test_options.py", "test_autobatch.py", "test_demo.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))

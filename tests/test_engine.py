@@ -341,6 +341,36 @@ def test_chat_cli_one_shot(home, capsys):
         args.func(args)
 
 
+@pytest.mark.parametrize("stage,warns", [("rl", False), ("mid", False), ("base", True)])
+def test_chat_cli_names_the_stage_it_loaded_and_warns_only_for_base(home, capsys, caplog, stage, warns):
+    import argparse
+
+    from picochat.runs import RunPaths
+    from picochat.infer import chat_cli
+    from picochat.train.checkpoint import save_checkpoint
+
+    paths = RunPaths.for_run("tiny")
+    TOK.save(paths.tokenizer)
+    model = random_model(n_layer=1, n_head=2, n_kv_head=2, n_embd=16, seq_len=64)
+    save_checkpoint(paths.stage(stage), 3, model, None, {"model": model.config.to_dict()})
+    parser = argparse.ArgumentParser()
+    chat_cli.register(parser.add_subparsers())
+    args = parser.parse_args(["chat", "--run", "tiny", "-p", "hi", "--max-tokens", "2", "--temperature", "0"])
+    caplog.set_level(logging.INFO, logger="picochat")
+    logger = logging.getLogger("picochat")
+    logger.addHandler(caplog.handler)  # picochat's logger may not propagate to the root
+    try:
+        assert args.func(args) == 0
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert f"stage {stage}, step 3" in caplog.text
+    assert "SFT" not in caplog.text  # the old note blamed a missing SFT checkpoint whatever was loaded
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert bool(warnings) == warns
+    if warns:
+        assert "no chat checkpoint" in warnings[0].getMessage()
+
+
 def test_chat_session_drops_oldest_turns(capsys):
     from picochat.config import SamplingConfig
     from picochat.infer.chat_cli import ChatSession
@@ -483,6 +513,7 @@ def _check_triton_cases(cases: dict, tol: float) -> None:
     for name, worst in cases.items():
         assert worst["tokens_equal"] and worst["pos_equal"], (name, worst)
         assert worst["logits"] < tol and worst["cache"] < tol, (name, worst)
+        assert worst.get("runner_kernels", ["torch", "triton"]) == ["torch", "triton"], (name, worst)
 
 
 def test_triton_decode_step_matches_torch_step_interpreted():

@@ -106,6 +106,7 @@ DEMO = {
     "--tokenizer-vocab": (["10"], "from 265 to"),
     "--eval-examples": (["0"], "from 1 to"),
     "--chat-warmdown-frac": (["1.5"], "from 0 to 1"),
+    "--seed": (["-1"], RANGE_SEED),
     "--rl-steps": (["-1", "10000000"], "from 0 to 1,000,000"),
     "--device": (["gpu"], "auto, cpu, cuda, cuda:N or mps"),
 }
@@ -257,7 +258,7 @@ def test_demo_numbers_are_unchanged():
     assert (base.depth, base.seq_len, base.device_batch_size, base.total_batch_tokens) == (3, 256, 8, 2048)
     assert (base.num_steps, base.eval_every, base.eval_tokens, base.sample_every, base.save_every) == \
         (300, 75, 16384, 0, 0)
-    assert base.compile is False and base.optim == OptimConfig()
+    assert base.compile is False and base.optim == OptimConfig() and base.seed == TrainConfig().seed
     assert (mid.num_steps, mid.eval_every, mid.total_batch_tokens, mid.optim.warmdown_frac, c["mid"][1]) == \
         (450, 0, 2048, 0.5, 1.0)
     assert (sft.num_steps, sft.eval_every, sft.optim.warmdown_frac, c["sft"][1]) == (150, 0, 0.5, 0.3)

@@ -43,10 +43,13 @@ def model():
 # greedy outputs equal decoding alone
 
 
-@pytest.mark.parametrize("sync_every,pipeline", [(1, False), (3, False), (4, True)])
-def test_staggered_joins_equal_alone(model, sync_every, pipeline):
+@pytest.mark.parametrize("sync_every,pipeline,fresh", [(1, False, None), (3, False, None), (4, True, None),
+                                                       (4, True, True)])
+def test_staggered_joins_equal_alone(model, sync_every, pipeline, fresh):
     """Requests join between chunks (mid-way through others' generations), with different prompt
-    lengths, max_tokens and stop strings; one is cancelled. Each gets its solo output."""
+    lengths, max_tokens and stop strings; one is cancelled. Each gets its solo output. `fresh`:
+    first prompt chunks through the scratch-cache prefill that CUDA graphs replay on GPUs (here
+    eagerly; longer prompts continue with the cached prefill)."""
     ps = prompts(7)
     params = [SamplingParams(max_tokens=30 if i == 1 else 5 + 3 * i, **GREEDY) for i in range(7)]
     solo = [alone(model, p, q, TOK) for p, q in zip(ps, params)]
@@ -55,7 +58,9 @@ def test_staggered_joins_equal_alone(model, sync_every, pipeline):
     stop = text2[4:6] if len(text2) > 6 else None
     if stop:
         params[2] = SamplingParams(max_tokens=params[2].max_tokens, stop=(stop,), **GREEDY)
-    s = Scheduler(model, TOK, SchedulerConfig(slots=4, sync_every=sync_every, pipeline=pipeline, prefill_budget=16))
+    s = Scheduler(model, TOK, SchedulerConfig(slots=4, sync_every=sync_every, pipeline=pipeline, prefill_budget=16,
+                                              prefill_graphs=fresh))
+    assert (s.batch.fresh is not None) == bool(fresh)
     handles = {}
     for step in range(200):
         if step % 2 == 0 and len(handles) < 7:
@@ -83,6 +88,55 @@ def test_staggered_joins_equal_alone(model, sync_every, pipeline):
         assert res.usage.prompt_tokens == len(ps[i]) and res.usage.completion_tokens == len(solo[i])
     st = s.stats()
     assert st["slots_used"] == 0 and st["running"] == 0 and st["finished"]["cancelled"] == 1
+
+
+def test_fresh_prefill_equals_cached_prefill(model):
+    """The scratch-cache prefill (what the prefill graphs replay) gives the cached prefill's logits,
+    cache rows and positions, for scattered slots and prompts of different lengths."""
+    from picochat.infer.batch import DecodeBatch
+    from picochat.infer.modelprep import prepare_model
+
+    m = prepare_model(model, torch.float32, fuse=True)
+    chunks = [[3, 4, 5, 6, 7], [9] * 12, [1, 2]]
+    slots = [0, 2, 3]
+    out = []
+    for fresh in (False, True):
+        b = DecodeBatch(m, 4, 64, k_max=2, dtype=torch.float32, fresh_prefill=fresh)
+        assert (b.fresh is not None) == fresh
+        out.append((b, b.prefill(slots, chunks, [0, 0, 0])))
+    (plain, want), (fresh, got) = out
+    assert torch.allclose(want, got, atol=1e-5, rtol=0)
+    assert torch.equal(plain.pos, fresh.pos)
+    for a, b in zip(plain.cache.k + plain.cache.v, fresh.cache.k + fresh.cache.v):
+        for slot, c in zip(slots, chunks):
+            assert torch.allclose(a[slot, :, :len(c)], b[slot, :, :len(c)], atol=1e-5, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_prefill_graphs_equal_cached_prefill_cuda():
+    """The prefill graphs (bucketed rows and tokens, replayed) give the eager cached prefill's
+    logits, cache rows and positions, for scattered slots, in fp32 on CUDA; and a group too big for
+    any bucket runs eagerly."""
+    from picochat.infer.batch import DecodeBatch
+    from picochat.infer.modelprep import prepare_model
+
+    dev = torch.device("cuda")
+    m = prepare_model(random_model(n_layer=2, n_head=4, n_kv_head=2, n_embd=128, vocab=265, seq_len=256,
+                                   device=dev, seed=3), torch.float32, fuse=True)
+    chunks = [[3, 4, 5, 6, 7], [9] * 70, [1, 2]]
+    slots = [0, 2, 3]
+    plain = DecodeBatch(m, 4, 128, k_max=2, dtype=torch.float32, fresh_prefill=False)
+    graphed = DecodeBatch(m, 4, 128, k_max=2, dtype=torch.float32, graph=True, prefill_tokens=512)
+    assert graphed.fresh is not None and graphed.fresh.graphs and graphed.fresh.fits(3, 70)
+    want, got = plain.prefill(slots, chunks, [0, 0, 0]), graphed.prefill(slots, chunks, [0, 0, 0])
+    assert torch.allclose(want, got, atol=1e-4, rtol=0)
+    assert torch.equal(plain.pos, graphed.pos)
+    for a, b in zip(plain.cache.k + plain.cache.v, graphed.cache.k + graphed.cache.v):
+        for slot, c in zip(slots, chunks):
+            assert torch.allclose(a[slot, :, :len(c)], b[slot, :, :len(c)], atol=1e-4, rtol=0)
+    assert not graphed.fresh.fits(4, 130)  # longer than the longest bucket (the 128-token context): eager
+    assert graphed.prefill([0, 1, 2, 3], [[5] * 130] * 4, [0] * 4).shape == (4, 265)
 
 
 def test_long_prompt_prefilled_in_chunks_while_others_decode(model):
@@ -348,9 +402,11 @@ def test_batch_bench_smoke(capsys, tmp_path):
     args = parser.parse_args(["batch", "--depth", "1", "--seq-len", "128", "--vocab-size", "300", "--concurrency",
                               "2", "--request-rate", "50", "--num-requests", "4", "--serial-requests", "2",
                               "--prompt-median", "8", "--output-median", "6", "--device", "cpu", "--plot", str(plot),
-                              "--append", str(tmp_path / "r.jsonl")])
+                              "--append", str(tmp_path / "r.jsonl"), "--profile"])
     assert args.func(args) == 0
-    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = capsys.readouterr().out
+    assert "profile: continuous, concurrency 2" in out and "scheduler thread (cProfile" in out
+    last = json.loads(out.strip().splitlines()[-1])
     modes = [(r["mode"], r.get("concurrency"), r.get("request_rate")) for r in last["records"]]
     assert modes == [("continuous", 2, None), ("static_fixed", 2, None), ("static", 2, None), ("serial", 2, None),
                      ("continuous", None, 50.0)]
@@ -397,6 +453,23 @@ def test_fast_scheduler_matches_eager_on_staggered_requests(kernels):
                                              window_step=16))
     assert all(r.graph is not None and r.kernels == kernels for r in fast.batch.runners.values())
     assert _staggered(fast, ps, params) == _staggered(eager, ps, params)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fast_triton_whole_chunk_graphs_match_eager():
+    """Triton buckets launch a whole chunk (steps, copies out and temperature sampling) as one
+    graph: greedy and seeded temperature-only requests, staggered, give eager's tokens (fp32)."""
+    dev = torch.device("cuda")
+    m = random_model(n_layer=2, n_head=4, n_kv_head=2, n_embd=128, vocab=265, seq_len=256, device=dev, seed=3)
+    ps = prompts(7, seed=6)
+    params = [SamplingParams(max_tokens=40 if i == 1 else 12 + 7 * i, **GREEDY) if i % 2 else
+              SamplingParams(max_tokens=12 + 7 * i, temperature=0.8, seed=10 + i, stop_token_ids=()) for i in range(7)]
+    eager = Scheduler(m, None, SchedulerConfig(slots=4, mode="eager", sync_every=4, pipeline=True, dtype="float32"))
+    fast = Scheduler(m, None, SchedulerConfig(slots=4, mode="fast", sync_every=4, dtype="float32", kernels="triton"))
+    assert {kind for _, kind in fast.batch.chunk_graphs} == {"greedy", "sample"}
+    assert _staggered(fast, ps, params) == _staggered(eager, ps, params)
+    assert fast.batch.whole_chunks > 0
 
 
 @pytest.mark.gpu

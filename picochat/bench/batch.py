@@ -181,7 +181,9 @@ def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_r
                     slots: int | None = None, device: str | torch.device = "cuda", vocab_size: int = 32768,
                     seq_len: int = 2048, serial_requests: int = 16, seed: int = 0, sync_every: int | None = None,
                     kernels: str = "auto", prefill_budget: int | None = None,
-                    compile: bool | str = False) -> list[dict]:
+                    compile: bool | str = False, triton_max_rows: int | None = None,
+                    profile: bool = False, prefill_graphs: bool | None = None,
+                    followup_wait: float | None = None, chunk_graphs: bool = True) -> list[dict]:
     from ..common import compute_dtype
     from ..config import ModelConfig
     from ..infer.scheduler import Scheduler, SchedulerConfig
@@ -195,14 +197,20 @@ def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_r
     top = max(list(concurrency) + [1])
     slots = slots or max(top, 1)
     config = SchedulerConfig(slots=slots, sync_every=sync_every, kernels=kernels, prefill_budget=prefill_budget,
-                             max_queue=100_000, compile=compile if cuda else False)
+                             max_queue=100_000, compile=compile if cuda else False, triton_max_rows=triton_max_rows,
+                             prefill_graphs=prefill_graphs, chunk_graphs=chunk_graphs,
+                             **({} if followup_wait is None else {"followup_wait": followup_wait}))
     t0 = time.perf_counter()
     sched = Scheduler(model, None, config).start()
     build_s = time.perf_counter() - t0
     common = {"prompt_median": prompt_median, "output_median": output_median, "length_sigma": sigma,
               "slots": slots, "mode_step": sched.mode, "sync_every": sched.sync_every, "dtype": str(dtype)[6:],
               "vocab_size": vocab_size, "seq_len": seq_len, "scheduler_build_s": round(build_s, 2),
-              "compile": config.compile or False, "kernels": kernels}
+              "compile": config.compile or False, "kernels": kernels,
+              "prefill_graphs": sched.batch.fresh is not None and sched.batch.fresh.graph,
+              "followup_wait_ms": round(1000 * config.followup_wait, 3),
+              "chunk_graphs": sorted({b for b, _ in sched.batch.chunk_graphs}) if sched.mode != "naive" else [],
+              "step_kernels": {b: r.kernels for b, r in sched.batch.runners.items()} if sched.mode == "fast" else None}
     print(f"scheduler: {slots} slots x {sched.max_context} context, {sched.mode} decode, built in {build_s:.1f} s")
     # warm-up: every bucket size the runs will use, prefill shapes, the host paths
     warm = make_workload(max(8, 2 * top), prompt_median, min(output_median, 32), 0.0, vocab_size,
@@ -234,9 +242,58 @@ def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_r
             print(f"request rate {rate}/s: {n} requests")
             rec = _measure(sched, "continuous", lambda: open_loop(sched, work, rate, seed))
             records.append({**common, **rec, "mode": "continuous", "request_rate": rate})
+        if profile:
+            for c in concurrency:
+                work = make_workload(max(2 * c, 16), prompt_median, output_median, sigma, vocab_size,
+                                     sched.max_context, seed + c)
+                print(f"\nprofile: continuous, concurrency {c}, {len(work)} requests (not recorded)")
+                profile_run(sched, lambda: closed_loop(sched, work, c))
     finally:
         sched.close()
     return records
+
+
+def profile_run(sched, run, rows: int = 30) -> None:
+    """Run once under torch.profiler (kernels and ops, every thread) and cProfile (the scheduler's
+    steps; on Python 3.12 it records the other threads' Python too); print both tables and the
+    kernel time summed over the run's wall time."""
+    import cProfile
+    import io
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = sched.device.type == "cuda"
+    py = cProfile.Profile()
+    step = sched.step
+
+    def profiled_step():
+        py.enable()
+        try:
+            return step()
+        finally:
+            py.disable()
+
+    sched.step = profiled_step  # the loop calls self.step(): the instance attribute wins
+    try:
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            t0 = time.perf_counter()
+            traces = run()
+            wall = time.perf_counter() - t0
+    finally:
+        del sched.step
+    rec = summarize(traces, wall)
+    events = prof.key_averages()
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(events.table(sort_by=sort, row_limit=rows, max_name_column_width=70))
+    if cuda:
+        busy = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e6
+        print(f"GPU kernel time {busy:.3f} s over {wall:.3f} s wall ({100 * busy / wall:.0f}%: kernels that overlap, "
+              f"as programmatic dependent launch makes them, count twice), {rec['tok_per_s_total']:,.0f} tok/s "
+              "while profiled")
+    out = io.StringIO()
+    pstats.Stats(py, stream=out).sort_stats("tottime").print_stats(rows)
+    print("scheduler thread (cProfile, inflates Python-heavy parts):\n" + out.getvalue()[-6000:])
 
 
 def plot_records(records: list[dict], path: str, bench: str = "batch") -> None:
@@ -273,6 +330,8 @@ def plot_records(records: list[dict], path: str, bench: str = "batch") -> None:
 
 
 def add_batch_parser(sub: argparse._SubParsersAction) -> None:
+    from ..options import float_in, int_at_least
+
     p = sub.add_parser("batch", help="many requests through the scheduler: continuous vs static vs serial")
     p.add_argument("--depth", type=int, default=12)
     p.add_argument("--concurrency", default="1,32", help="comma list of closed-loop client counts ('' for none)")
@@ -290,7 +349,18 @@ def add_batch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefill-budget", type=int, default=None,
                    help="padded prompt tokens per prefill forward (default 8192 on CUDA, 2048 elsewhere)")
     p.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton"),
-                   help="the decode step of each batch bucket (auto: Triton up to 8 rows, torch above)")
+                   help="the decode step of each batch bucket (auto: Triton up to --triton-max-rows, torch above)")
+    p.add_argument("--triton-max-rows", type=int_at_least(1), default=None,
+                   help="with --kernels auto: the largest bucket the Triton step runs (default: the scheduler's)")
+    p.add_argument("--prefill-graphs", choices=("on", "off"), default=None,
+                   help="prompts' first chunks replayed from CUDA graphs (default: on in fast mode)")
+    p.add_argument("--chunk-graphs", choices=("on", "off"), default="on",
+                   help="Triton buckets launch a whole decode chunk as one CUDA graph (default on)")
+    p.add_argument("--followup-wait", type=float_in(0, 1), default=None, metavar="SECONDS",
+                   help="how long the loop waits for follow-up submissions after a finish (0 = off)")
+    p.add_argument("--profile", action="store_true",
+                   help="after the measured runs, profile one short continuous run per concurrency and print "
+                        "the kernel table (torch.profiler) and the scheduler thread's Python (cProfile)")
     p.add_argument("--compile", nargs="?", const="default", default=False, metavar="MODE",
                    help="torch.compile the torch step of the larger buckets before capture (minutes)")
     p.add_argument("--device", default="auto")
@@ -331,7 +401,9 @@ def cmd_batch_bench(args: argparse.Namespace) -> int:
     records = run_batch_bench(args.depth, conc, rates, modes, args.num_requests, args.prompt_median,
                               args.output_median, args.length_sigma, args.slots, device, args.vocab_size,
                               args.seq_len, args.serial_requests, args.seed, args.sync_every, args.kernels,
-                              args.prefill_budget, args.compile)
+                              args.prefill_budget, args.compile, args.triton_max_rows, args.profile,
+                              None if args.prefill_graphs is None else args.prefill_graphs == "on",
+                              args.followup_wait, args.chunk_graphs == "on")
     base = base_record("batch", device, args.depth)
     records = [{**base, **r} for r in records]
     print(f"\nbatch · {base['gpu']} · d{args.depth} · prompt/output medians {args.prompt_median}/"

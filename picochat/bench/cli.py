@@ -22,8 +22,17 @@ PROVIDERS = (
 )
 
 
+HELP = "measure training, SFT, autobatch and decode speed"
+
+
+def register_stub(sub: argparse._SubParsersAction) -> None:
+    """`bench` in the command list without its benchmarks: they import torch, which `picochat --help`
+    and the other commands need not wait for (cli.py registers the full parser when `bench` runs)."""
+    sub.add_parser("bench", help=HELP)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="measure training, SFT, autobatch and decode speed")
+    p = sub.add_parser("bench", help=HELP)
     bsub = p.add_subparsers(dest="bench", metavar="<benchmark>", required=True)
     for module, func in PROVIDERS:
         try:

@@ -4,32 +4,19 @@ docs/benchmarks/results.jsonl, and the JSON last line every benchmark prints."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from ..common import git_commit
+from ..common import cpu_description, git_commit
 
 
 def device_name(device: torch.device) -> str:
-    """A CPU by its model name and the vector extension torch dispatches to (which decides whether
-    bfloat16 matrix products run natively or emulated); other devices by type."""
-    if device.type != "cpu":
-        return device.type
-    model = "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    isa = torch.backends.cpu.get_cpu_capability()
-    capped = os.environ.get("ONEDNN_MAX_CPU_ISA")
-    return f"{model} ({isa}{', oneDNN ' + capped if capped else ''}, {os.cpu_count()} cores)"
+    """A CPU by its model name, vector extension and core count (`common.cpu_description`); other
+    devices by type."""
+    return cpu_description() if device.type == "cpu" else device.type
 
 
 def base_record(bench: str, device: torch.device, depth: int | None = None) -> dict:

@@ -22,6 +22,10 @@ import torch
 SPACE = dict(qkv_block_n=[8, 16, 32], out_block_n=[4, 8, 16, 32], fc_block_n=[8, 16, 32], proj_block_n=[2, 4, 8],
              head_block_n=[8, 16, 32], chunk=[16, 32, 64, 128], num_warps=[1, 2, 4],
              attn_warps=[1, 2, 4, 8], head_warps=[1, 2, 4, 8])
+# buckets of 16 rows and more run the matrix products on tensor cores (tl.dot): K blocks matter too
+SPACE_DOT = dict(qkv_block_n=[8, 16, 32, 64], out_block_n=[4, 8, 16, 32], fc_block_n=[8, 16, 32, 64],
+                 proj_block_n=[4, 8, 16], head_block_n=[16, 32, 64, 128], dot_block_k=[64, 128, 256, 1024],
+                 num_warps=[2, 4, 8], chunk=[32, 64, 128], attn_warps=[2, 4], head_warps=[2, 4, 8])
 
 
 def _decoder(model, rows: int, tiles, cache_len: int, pdl: bool | None = None):
@@ -54,20 +58,46 @@ def time_step(model, rows: int, tiles, cache_len: int, start: int, steps: int, p
     return best
 
 
+def time_torch_step(model, rows: int, cache_len: int, start: int, steps: int) -> float:
+    """Best of three: µs per step of the graphed torch step (CachedRunner, the window holding
+    start + steps) at the same shapes, for comparison."""
+    from ..infer.runners import CachedRunner
+
+    runner = CachedRunner(model, rows, cache_len, 1, model.lm_head.weight.dtype, graph=True, window_step=64)
+    best = float("inf")
+    for _ in range(3):
+        runner.pos.fill_(start)
+        runner.hi = start + steps
+        torch.cuda.synchronize(runner.device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            runner.step()
+        torch.cuda.synchronize(runner.device)
+        best = min(best, (time.perf_counter() - t0) / steps * 1e6)
+    return best
+
+
 def search(model, rows: int, cache_len: int, start: int, steps: int, passes: int, log=print):
     from ..infer.triton_decode import DecodeTiles
 
     tiles = DecodeTiles.for_rows(rows)
     best = time_step(model, rows, tiles, cache_len, start, steps)
     no_pdl = time_step(model, rows, tiles, cache_len, start, steps, pdl=False)
-    log(f"batch {rows}: start {best:.1f} us/step (without programmatic dependent launch: {no_pdl:.1f})")
+    log(f"batch {rows}: start {best:.1f} us/step (without programmatic dependent launch: {no_pdl:.1f}; "
+        f"graphed torch step: {time_torch_step(model, rows, cache_len, start, steps):.1f})")
+    space = SPACE_DOT if rows >= 9 else SPACE
     for p in range(passes):
-        for name, values in SPACE.items():
+        for name, values in space.items():
             for value in values:
                 if getattr(tiles, name) == value:
                     continue
                 cand = dataclasses.replace(tiles, **{name: value})
-                t = time_step(model, rows, cand, cache_len, start, steps)
+                try:
+                    t = time_step(model, rows, cand, cache_len, start, steps)
+                except Exception as e:  # e.g. a tile too big for the SM's registers or shared memory
+                    log(f"  {name}={value}: failed ({type(e).__name__}: {str(e)[:120]})")
+                    torch.cuda.synchronize()
+                    continue
                 log(f"  {name}={value}: {t:.1f}")
                 if t < 0.99 * best:
                     tiles, best = cand, t

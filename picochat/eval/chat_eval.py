@@ -18,12 +18,13 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..common import atomic_write_bytes, log
 from ..runs import RunPaths
+
+if TYPE_CHECKING:  # imported where used: `picochat eval --help` should not wait for torch
+    import torch
 
 DEFAULT_TASKS = ("spelling", "letter_count", "arithmetic", "identity", "facts")
 
@@ -67,29 +68,31 @@ def _categorical(model, tokenizer, convs: list[dict]) -> list[bool]:
     return [item["correct"] for item in score_choice(model, tokenizer, convs, ChatEvalConfig())]
 
 
-@torch.no_grad()
 def evaluate_task(model, tokenizer, task, max_examples: int | None = None, device: torch.device | None = None,
                   batch_size: int = 16, max_tokens: int = 128) -> dict[str, Any]:
     """Accuracy of `model` on the first `max_examples` conversations of `task`.
     Returns {"task", "accuracy", "n", "correct", "trivial"} ("trivial": see `trivial_baseline`)."""
+    import torch
+
     device = device or next(model.parameters()).device
     n = len(task) if max_examples is None else min(len(task), max_examples)
     convs = [task[i] for i in range(n)]
     was_training = model.training
     model.eval()
-    try:
-        if task.eval_type == "categorical":
-            correct = _categorical(model, tokenizer, convs)
-        else:
-            prompts = [tokenizer.render_for_completion({"messages": c["messages"][:-1]}) for c in convs]
-            # never ask for more than the context holds: the engine refuses prompt + max_tokens > context
-            room = model.config.seq_len - max((len(p) for p in prompts), default=0)
-            if room < 1:
-                raise ValueError(f"{task.name}: a prompt fills the model's whole context of {model.config.seq_len}")
-            outs = generate_completions(model, tokenizer, prompts, min(max_tokens, room), batch_size)
-            correct = [bool(task.evaluate(c, text)) for c, text in zip(convs, outs)]
-    finally:
-        model.train(was_training)
+    with torch.no_grad():
+        try:
+            if task.eval_type == "categorical":
+                correct = _categorical(model, tokenizer, convs)
+            else:
+                prompts = [tokenizer.render_for_completion({"messages": c["messages"][:-1]}) for c in convs]
+                # never ask for more than the context holds: the engine refuses prompt + max_tokens > context
+                room = model.config.seq_len - max((len(p) for p in prompts), default=0)
+                if room < 1:
+                    raise ValueError(f"{task.name}: a prompt fills the model's whole context of {model.config.seq_len}")
+                outs = generate_completions(model, tokenizer, prompts, min(max_tokens, room), batch_size)
+                correct = [bool(task.evaluate(c, text)) for c, text in zip(convs, outs)]
+        finally:
+            model.train(was_training)
     k = sum(correct)
     return {"task": task.name, "accuracy": k / max(1, n), "n": n, "correct": k,
             "trivial": trivial_baseline(task, n)}

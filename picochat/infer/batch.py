@@ -14,6 +14,7 @@ parked or reused; this module never looks at requests.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..model.attention import KVCache
 from .runners import CachedRunner, NaiveRunner, bucket_size
 from .sampling import sample_rows
+
+log = logging.getLogger("picochat")
 
 MAX_LOGPROBS = 20  # top alternatives a row may ask for (SamplingParams.logprobs)
 PREFILL_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # no cuDNN
@@ -51,7 +54,11 @@ class ChunkOut:
 class DecodeBatch:
     def __init__(self, model, slots: int, context: int, *, k_max: int, dtype: torch.dtype, graph: bool = False,
                  compile: str | None = None, window_step: int = 256, kernels_for=lambda bucket: "torch",
-                 naive: bool = False):
+                 naive: bool = False, fresh_prefill: bool | None = None, chunk_graphs: bool = True,
+                 prefill_tokens: int = 8192):
+        """`fresh_prefill`: prompts' first chunks through `FreshPrefill` (None: with graphs; True
+        without graphs runs its scratch-cache forward eagerly, as the tests do), for groups of up
+        to `prefill_tokens` padded tokens (at most 8192: its scratch cache is that big)."""
         c = model.config
         self.model, self.slots, self.context, self.k_max = model, slots, context, k_max
         self.device = next(model.parameters()).device
@@ -90,9 +97,59 @@ class DecodeBatch:
         self._runner_args = dict(dtype=dtype, graph=graph, compile=compile, window_step=window_step,
                                  graph_pool=pool)
         self._kernels_for = kernels_for
+        # (bucket, "greedy" | "sample") -> a CUDA graph of k_max whole decode steps (see _capture_chunks)
+        self.chunk_graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}
+        self.whole_chunks = 0  # chunks launched as one graph (stats, tests)
         if graph:  # capture every bucket's graphs now: capturing writes junk into the cache rows
             for b in self.buckets:
                 self.runner(b)
+                if chunk_graphs:
+                    try:
+                        self._capture_chunks(b)
+                    except Exception as e:  # speed, never the answer: the chunk then steps one by one
+                        log.warning(f"capturing whole decode chunks failed ({type(e).__name__}: {e}); "
+                                    "stepping one graph per step")
+                        self.chunk_graphs = {key: g for key, g in self.chunk_graphs.items() if key[0] != b}
+                        torch.cuda.synchronize(self.device)
+        self.fresh = None
+        if not naive and (graph if fresh_prefill is None else fresh_prefill):
+            from .prefill_graphs import FreshPrefill
+
+            try:
+                with sdpa_kernel(PREFILL_ATTENTION):  # captured with the backends prefill runs with
+                    self.fresh = FreshPrefill(model, self.cache, max_t=min(2048, context), graph=graph,
+                                              pool=torch.cuda.graph_pool_handle() if graph else None,
+                                              max_rows=min(32, slots), capacity=min(8192, prefill_tokens))
+            except Exception as e:  # speed, never the answer: prompts are then prefilled eagerly
+                log.warning(f"capturing the prefill graphs failed ({type(e).__name__}: {e}); prefilling eagerly")
+                if graph:
+                    torch.cuda.synchronize(self.device)
+
+    def _capture_chunks(self, bucket: int) -> None:
+        """For a Triton bucket (no attention windows: one graph serves every step), capture whole
+        chunks: k_max steps, each with its token copied out (and, for "sample", temperature
+        sampling with per-row noise, the drawn token fed back), in one graph. The host then
+        launches one graph per chunk instead of a replay plus eager copies (and ~30 eager sampling
+        kernels) per step. Chunks with top-k/top-p, forced tokens or logprobs step one by one."""
+        runner = self.runners[bucket]
+        if runner.kernels != "triton" or runner.graph is None:
+            return
+        from .runners import capture_graph
+
+        def chunk(kind: str):
+            def run():
+                for j in range(self.k_max):
+                    logits, tok = runner._fn(self.model, runner.idx, runner.cache)
+                    if kind == "sample":
+                        tok = self.sample(logits, slice(0, bucket), top_k_max=0, any_top_p=False, positions=runner.pos)
+                        self.idx[:bucket, 0].copy_(tok)
+                    self.out[j, :bucket].copy_(tok)
+            return run
+
+        for kind in ("greedy", "sample"):
+            with torch.no_grad():
+                self.chunk_graphs[bucket, kind] = capture_graph(chunk(kind), runner.pos.zero_, self.device, warmup=1,
+                                                            pool=self._runner_args["graph_pool"])[0]
 
     def _dev(self, values, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A small host tensor (or list) on the device. On CUDA through pinned memory without
@@ -164,8 +221,12 @@ class DecodeBatch:
         # take the mask; the memory-efficient kernel needs no plan. The backend switch is
         # process-wide while this forward runs; it only takes cuDNN out of the order.
         with sdpa_kernel(PREFILL_ATTENTION):
-            logits = self._prefill_naive(slots, chunks, starts, ends) if self.naive else \
-                self._prefill_cached(slots, chunks, starts)
+            if self.fresh is not None and not any(starts) and self.fresh.fits(len(slots), max(lens)):
+                logits = self.fresh.run(slots, chunks, self._dev)
+            elif self.naive:
+                logits = self._prefill_naive(slots, chunks, starts, ends)
+            else:
+                logits = self._prefill_cached(slots, chunks, starts)
         self.set_rows(slots, ends, [0] * len(slots))
         return logits
 
@@ -226,7 +287,13 @@ class DecodeBatch:
             self.fmask[:k, :bucket].copy_(self._dev(fmask))
             self.ftok[:k, :bucket].copy_(self._dev(ftok))
         rows = slice(0, bucket)
-        for j in range(k):
+        kind = ("sample" if top_k_max == 0 and not any_top_p else None) if sampling else "greedy"
+        whole = self.chunk_graphs.get((bucket, kind)) if k == self.k_max and not forced and logprobs is None else None
+        if whole is not None:
+            whole.replay()
+            self.whole_chunks += 1
+            runner.hi = min(runner.hi + k, runner.max_len - 1)
+        for j in range(0 if whole is not None else k):
             logits, tok = runner.step()  # tok: greedy, already the next step's input
             if sampling:
                 tok = self.sample(logits, rows, top_k_max=top_k_max, any_top_p=any_top_p, positions=runner.pos)
@@ -279,14 +346,17 @@ class DecodeBatch:
 
     @torch.no_grad()
     def first_tokens(self, logits: torch.Tensor, rows: list[int], slots: list[int], positions: list[int], *,
-                     top_k_max: int, any_top_p: bool, logprobs: int | None) -> ChunkOut:
+                     top_k_max: int, any_top_p: bool, logprobs: int | None, sampling: bool = True) -> ChunkOut:
         """Sample each slot's first token from its prompt's logits (`logits[rows[i]]` for slot i)
         and make it the slot's next input, on the device; the tokens (and logprobs) come back as a
         one-step ChunkOut, read later like a chunk (no wait here, so the next chunk launches first)."""
         logits = logits.index_select(0, self._dev(rows, torch.long))
         index = self._dev(slots, torch.long)
         pos = self._dev(positions, torch.long)
-        tok = self.sample(logits, index, top_k_max=top_k_max, any_top_p=any_top_p, positions=pos)
+        if sampling:
+            tok = self.sample(logits, index, top_k_max=top_k_max, any_top_p=any_top_p, positions=pos)
+        else:  # every row greedy: one kernel instead of the sampler's ~40
+            tok = logits.argmax(dim=-1)
         self.idx[index, 0] = tok
         lp = top_lp = top_ids = None
         if logprobs is not None:

@@ -1,7 +1,7 @@
 """`picochat chat`: talk to a trained model in the terminal.
 
 Interactive multi-turn chat with streaming, UTF-8-safe output, or a one-shot answer with `-p`.
-Loads the run's latest SFT checkpoint (else mid, else base, with a note). When a conversation
+Loads the run's latest chat checkpoint (rl, else sft, else mid; else base, with a warning), and says which. When a conversation
 outgrows the model's context, the oldest turns are dropped with a visible notice. Tool calls the
 model makes are shown inline as `[python: expr]` and `[= result]`. Replies are requests to the
 scheduler (`scheduler.py`), read as events whose message parts `parts.MessageParser` labels.
@@ -16,7 +16,7 @@ from typing import TextIO
 
 from ..options import add_config_options, add_run_arg, config_from_args
 from ..config import SamplingConfig
-from ..runs import CHAT_STAGE_PREFERENCE
+from ..runs import CHAT_STAGE_PREFERENCE, STAGES
 
 HELP = """commands:
   /clear            forget the conversation
@@ -183,8 +183,10 @@ def run(args: argparse.Namespace) -> int:
     device = detect_device(args.device)
     model, tokenizer, meta = load_model(args.run, args.stage, device)
     stage = meta.get("stage", args.stage or "?")
-    if stage != "sft":
-        log.info(f"note: no SFT checkpoint used; this is the {stage} model, which was not trained to chat")
+    log.info(f"chat: run {args.run}, stage {stage}, step {meta.get('step', '?')} ({meta.get('path', '?')})")
+    if stage in STAGES and not STAGES[stage].chat:
+        log.warning(f"the run has no chat checkpoint (rl, sft or mid): this is its {stage} model, which was "
+                    "not trained on conversations; `picochat midtrain` and `picochat sft` train one")
     # one conversation at a time: one slot (the server is what batches many)
     engine = Scheduler(model, tokenizer, SchedulerConfig(
         slots=1, mode=args.mode, compile=args.compile,

@@ -30,6 +30,9 @@ class Piece:
     tool_call: str | None = None  # the call's expression, on the token that closes it
 
 
+_NO_TEXT = Piece("text", "")  # every token's piece without a tokenizer (made once: this runs per token)
+
+
 class MessageParser:
     """Follows the tool protocol over one sample's generated tokens. Without a tokenizer every
     token is plain text with no text."""
@@ -48,7 +51,7 @@ class MessageParser:
     def feed(self, token: int) -> Piece:
         tok = self.tokenizer
         if tok is None:
-            return Piece("text", "")
+            return _NO_TEXT
         opened = self._opens.get(token)
         if opened is not None and self.part == "text":
             tail = self._flush()

@@ -164,9 +164,14 @@ class RequestHandle:
         self._push_many((event,))
 
     def _push_many(self, events: Sequence[Event]) -> None:
-        """Several events at once (a decode chunk's): one wake-up of asyncio readers, not one each."""
-        for event in events:
-            self._queue.put(event)
+        """Several events at once (a decode chunk's): one wake-up of asyncio readers, not one each,
+        and the events go into the queue under one lock with one notify: a blocked reader wakes
+        once per chunk instead of racing the scheduler's thread for the GIL after every event."""
+        q = self._queue
+        with q.mutex:  # what Queue.put does per item (the queue is unbounded), done once for all
+            q.queue.extend(events)
+            q.unfinished_tasks += len(events)
+            q.not_empty.notify()
         if events and isinstance(events[-1], DoneEvent):
             self._done.set()
         with self._lock:  # one wake-up per waiter until it has looked again, not one per event

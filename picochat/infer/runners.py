@@ -191,6 +191,9 @@ class CachedRunner(Runner):
         else:
             self._fn = compiled_step(compile) if compile else decode_step
         slots = max_len + 1 if compile else max_len
+        if cache is not None and kernels == "triton" and cache.max_len == max_len + 1:
+            # the batch keeps a spare slot for its compiled torch buckets; Triton needs none
+            cache = cache.view(length=max_len)
         if cache is None:
             cache = KVCache.allocate(c.n_layer, rows, c.n_kv_head, slots, c.head_dim, self.device, dtype)
         elif (cache.batch_size, cache.max_len) != (rows, slots):

@@ -116,7 +116,9 @@ class Scheduler:
         def build(kernels_for) -> DecodeBatch:
             return DecodeBatch(self.model, slots, self.max_context, k_max=self.sync_every, dtype=self.dtype,
                                graph=self.mode == "fast", compile=compile_mode, window_step=window_step,
-                               kernels_for=kernels_for, naive=self.mode == "naive")
+                               kernels_for=kernels_for, naive=self.mode == "naive",
+                               fresh_prefill=self.config.prefill_graphs, chunk_graphs=self.config.chunk_graphs,
+                               prefill_tokens=self.prefill_budget)
 
         try:
             return build(self.kernels_for)
@@ -134,7 +136,8 @@ class Scheduler:
         if self.mode != "fast":
             return "torch"
         if self.kernels == "auto":
-            return "torch" if self.triton_unusable or bucket_rows > TRITON_MAX_ROWS else "triton"
+            top = self.config.triton_max_rows or TRITON_MAX_ROWS
+            return "torch" if self.triton_unusable or bucket_rows > top else "triton"
         return self.kernels
 
     # -- submitting ------------------------------------------------------------------------------
@@ -250,6 +253,7 @@ class Scheduler:
                     self._wake.wait()
                 if self._closing:
                     return
+            finished = self._finished()
             try:
                 self.step()
             except Exception:  # a failed step must not leave every caller waiting forever
@@ -257,6 +261,24 @@ class Scheduler:
                 self._abort_all()
             if not self._launchable():
                 self._wait_for_tools(timeout=0.05)
+            else:
+                self._await_followups(self._finished() - finished)
+
+    def _finished(self) -> int:
+        return sum(self.counters["finished"].values())
+
+    def _await_followups(self, finished: int) -> None:
+        """After samples finished, while a chunk runs on the device: give their callers a moment
+        (up to `followup_wait` seconds) to submit follow-up requests, so those join the next
+        chunk. Without it the loop goes straight on to admit with the GIL held and a request sent
+        right after a finish (closed-loop clients, evaluation and RL loops) waits a whole extra
+        chunk. The wait ends as soon as that many requests are queued; it is idle host time while
+        the device works, not device time."""
+        if finished <= 0 or self._inflight is None or not self.config.followup_wait:
+            return
+        with self._lock:
+            self._wake.wait_for(lambda: self._closing or len(self._queue) >= finished,
+                                timeout=self.config.followup_wait)
 
     def close(self) -> None:
         """Stop the background thread; requests still queued or running finish as cancelled."""
@@ -358,6 +380,7 @@ class Scheduler:
                 sample.state, sample.tool, sample.resync = "forcing", None, True
 
     def _admit(self) -> None:
+        settings: list[list] = [[], [], [], [], []]  # slots, temperature, top_k, top_p, keys: one copy each
         with self._lock:
             while self._queue and len(self._free) >= self._queue[0].params.n:
                 req = self._queue.popleft()
@@ -365,8 +388,11 @@ class Scheduler:
                 self._prefilling.append(req)
                 p = req.params
                 n = p.n
-                self.batch.set_sampling(req.slots, [float(p.temperature)] * n, [p.top_k or 0] * n,
-                                        [1.0 if p.top_p is None else float(p.top_p)] * n, req.keys)
+                for column, values in zip(settings, (req.slots, [float(p.temperature)] * n, [p.top_k or 0] * n,
+                                                     [1.0 if p.top_p is None else float(p.top_p)] * n, req.keys)):
+                    column += values
+        if settings[0]:
+            self.batch.set_sampling(*settings)
 
     def _prefill(self) -> None:
         """Prefill prompt chunks (right-padded into one forward of at most `prefill_budget` padded
@@ -416,7 +442,8 @@ class Scheduler:
         any_top_p = any(p.top_p is not None and p.top_p < 1 for p in params)
         lp_k = max((p.logprobs for p in params if p.logprobs is not None), default=None)
         firsts = self.batch.first_tokens(logits, rows, slots, positions, top_k_max=top_k_max,
-                                         any_top_p=any_top_p, logprobs=lp_k)
+                                         any_top_p=any_top_p, logprobs=lp_k,
+                                         sampling=any(p.temperature > 0 for p in params))
         owners = []
         for req, _ in done:
             for index, slot in enumerate(req.slots):

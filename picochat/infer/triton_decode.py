@@ -1,4 +1,4 @@
-"""The one-token decode step as a few hand-fused Triton kernels, for small batches on CUDA.
+"""The one-token decode step as a few hand-fused Triton kernels, on CUDA (batches up to 64 rows).
 
 Why: at batch 1 a d12 decode step reads ~170 MB of weights (~50 µs at H100 bandwidth), but the
 torch.compiled step launches ~190 kernels of a few µs each, so kernel count and launch latency, not
@@ -19,6 +19,10 @@ On Hopper and later every launch is a programmatic dependent launch: a kernel st
 before it finishes, reads its weight tile (weights never change) and only then waits for the
 previous kernel's output (`gdc_wait`), so the weight reads of one kernel overlap the tail of the
 last. Every kernel waits before it reads or writes anything another kernel writes.
+
+Up to 8 rows each matrix-vector product multiplies a weight tile with every row on the CUDA cores;
+from 16 rows on the rows are one small matrix product on the tensor cores (`tl.dot`, `_dot_rows`):
+the step then costs about what its weights and each row's own cache cost to read.
 
 Each row reads only its own `pos + 1` cache slots (chunks past it exit at once), so the step needs
 no attention windows. Numerics follow the eager model: fp32 accumulation, and intermediates are
@@ -54,14 +58,29 @@ def _pdl_wait(PDL: tl.constexpr):
 
 @triton.jit
 def _tile_times_rows(X, sx, W, sw, N, eps, B: tl.constexpr, BP: tl.constexpr, K: tl.constexpr,
-                     KP: tl.constexpr, NORM: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+                     KP: tl.constexpr, NORM: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
+                     BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """This program's BLOCK_N rows of W times each of the B rows of X (RMS-normed first if NORM;
     eager rounds the normed input to the weights' dtype, so this does too): (n, n < N, a (BP,
-    BLOCK_N) fp32 product rounded to the weights' dtype as eager's matmul output is). The weight
-    tile is read once for all rows, before waiting on the previous kernel."""
+    BLOCK_N) fp32 product rounded to the weights' dtype as eager's matmul output is). Up to 8
+    rows the weight tile is read once, before waiting on the previous kernel, and multiplied
+    with each row on the CUDA cores; from 16 rows on (`_dot_rows`) the rows are one small
+    matrix product on the tensor cores."""
     _pdl_start(PDL)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
+    if BP >= 16:
+        acc = _dot_rows(X, sx, W, sw, n, n_ok, eps, B, BP, K, KP, NORM, BLOCK_N, PDL, BLOCK_K, PRECISION)
+    else:
+        acc = _row_by_row(X, sx, W, sw, n, n_ok, eps, B, BP, K, KP, NORM, BLOCK_N, PDL)
+    return n, n_ok, acc.to(W.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def _row_by_row(X, sx, W, sw, n, n_ok, eps, B: tl.constexpr, BP: tl.constexpr, K: tl.constexpr,
+                KP: tl.constexpr, NORM: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+    """(BP, BLOCK_N) fp32: the whole weight tile read before waiting on the previous kernel, then
+    each row's products summed on the CUDA cores (few rows: latency, not arithmetic, counts)."""
     k = tl.arange(0, KP)
     w = tl.load(W + n[:, None] * sw + k[None, :], mask=n_ok[:, None] & (k < K)[None, :], other=0.0)
     _pdl_wait(PDL)
@@ -72,17 +91,61 @@ def _tile_times_rows(X, sx, W, sw, N, eps, B: tl.constexpr, BP: tl.constexpr, K:
         if NORM:
             x = (x * tl.rsqrt(tl.sum(x * x, axis=0) / K + eps)).to(w.dtype).to(tl.float32)
         acc = tl.where(rows[:, None] == b, acc + tl.sum(w.to(tl.float32) * x[None, :], axis=1)[None, :], acc)
-    return n, n_ok, acc.to(w.dtype).to(tl.float32)
+    return acc
+
+
+@triton.jit
+def _dot_rows(X, sx, W, sw, n, n_ok, eps, B: tl.constexpr, BP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+              NORM: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr, BLOCK_K: tl.constexpr,
+              PRECISION: tl.constexpr):
+    """(BP, BLOCK_N) fp32: X's rows (RMS-normed if NORM, rounded to W's dtype) times W[n]ᵀ with
+    tl.dot. When one K block covers K the weight tile is read before waiting on the previous
+    kernel; otherwise K is walked in BLOCK_K steps after the wait (tiles too big for registers)."""
+    rows = tl.arange(0, BP)
+    r_ok = rows < B
+    if BLOCK_K >= KP:
+        k = tl.arange(0, KP)
+        k_ok = k < K
+        w = tl.load(W + n[:, None] * sw + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        _pdl_wait(PDL)
+        x = tl.load(X + rows[:, None] * sx + k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        if NORM:
+            xf = x.to(tl.float32)
+            x = xf * tl.rsqrt(tl.sum(xf * xf, axis=1) / K + eps)[:, None]
+        acc = tl.dot(x.to(w.dtype), tl.trans(w), input_precision=PRECISION)
+    else:
+        _pdl_wait(PDL)
+        scale = tl.full([BP], 1.0, tl.float32)
+        if NORM:
+            ss = tl.zeros([BP], tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                xf = tl.load(X + rows[:, None] * sx + k[None, :], mask=r_ok[:, None] & (k < K)[None, :],
+                             other=0.0).to(tl.float32)
+                ss += tl.sum(xf * xf, axis=1)
+            scale = tl.rsqrt(ss / K + eps)
+        acc = tl.zeros([BP, BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < K
+            w = tl.load(W + n[:, None] * sw + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            x = tl.load(X + rows[:, None] * sx + k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+            if NORM:
+                x = x.to(tl.float32) * scale[:, None]
+            acc = tl.dot(x.to(w.dtype), tl.trans(w), acc, input_precision=PRECISION)
+    return acc
 
 
 @triton.jit
 def _matvec_kernel(X, W, Out, sx, sw, so, N, eps,
                    B: tl.constexpr, BP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, NORM: tl.constexpr,
-                   RELU2: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+                   RELU2: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
+                   BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """Out[b, n] (+)= epilogue(sum_k W[n, k] · prologue(X[b])[k]) for a block of BLOCK_N outputs and
     all B rows. Prologue: RMSNorm (NORM). Epilogue: ReLU² (RELU2); RESIDUAL adds into Out (each
     program reads and writes only its own columns)."""
-    n, n_ok, acc = _tile_times_rows(X, sx, W, sw, N, eps, B, BP, K, KP, NORM, BLOCK_N, PDL)
+    n, n_ok, acc = _tile_times_rows(X, sx, W, sw, N, eps, B, BP, K, KP, NORM, BLOCK_N, PDL, BLOCK_K,
+                                    PRECISION)
     if RELU2:
         acc = tl.maximum(acc, 0.0)
         acc = acc * acc
@@ -97,11 +160,12 @@ def _matvec_kernel(X, W, Out, sx, sw, so, N, eps,
 @triton.jit
 def _head_kernel(X, W, Logits, Best, Count, Idx, Greedy, Pos, sx, sw, sl, s_idx, N, eps, n_programs,
                  B: tl.constexpr, BP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, SOFTCAP: tl.constexpr,
-                 BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+                 BLOCK_N: tl.constexpr, PDL: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """Logits = softcap(lm_head(RMSNorm(X))) for a block of the vocabulary; each program folds its
     block's argmax into Best[b] with one atomic max, and the last program to finish writes the
     greedy tokens to Greedy and Idx (the next input), advances Pos and resets Count."""
-    n, n_ok, acc = _tile_times_rows(X, sx, W, sw, N, eps, B, BP, K, KP, True, BLOCK_N, PDL)
+    n, n_ok, acc = _tile_times_rows(X, sx, W, sw, N, eps, B, BP, K, KP, True, BLOCK_N, PDL, BLOCK_K,
+                                    PRECISION)
     if SOFTCAP > 0:  # cap · tanh(x / cap), tanh written with exp (the interpreter has no tanh)
         acc = SOFTCAP * (1.0 - 2.0 / (tl.exp(2.0 * acc / SOFTCAP) + 1.0))
     rows = tl.arange(0, BP)
@@ -236,11 +300,16 @@ class DecodeTiles:
     num_warps: int = 2  # matrix-vector products
     attn_warps: int = 2
     head_warps: int = 1
+    dot_block_k: int = 1024  # from 16 rows on (tensor cores): K per step; >= K reads the weight tile before waiting
 
     @classmethod
     def for_rows(cls, rows: int) -> "DecodeTiles":
         if rows == 1:  # 4 warps for the matrix-vector products: 228 vs 252 us per step (before the K/V prefetch)
             return cls(head_block_n=16, num_warps=4, head_warps=2)
+        if rows >= 9:  # the tensor-core path; searched at 32 rows on an H200 (`bench tiles`): 554.7 us per
+            # step vs 1022 for the graphed torch step; at 16 rows 388.8 vs 934, at 64 rows 970 vs 1216
+            return cls(qkv_block_n=16, out_block_n=8, fc_block_n=32, proj_block_n=16, head_block_n=64,
+                       num_warps=4, attn_warps=2, head_warps=4, dot_block_k=256)
         return cls()
 
 
@@ -276,12 +345,15 @@ class TritonDecoder:
             raise ValueError(f"Triton decode kernels cannot run this model: {why}")
         self.model, self.rows, self.max_len = model, rows, max_len
         self.tiles = t = tiles or DecodeTiles.for_rows(rows)
-        if t.chunk & (t.chunk - 1):
-            raise ValueError(f"chunk {t.chunk} is not a power of two")
+        if t.chunk & (t.chunk - 1) or t.dot_block_k & (t.dot_block_k - 1) or t.dot_block_k < 16:
+            raise ValueError(f"chunk {t.chunk} and dot_block_k {t.dot_block_k} must be powers of two "
+                             "(dot_block_k >= 16)")
         c = model.config
         p = model.lm_head.weight
         dev, dt = p.device, p.dtype
         self.eps = torch.finfo(dt).eps  # F.rms_norm's default for the model's dtype
+        # fp32 products as eager computes them (tl.dot would round fp32 inputs to tf32)
+        self.precision = "ieee" if dt == torch.float32 else "tf32"
         self.splits = -(-max_len // t.chunk)
         self.pdl = _pdl(dev) if pdl is None else pdl
         self.launch = {"launch_pdl": True} if self.pdl else {}
@@ -302,8 +374,8 @@ class TritonDecoder:
         _matvec_kernel[(triton.cdiv(N, block_n),)](
             x, w, out, x.stride(0), w.stride(0), out.stride(0), N, self.eps,
             B=self.rows, BP=triton.next_power_of_2(self.rows), K=K, KP=triton.next_power_of_2(K), NORM=norm,
-            RELU2=relu2, RESIDUAL=residual, BLOCK_N=block_n, PDL=self.pdl, num_warps=self.tiles.num_warps,
-            **self.launch)
+            RELU2=relu2, RESIDUAL=residual, BLOCK_N=block_n, PDL=self.pdl, BLOCK_K=self.tiles.dot_block_k,
+            PRECISION=self.precision, num_warps=self.tiles.num_warps, **self.launch)
 
     @torch.no_grad()
     def __call__(self, model, idx: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -334,6 +406,6 @@ class TritonDecoder:
             x, w, self.logits, self.best, self.head_done, idx, self.greedy, cache.pos,
             x.stride(0), w.stride(0), self.logits.stride(0), idx.stride(0), w.size(0), self.eps, n_programs,
             B=B, BP=triton.next_power_of_2(B), K=E, KP=triton.next_power_of_2(E),
-            SOFTCAP=float(c.logit_softcap or 0.0), BLOCK_N=t.head_block_n, PDL=self.pdl, num_warps=t.head_warps,
-            **self.launch)
+            SOFTCAP=float(c.logit_softcap or 0.0), BLOCK_N=t.head_block_n, PDL=self.pdl, BLOCK_K=t.dot_block_k,
+            PRECISION=self.precision, num_warps=t.head_warps, **self.launch)
         return self.logits, self.greedy

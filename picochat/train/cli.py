@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..common import DistInfo
 from ..config import DataConfig, ModelConfig, TrainConfig
 from ..options import add_config_options, add_run_arg, config_from_args
 from ..recipes import RECIPES
+
+if TYPE_CHECKING:  # imported where used, so that the CLI starts without torch
+    import torch
 
 SAMPLE_PROMPTS = ("Once upon a time", "The capital of France is", "3 plus 4 is")
 

@@ -39,10 +39,12 @@ import signal
 import threading
 import time
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..common import log
+
+if TYPE_CHECKING:  # imported where used: the CLI imports this module before it knows the command
+    import torch
 
 # EX_TEMPFAIL from sysexits.h: "a temporary failure, the user is invited to retry". Distinct from
 # errors (1), usage errors (2) and deaths by signal (128 + N); job scripts requeue on it.
@@ -123,6 +125,8 @@ class StopSignals:
     def agreed(self, device: torch.device) -> int:
         """The stop signal any rank received (0: none), the same on every rank. A collective: every
         rank must call it at the same step. Costs one tiny all-reduce."""
+        import torch
+
         local = self.signum or 0
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return local

@@ -21,9 +21,7 @@ import argparse
 import math
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..common import DistInfo, log
 from ..config import ChatDataConfig, ModelConfig, TrainConfig, check_number
@@ -31,6 +29,10 @@ from ..options import add_config_options, config_from_args
 from ..recipes import CHAT_FINETUNE, RECIPES, recipe_for_command, scale_lr
 from ..runs import STAGES, RunPaths
 from .cli import add_train_args, train_config_from_args
+
+if TYPE_CHECKING:  # imported where used, so that the CLI starts without torch
+    import torch
+
 # ChatDataConfig (in config) and scale_lr (in recipes) are imported here too for callers of this module
 
 # ---------------------------------------------------------------------------------------------------

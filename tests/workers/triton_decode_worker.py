@@ -45,6 +45,30 @@ def run_case(device, lens, max_len, steps, tiles):
     return worst
 
 
+def batch_case(device):
+    """DecodeBatch(compile=...) keeps one spare cache slot for the compiled torch step; a Triton
+    bucket of that batch must accept the cache (it once refused: "cache of 1 rows x 2081 slots;
+    the runner needs 1 x 2080") and step like the torch step over the same slots."""
+    from picochat.infer.batch import DecodeBatch
+
+    model = random_model(n_layer=2, n_head=4, n_kv_head=2, n_embd=128, vocab=300, seq_len=64, device=device)
+    model = copy.deepcopy(model).fuse_for_inference().eval()
+    # the torch side uncompiled (its cache then has no spare slot): only the Triton side's cache shape matters
+    batches = [DecodeBatch(model, 2, 24, k_max=2, dtype=torch.float32, compile=compile,
+                           kernels_for=lambda rows, k=kernels: k)
+               for kernels, compile in (("torch", None), ("triton", "default"))]
+    worst = {"logits": 0.0, "cache": 0.0, "tokens_equal": True, "pos_equal": True,
+             "runner_kernels": [b.runner(2).kernels for b in batches]}
+    for b in batches:
+        b.prefill([0, 1], [[3, 4, 5], [6, 7]], [0, 0])
+    for _ in range(2):
+        (want, want_tok), (got, got_tok) = [b.runner(2).step() for b in batches]
+        worst["logits"] = max(worst["logits"], (want - got).abs().max().item())
+        worst["tokens_equal"] &= torch.equal(want_tok, got_tok)
+    worst["pos_equal"] = torch.equal(batches[0].pos, batches[1].pos)
+    return worst
+
+
 if __name__ == "__main__":
     device = torch.device(sys.argv[1] if len(sys.argv) > 1 else "cpu")
     small = DecodeTiles(chunk=8, qkv_block_n=16, fc_block_n=32, proj_block_n=8, out_block_n=16,
@@ -54,4 +78,12 @@ if __name__ == "__main__":
         "rows3_small_tiles": run_case(device, [5, 17, 9], 40, 4, small),
         # one row, default tiles (one chunk, one K block)
         "row1_default_tiles": run_case(device, [11], 40, 3, None),
+        # 16 rows: the tensor-core path (tl.dot), one K block (weights read before the wait) ...
+        "rows16_dot": run_case(device, [1 + (5 * b) % 19 for b in range(16)], 24, 2, None),
+        # ... and K walked in blocks (normed inputs too); 20 rows in a bucket of 32 (masked rows)
+        "rows20_dot_k_blocks": run_case(device, [2 + (7 * b) % 19 for b in range(20)], 24, 1,
+                                        DecodeTiles.for_rows(20).__class__(**{**DecodeTiles.for_rows(20).__dict__,
+                                                                              "dot_block_k": 32, "chunk": 16})),
+        # a batch built for a compiled torch step (one spare cache slot) still runs Triton buckets
+        "batch_with_compile_slot": batch_case(device),
     }))

@@ -1,0 +1,108 @@
+"""Prefill of fresh prompts, replayed from CUDA graphs.
+
+Why: an eager prefill forward at d12 is ~300 small launches, several milliseconds of host time on
+the decode loop's one thread per admitted request. Meanwhile the GPU waits for those launches (at
+concurrency 1 it is most of the time to first token), and with a decode chunk queued ahead the
+launches can block, holding the GIL the clients need. A prompt's first chunk (start 0) reads
+nothing from the cache, so it can run on a scratch cache of a fixed shape, (rows, T bucket), and
+then be copied into its slots: one graph per (rows, T bucket), captured once with the decode
+graphs. Bigger groups, longer chunks and later chunks of long prompts run eagerly.
+
+`FreshPrefill` also runs without graphs (`graph=False`): the same scratch-cache forward, eagerly,
+which is how the CPU tests check what the graphs replay.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..model.attention import KVCache
+from .runners import capture_graph
+
+MIN_T = 64
+
+
+class FreshPrefill:
+    """Prefill of prompt chunks that start at position 0, through a scratch cache of `capacity`
+    tokens: buckets of 1, 2, 4, ... `max_rows` rows times 64, 96, 128, 192, 256, 384, ... `max_t`
+    tokens (a chunk is padded by at most half; launch-bound at these sizes, a padded token costs
+    little), every bucket with rows x tokens <= capacity."""
+
+    def __init__(self, model, cache: KVCache, *, max_t: int, graph: bool, pool=None, max_rows: int = 32,
+                 capacity: int = 8192):
+        c = model.config
+        self.model, self.cache, self.graph = model, cache, graph
+        self.device = cache.pos.device
+        dtype = cache.k[0].dtype
+        self.t_buckets = sorted({min(t, max_t) for p in range(12) for t in (MIN_T << p, 3 * MIN_T << p >> 1)
+                                 if t < max_t or t // 2 < max_t} | {max_t})
+        self.capacity = capacity = max(capacity, max_t)
+        self.row_buckets = [1 << i for i in range(max_rows.bit_length())
+                            if (1 << i) <= max_rows and (1 << i) * self.t_buckets[0] <= capacity]
+        self.buckets = [(r, t) for r in self.row_buckets for t in self.t_buckets if r * t <= capacity]
+        # flat storage: every (rows, tokens) bucket views its first rows x tokens as (rows, heads, tokens, dim)
+        shape = (capacity * c.n_kv_head * c.head_dim,)
+        self._k = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(c.n_layer)]
+        self._v = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(c.n_layer)]
+        self._heads = (c.n_kv_head, c.head_dim)
+        self._pos = torch.zeros(self.row_buckets[-1], dtype=torch.long, device=self.device)
+        self._ids = torch.zeros(capacity, dtype=torch.long, device=self.device)
+        self.last = torch.zeros(self.row_buckets[-1], dtype=torch.long, device=self.device)
+        self.index = torch.zeros(self.row_buckets[-1], dtype=torch.long, device=self.device)
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if graph:
+            for r, t in self.buckets:
+                graph_, logits = capture_graph(self._body(r, t), lambda: None, self.device, warmup=1, pool=pool)
+                self.graphs[r, t] = (graph_, logits)
+
+    def fits(self, rows: int, tokens: int) -> bool:
+        return self._bucket(rows, tokens) is not None
+
+    def _bucket(self, rows: int, tokens: int) -> tuple[int, int] | None:
+        return next(((r, t) for r, t in self.buckets if r >= rows and t >= tokens), None)
+
+    def _ids_view(self, r: int, t: int) -> torch.Tensor:
+        return self._ids[:r * t].view(r, t)
+
+    def _body(self, r: int, t: int):
+        """One forward of r scratch rows over t tokens, copied into the slots `index`."""
+        n = r * t * self._heads[0] * self._heads[1]
+        view = KVCache([k[:n].view(r, self._heads[0], t, self._heads[1]) for k in self._k],
+                       [v[:n].view(r, self._heads[0], t, self._heads[1]) for v in self._v], self._pos[:r])
+        ids, last, index = self._ids_view(r, t), self.last[:r], self.index[:r]
+
+        @torch.no_grad()
+        def run() -> torch.Tensor:
+            view.pos.zero_()
+            logits = self.model(ids, kv_cache=view, logits_at=last)[:, 0]
+            for full, part in zip((*self.cache.k, *self.cache.v), (*view.k, *view.v)):
+                full[index, :, :t] = part
+            return logits
+
+        return run
+
+    def run(self, slots: list[int], chunks: list[list[int]], to_device) -> torch.Tensor:
+        """(len(slots), V) logits of each chunk's last token; the chunks' keys/values are in the
+        slots' first positions (and right-padding junk after them, as in any padded prefill).
+        `to_device(host tensor)` copies without waiting for work in flight."""
+        n, longest = len(slots), max(len(c) for c in chunks)
+        r, t = self._bucket(n, longest)
+        if not self.graph:  # eagerly, any shape that fits will do
+            r, t = n, longest
+        ids = torch.zeros(r, t, dtype=torch.long)
+        last = torch.zeros(r, dtype=torch.long)
+        index = torch.zeros(r, dtype=torch.long)
+        for b in range(r):  # rows past n repeat the last one: same slot, same values, a harmless double write
+            c = chunks[min(b, n - 1)]
+            ids[b, :len(c)] = torch.tensor(c, dtype=torch.long)
+            last[b] = len(c) - 1
+            index[b] = slots[min(b, n - 1)]
+        self._ids_view(r, t).copy_(to_device(ids))
+        self.last[:r].copy_(to_device(last))
+        self.index[:r].copy_(to_device(index))
+        if self.graph:
+            graph, logits = self.graphs[r, t]
+            graph.replay()
+        else:
+            logits = self._body(r, t)()
+        return logits[:n]

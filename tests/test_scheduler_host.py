@@ -10,8 +10,10 @@ import dataclasses
 import threading
 
 import pytest
+import torch
 
 from picochat.infer.request import DoneEvent, RequestHandle, SamplingParams, TokenEvent, token_event
+from picochat.infer.sampling import _M32, mix32, stream_key
 from picochat.infer.scheduler import Scheduler, SchedulerConfig
 
 from test_engine import A_END, PY_E, PY_S, TOK, MarkovModel, b, chain, random_model
@@ -90,3 +92,14 @@ def test_events_pop_without_the_lock_and_leave_unread_ones():
     it.close()  # a reader that stops early: what it did not read stays queued
     assert first == events[:10]
     assert list(h.events(timeout=5)) == events[10:]
+
+
+def test_stream_key_equals_mix32_on_tensors():
+    """Keys are computed on Python ints; the noise (`gumbel_noise`) hashes them with `mix32` on
+    tensors: both must be the same function."""
+    g = torch.Generator().manual_seed(0)
+    seeds = [0, 1, -1, 2**63 - 1, -2**63, 2**40 + 7, 123] + torch.randint(-2**62, 2**62, (200,), generator=g).tolist()
+    for seed in seeds:
+        for sample in (0, 1, 5, 2**33 + 3):
+            x = torch.tensor([(seed & _M32) ^ ((seed >> 32) & _M32) * 0x9E3779B1 & _M32], dtype=torch.long)
+            assert stream_key(seed, sample) == int(mix32(mix32(x) ^ (sample & _M32)).item())

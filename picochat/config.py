@@ -262,6 +262,9 @@ class TrainConfig:
     keep_last: int = opt(2, "checkpoints kept per stage (0: all); older ones are pruned once a new one verifies",
                          lo=0)
     compile: bool | None = opt(None, "torch.compile the model (default: on for CUDA)")
+    compile_scope: str = opt("model", "what one compiled graph covers: model (the whole forward; fastest steps) or "
+                             "blocks (each block and the head: a cold compile ~2.5x faster, steps ~0.5 percent slower)",
+                             choices=("model", "blocks"))
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
     resume: bool = opt(False, "continue from the latest good checkpoint")
     optim: OptimConfig = opt(factory=OptimConfig)

@@ -45,6 +45,10 @@ def add_autobatch_parser(sub: argparse._SubParsersAction) -> None:
                    help="cap this process at F × GPU memory (stands in for a smaller GPU)")
     p.add_argument("--headroom-gib", type=float, default=None, help="finder headroom (default: its own)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--compile-scope", default="model", choices=("model", "blocks"),
+                   help="as training's --compile-scope: one whole-model graph, or each block and the head")
+    p.add_argument("--eager-probe", action=argparse.BooleanOptionalAction, default=True,
+                   help="the finder's one probe without torch.compile, as pretraining runs it")
     p.add_argument("--use-cache", action="store_true", help="let the finder use its cache (default: search)")
     p.add_argument("--device", default="auto")
     p.add_argument("--append", help="append the JSON record to this file (e.g. docs/benchmarks/results.jsonl)")
@@ -69,7 +73,11 @@ class _Bench:
             from ..common import use_compile_cache
 
             use_compile_cache()  # as training does: a second run of the benchmark finds its graphs compiled
-        self.train_model = torch.compile(self.model, dynamic=False) if args.compile else self.model
+        self.train_model = self.model
+        if args.compile and args.compile_scope == "blocks":
+            self.model.compile_regions(dynamic=False)
+        elif args.compile:
+            self.train_model = torch.compile(self.model, dynamic=False)
         self.gen = torch.Generator(device=device).manual_seed(0)
 
     def micro_step(self, b: int, scale: float) -> None:
@@ -149,10 +157,11 @@ def measure_autobatch(args: argparse.Namespace) -> dict:
         bench.probe_step, model=bench.model, optimizers=bench.optimizers, seq_len=args.seq_len,
         total_batch_tokens=args.total_batch_tokens, world_size=1, device=device,
         cache_key={"model": bench.model_cfg.to_dict(), "dtype": "bfloat16", "compile": bool(args.compile),
+                   "compile_scope": args.compile_scope,
                    "step": "bench-autobatch"},
         probe=CudaMemoryProbe(device, memory_fraction=args.memory_fraction),
         headroom_bytes=None if args.headroom_gib is None else int(args.headroom_gib * GiB),
-        use_cache=args.use_cache)
+        use_cache=args.use_cache, eager_probe=args.eager_probe)
     chosen = result.device_batch_size  # the finder has logged its table
 
     # 2. the throughput sweep: every valid swept size plus the chosen one
@@ -200,6 +209,7 @@ def measure_autobatch(args: argparse.Namespace) -> dict:
         steps_without_oom=done, steps=args.steps, oom=oom, grad_accum=result.grad_accum,
         seq_len=args.seq_len, total_batch_tokens=args.total_batch_tokens, vocab_size=args.vocab_size,
         params=bench.model.num_params(), memory_fraction=args.memory_fraction, compile=bool(args.compile),
+        compile_scope=args.compile_scope, eager_probe=args.eager_probe,
         dtype="bf16", best_batch=best["batch"] if best else None,
         best_tok_per_s=best["tok_per_s"] if best else None,
         tok_per_s=at_chosen["tok_per_s"] if at_chosen else None, sweep=sweep,

@@ -183,7 +183,8 @@ def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_r
                     kernels: str = "auto", prefill_budget: int | None = None,
                     compile: bool | str = False, triton_max_rows: int | None = None,
                     profile: bool = False, prefill_graphs: bool | None = None,
-                    followup_wait: float | None = None, chunk_graphs: bool = True) -> list[dict]:
+                    followup_wait: float | None = None, chunk_graphs: bool = True,
+                    take_by_request: bool = True) -> list[dict]:
     from ..common import compute_dtype
     from ..config import ModelConfig
     from ..infer.scheduler import Scheduler, SchedulerConfig
@@ -199,6 +200,7 @@ def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_r
     config = SchedulerConfig(slots=slots, sync_every=sync_every, kernels=kernels, prefill_budget=prefill_budget,
                              max_queue=100_000, compile=compile if cuda else False, triton_max_rows=triton_max_rows,
                              prefill_graphs=prefill_graphs, chunk_graphs=chunk_graphs,
+                             take_by_request=take_by_request,
                              **({} if followup_wait is None else {"followup_wait": followup_wait}))
     t0 = time.perf_counter()
     sched = Scheduler(model, None, config).start()
@@ -208,7 +210,7 @@ def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_r
               "vocab_size": vocab_size, "seq_len": seq_len, "scheduler_build_s": round(build_s, 2),
               "compile": config.compile or False, "kernels": kernels,
               "prefill_graphs": sched.batch.fresh is not None and sched.batch.fresh.graph,
-              "followup_wait_ms": round(1000 * config.followup_wait, 3),
+              "followup_wait_ms": round(1000 * config.followup_wait, 3), "take_by_request": take_by_request,
               "chunk_graphs": sorted({b for b, _ in sched.batch.chunk_graphs}) if sched.mode != "naive" else [],
               "step_kernels": {b: r.kernels for b, r in sched.batch.runners.items()} if sched.mode == "fast" else None}
     print(f"scheduler: {slots} slots x {sched.max_context} context, {sched.mode} decode, built in {build_s:.1f} s")
@@ -358,6 +360,8 @@ def add_batch_parser(sub: argparse._SubParsersAction) -> None:
                    help="Triton buckets launch a whole decode chunk as one CUDA graph (default on)")
     p.add_argument("--followup-wait", type=float_in(0, 1), default=None, metavar="SECONDS",
                    help="how long the loop waits for follow-up submissions after a finish (0 = off)")
+    p.add_argument("--take-by-request", choices=("on", "off"), default="on",
+                   help="the loop reads a chunk's tokens request by request (default on; off: the first per-step loop)")
     p.add_argument("--profile", action="store_true",
                    help="after the measured runs, profile one short continuous run per concurrency and print "
                         "the kernel table (torch.profiler) and the scheduler thread's Python (cProfile)")
@@ -403,7 +407,8 @@ def cmd_batch_bench(args: argparse.Namespace) -> int:
                               args.seq_len, args.serial_requests, args.seed, args.sync_every, args.kernels,
                               args.prefill_budget, args.compile, args.triton_max_rows, args.profile,
                               None if args.prefill_graphs is None else args.prefill_graphs == "on",
-                              args.followup_wait, args.chunk_graphs == "on")
+                              args.followup_wait, args.chunk_graphs == "on",
+                              take_by_request=args.take_by_request == "on")
     base = base_record("batch", device, args.depth)
     records = [{**base, **r} for r in records]
     print(f"\nbatch · {base['gpu']} · d{args.depth} · prompt/output medians {args.prompt_median}/"

@@ -190,11 +190,14 @@ class DecodeBatch:
 
     def set_sampling(self, slots: list[int], temperature: list[float], top_k: list[int], top_p: list[float],
                      keys: list[int]) -> None:
-        index = self._dev(slots, torch.long)
-        self.temperature[index] = self._dev(temperature, torch.float32)
-        self.top_k[index] = self._dev(top_k, torch.long)
-        self.top_p[index] = self._dev(top_p, torch.float32)
-        self.keys[index] = self._dev(keys, torch.long)
+        # two host-to-device copies instead of five (this runs on every admission)
+        ints = self._dev(torch.tensor([slots, top_k, keys], dtype=torch.long))
+        floats = self._dev(torch.tensor([temperature, top_p], dtype=torch.float32))
+        index = ints[0]
+        self.temperature[index] = floats[0]
+        self.top_k[index] = ints[1]
+        self.top_p[index] = floats[1]
+        self.keys[index] = ints[2]
 
     def copy_prefix(self, src: int, dst: list[int], length: int) -> None:
         """Give slots `dst` the first `length` cached positions of slot `src` (n samples)."""
@@ -304,8 +307,8 @@ class DecodeBatch:
             self.out[j, :bucket].copy_(tok)
             if logprobs is not None:
                 self._record_logprobs(j, bucket, logits, tok, logprobs)
-        for s in range(bucket):
-            self.bound[s] = min(self.bound[s] + k, self.length - 1)
+        cap = self.length - 1
+        self.bound[:bucket] = [min(b + k, cap) for b in self.bound[:bucket]]
         self._seq += 1
         return self._read(self._seq, k, bucket, logprobs)
 

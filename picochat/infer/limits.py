@@ -51,6 +51,7 @@ class SchedulerConfig:
     chunk_graphs: bool = True  # Triton buckets: a whole decode chunk as one CUDA graph (fast mode)
     tool_workers: int = 4
     followup_wait: float = 0.001  # seconds the loop waits for follow-ups after a finish (Scheduler._await_followups)
+    take_by_request: bool = True  # read a chunk's tokens request by request (False: the first per-step loop)
 
     def __post_init__(self) -> None:
         def check(name: str, ok: bool, allowed: str) -> None:

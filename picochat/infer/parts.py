@@ -31,6 +31,15 @@ class Piece:
 
 
 _NO_TEXT = Piece("text", "")  # every token's piece without a tokenizer (made once: this runs per token)
+_SPECIAL = Piece("special", "")
+_new, _set_attr = object.__new__, object.__setattr__
+
+
+def _piece(part: Part, text: str) -> Piece:
+    """`Piece(part, text)` without the frozen dataclass's per-field `object.__setattr__` (per token)."""
+    piece = _new(Piece)
+    _set_attr(piece, "__dict__", {"part": part, "text": text, "tool_call": None})
+    return piece
 
 
 class MessageParser:
@@ -47,6 +56,9 @@ class MessageParser:
         self.part: Part = "text"
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._call: list[int] = []
+        if tokenizer is not None:  # bound once: feed runs per token
+            self._is_special, self._token_bytes = tokenizer.is_special, tokenizer.token_bytes
+            self._decode = self._decoder.decode
 
     def feed(self, token: int) -> Piece:
         tok = self.tokenizer
@@ -63,11 +75,12 @@ class MessageParser:
             self.part = "text"
             call = tok.decode(self._call) if closed == "tool_call" else None
             return Piece(closed, tail, call)
-        if tok.is_special(token):
-            return Piece("special", "")
-        if self.part == "tool_call":
+        if self._is_special(token):
+            return _SPECIAL
+        part = self.part
+        if part == "tool_call":
             self._call.append(token)
-        return Piece(self.part, self._decoder.decode(tok.token_bytes(token)))
+        return _piece(part, self._decode(self._token_bytes(token)))
 
     def _flush(self) -> str:
         return self._decoder.decode(b"", final=True)

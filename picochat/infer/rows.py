@@ -16,7 +16,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from .parts import MessageParser, StopMatcher
-from .request import DoneEvent, FinishEvent, RequestHandle, SamplingParams, TokenEvent, Usage
+from .request import DoneEvent, FinishEvent, RequestHandle, SamplingParams, Usage, token_event
 
 # states: prefill (waiting for its prompt), text (sampling), waiting (on a tool), forcing (tool
 # output being fed in), done
@@ -97,32 +97,78 @@ class Sample:
             if not self.forced:
                 self.state = "text"
         self.last, self.emitted = token, self.emitted + 1
-        piece = self.parser.feed(token)
-        part, text = piece.part, piece.text
+        stops = self.stops
+        if self.parser.tokenizer is None:  # no tokenizer: every token is text with no text (MessageParser)
+            part, text, tool_call = "text", "", None
+        else:
+            piece = self.parser.feed(token)
+            part, text, tool_call = piece.part, piece.text, piece.tool_call
         matched = False
         if part == "text" and not forced:
-            text, matched = self.stops.feed(text)
+            if stops.stops:
+                text, matched = stops.feed(text)
         else:  # stop strings live in the text part: what it held back is text after all
-            held = self.stops.flush()
+            held = stops.flush()
             if held:
                 part, text = "text", held + text  # an event's part is that of the text it carries
         if matched or (not forced and token in req.stop_ids):
             self.reason = "stop"
         call = None
-        if piece.tool_call is not None and not forced and self.reason is None and tools:
-            call, self.state = piece.tool_call, "waiting"
+        if tool_call is not None and not forced and self.reason is None and tools:
+            call, self.state = tool_call, "waiting"
         if self.reason is None and self.emitted >= req.max_tokens:
             self.reason = "length"
         if self.reason is not None and not matched:
-            tail = self.stops.flush() + self.parser.finish()
+            tail = stops.flush() + self.parser.finish()
             if tail:
                 text += tail
                 part = "text" if part == "special" else part
-        if req.handle.first_token_at is None:
-            req.handle.first_token_at = time.monotonic()
-        req.emit(TokenEvent(self.index, token, text, part, not forced, logprob,
-                            tuple(top) if top is not None else None))
+        handle = req.handle
+        if handle.first_token_at is None:
+            handle.first_token_at = time.monotonic()
+        outbox = req.outbox
+        if not outbox:  # Request.emit, inlined: this runs once per token
+            req.outboxes.append(req)
+        outbox.append(token_event(self.index, token, text, part, not forced, logprob,
+                                  tuple(top) if top is not None else None))
         return call
+
+    @property
+    def plain(self) -> bool:
+        """Whether its next tokens carry no text and need no parsing: no tokenizer (so no text, no
+        tool calls), no stop strings, nothing being forced in, no logprobs."""
+        return (self.state == "text" and self.parser.tokenizer is None and not self.stops.stops
+                and self.request.params.logprobs is None)
+
+    def accept_plain(self, tokens: list[int]) -> int:
+        """`accept` of each token in turn, for a `plain` sample, done for a run of tokens at once:
+        the same TokenEvents, stop on a stop token or at max_tokens. Returns how many tokens it
+        took (the rest of the run comes after its end and is discarded)."""
+        req = self.request
+        take = min(len(tokens), req.max_tokens - self.emitted)
+        if take <= 0:
+            return 0
+        stop_ids = req.stop_ids
+        stopped = False
+        if stop_ids:
+            for i in range(take):
+                if tokens[i] in stop_ids:
+                    take, stopped = i + 1, True
+                    break
+        run = tokens[:take] if take < len(tokens) else tokens
+        self.last, self.emitted = run[-1], self.emitted + take
+        if stopped:
+            self.reason = "stop"
+        elif self.emitted >= req.max_tokens:
+            self.reason = "length"
+        handle = req.handle
+        if handle.first_token_at is None:
+            handle.first_token_at = time.monotonic()
+        if not req.outbox:
+            req.outboxes.append(req)
+        index = self.index
+        req.outbox += [token_event(index, t, "", "text", True, None, None) for t in run]
+        return take
 
     def finish(self, reason: str) -> None:
         """Send this sample's FinishEvent (and the request's DoneEvent after its last sample)."""

@@ -217,7 +217,7 @@ class Scheduler:
             return
         while True:
             try:
-                event = handle._queue.get_nowait()
+                event = handle._pop()
             except queue.Empty:
                 self.advance()
                 continue
@@ -533,6 +533,69 @@ class Scheduler:
     def _take(self, chunk, owners: dict[int, Sample], first: bool = False) -> None:
         """Accept a read chunk's tokens: `owners` maps its columns to samples (slots for decode
         chunks, positions in the list for first tokens)."""
+        if not self.config.take_by_request:
+            return self._take_per_step(chunk, owners, first)
+        # Request by request: which columns a sample reads is decided once per chunk, not per
+        # token; each request's samples take their tokens step by step (the order of its events
+        # is that of the per-step loop), other requests' events go to other handles.
+        groups: dict[int, list[tuple[int, Sample]]] = {}
+        bucket, seq = chunk.bucket, chunk.seq
+        for col, sample in owners.items():
+            if sample.state not in RUNNING or not first and (col >= bucket or seq < sample.since):
+                continue  # stopped (or cancelled), paused or rewound: its tokens here are discarded
+            group = groups.get(id(sample.request))
+            if group is None:
+                groups[id(sample.request)] = [(col, sample)]
+            else:
+                group.append((col, sample))
+        if not groups:
+            return
+        columns = chunk.tokens.t().tolist()
+        logprobs = chunk.logprob is not None
+        if logprobs:
+            lps = chunk.logprob.t().tolist()
+            top_ids = chunk.top_ids.transpose(0, 1).tolist() if chunk.top_ids is not None else None
+            top_lp = chunk.top_logprob.transpose(0, 1).tolist() if chunk.top_logprob is not None else None
+        tools_on = self.tokenizer is not None
+        accepted = 0
+        for group in groups.values():
+            if len(group) == 1 and group[0][1].plain:  # one sample, tokens without text: the run at once
+                col, sample = group[0]
+                took = sample.accept_plain(columns[col])
+                if first:
+                    sample.first_pending = False
+                else:
+                    sample.pos += took
+                accepted += took
+                if sample.reason is not None:
+                    self._end(sample, sample.reason)
+                continue
+            params = group[0][1].request.params
+            n_top = params.logprobs if logprobs else None
+            tools = params.tools and tools_on
+            for j in range(chunk.k):
+                for col, sample in group:
+                    if sample.state not in RUNNING:
+                        continue  # stopped or called a tool earlier in this chunk
+                    if first:
+                        sample.first_pending = False
+                    else:
+                        sample.pos += 1  # the pending token was fed at sample.pos during step j
+                    lp = top = None
+                    if n_top is not None:
+                        lp = lps[col][j]
+                        top = list(zip(top_ids[col][j][:n_top], top_lp[col][j][:n_top])) if n_top else None
+                    call = sample.accept(columns[col][j], lp, top, tools=tools)
+                    accepted += 1
+                    if call is not None:
+                        sample.tool = self._tools().submit(self._tool_runner, call)
+                        sample.tool.add_done_callback(lambda _: self._notify())
+                    if sample.reason is not None:
+                        self._end(sample, sample.reason)
+        self.counters["generation_tokens"] += accepted
+
+    def _take_per_step(self, chunk, owners: dict[int, Sample], first: bool = False) -> None:
+        """`_take` as first written: step by step, every column's checks per token."""
         tokens = chunk.tokens.tolist()
         lps = chunk.logprob.tolist() if chunk.logprob is not None else None
         top_ids = chunk.top_ids.tolist() if chunk.top_ids is not None else None

@@ -9,6 +9,7 @@ never materialises twice.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -17,6 +18,47 @@ import torch.nn.functional as F
 from ..config import ModelConfig
 from .attention import KVCache, causal_attention
 from .softcap_ce import softcap_cross_entropy
+from .loss import reference_softcapped_cross_entropy, softcapped_cross_entropy
+
+
+@dataclass(frozen=True)
+class ForwardOptions:
+    """How the training forward is computed; none of these change the weights, checkpoints or the
+    math, only the kernels (and, for `bf16_residual`, the rounding). The benchmark's levers.
+    `fused_qkv` and `bf16_residual` act only with gradients on (training): inference and evaluation
+    run as before.
+
+    fused_loss: the one-pass soft-capped cross-entropy of `loss.py` (no float32 logits tensor);
+        CUDA and other accelerators (CPUs always use softcap_ce.py's cache-blocked pass).
+    fused_qkv: one q/k/v matrix product per layer (the three weights concatenated on the fly;
+        the optimizer and checkpoints keep three matrices).
+    bf16_residual: under bfloat16 autocast, keep the residual stream in bfloat16 instead of
+        float32 (half the bytes of every norm and residual add; upstream nanochat does this)."""
+
+    fused_loss: bool = True
+    fused_qkv: bool = True
+    bf16_residual: bool = True
+
+    @classmethod
+    def reference(cls) -> "ForwardOptions":
+        return cls(fused_loss=False, fused_qkv=False, bf16_residual=False)
+
+    @classmethod
+    def parse(cls, spec: str) -> "ForwardOptions":
+        """'default', 'reference', or levers joined by '+' turned on from the reference:
+        'loss', 'qkv', 'bf16res' (e.g. 'loss+qkv')."""
+        spec = spec.strip()
+        if spec == "default":
+            return cls()
+        names = {"loss": "fused_loss", "qkv": "fused_qkv", "bf16res": "bf16_residual"}
+        on = {}
+        for part in filter(None, spec.split("+")):
+            if part == "reference":
+                continue
+            if part not in names:
+                raise ValueError(f"unknown forward lever {part!r}: use default, reference, or + joined {sorted(names)}")
+            on[names[part]] = True
+        return cls(**{**vars(cls.reference()), **on})
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -41,6 +83,7 @@ class Attention(nn.Module):
         self.c_v = nn.Linear(D, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(D, D, bias=False)
         self.c_qkv: nn.Linear | None = None  # set by fuse_qkv() (inference copies only)
+        self.concat_qkv = True  # training: one matmul over the three weights concatenated (ForwardOptions)
 
     @torch.no_grad()
     def fuse_qkv(self) -> None:
@@ -57,13 +100,17 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, attn_mask=None, kv_cache: KVCache | None = None, positions=None, cache_mask=None):
         B, T, _ = x.shape
         H, Hkv = self.n_head, self.n_kv_head
-        if self.c_qkv is None:
+        if self.c_qkv is None and not (self.concat_qkv and torch.is_grad_enabled()):
             q = self.c_q(x).view(B, T, H, self.head_dim).transpose(1, 2)
             k = self.c_k(x).view(B, T, Hkv, self.head_dim).transpose(1, 2)
             v = self.c_v(x).view(B, T, Hkv, self.head_dim).transpose(1, 2)
             q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
         else:
-            qkv = self.c_qkv(x).view(B, T, H + 2 * Hkv, self.head_dim).transpose(1, 2)
+            if self.c_qkv is not None:
+                qkv = self.c_qkv(x)
+            else:  # the concatenation is differentiable: each weight gets its slice of the gradient
+                qkv = F.linear(x, torch.cat([self.c_q.weight, self.c_k.weight, self.c_v.weight]))
+            qkv = qkv.view(B, T, H + 2 * Hkv, self.head_dim).transpose(1, 2)
             qk = rms_norm(apply_rotary(qkv[:, :H + Hkv], cos, sin))  # rotary and norm act per head
             q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv:]
         if kv_cache is None:
@@ -107,6 +154,14 @@ class GPT(nn.Module):
         cos, sin = self._rotary_tables(self.rotary_len)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+        self.set_options(ForwardOptions.reference())  # build_model picks the device's options
+
+    def set_options(self, options: ForwardOptions) -> "GPT":
+        """Choose the training forward's kernels (see ForwardOptions); returns self."""
+        self.options = options
+        for block in self.blocks:
+            block.attn.concat_qkv = options.fused_qkv
+        return self
 
     def _rotary_tables(self, length: int, device=None):
         half = self.config.head_dim // 2
@@ -177,29 +232,49 @@ class GPT(nn.Module):
             cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
             cache_mask = kv_cache.mask(positions)
         x = rms_norm(self.wte(idx))
+        if self.options.bf16_residual and torch.is_grad_enabled() and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         for block in self.blocks:
             x = block(x, cos, sin, attn_mask, kv_cache, positions, cache_mask)
-        x = rms_norm(x)
         if kv_cache is not None:
             kv_cache.pos += T
+        return self.head(x, targets, loss_reduction, logits_at)
+
+    def head(self, x: torch.Tensor, targets: torch.Tensor | None = None, loss_reduction: str = "mean",
+             logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """Final norm, unembedding, soft cap and (with targets) the loss; see `forward`."""
+        x = rms_norm(x)
         if logits_at is not None:
-            x = x[torch.arange(B, device=x.device), logits_at][:, None]
-        logits = self.lm_head(x).float()
+            x = x[torch.arange(x.size(0), device=x.device), logits_at][:, None]
+        logits = self.lm_head(x)
         cap = self.config.logit_softcap
-        if cap and targets is not None and logits.device.type == "cpu":  # one cache-blocked pass (softcap_ce.py)
-            return softcap_cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), cap, loss_reduction)
+        if targets is not None:
+            if cap and logits.device.type == "cpu":  # one cache-blocked pass (softcap_ce.py)
+                return softcap_cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), cap,
+                                             loss_reduction)
+            loss = softcapped_cross_entropy if self.options.fused_loss else reference_softcapped_cross_entropy
+            return loss(logits, targets, cap, loss_reduction)
+        logits = logits.float()
         if cap:
             logits = cap * torch.tanh(logits / cap)
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                               reduction=loss_reduction)
+        return logits
+
+    def compile_regions(self, **compile_kwargs) -> "GPT":
+        """torch.compile each block and the head separately (the embedding stays eager) instead of
+        the whole forward: the blocks share one compiled graph, so a cold compile costs about one
+        block and the head rather than `depth` blocks. Call instead of compiling the model."""
+        for block in self.blocks:
+            block.compile(**compile_kwargs)
+        self.head = torch.compile(self.head, **compile_kwargs)
+        return self
 
 
 def build_model(config: ModelConfig, device: torch.device, seed: int | None = None) -> GPT:
-    """Construct on the meta device, then allocate on `device` and initialise once."""
+    """Construct on the meta device, then allocate on `device` and initialise once. On CUDA the
+    forward uses the fused kernels (ForwardOptions()); elsewhere the plain ops, which are what the
+    CPU demo's eager step was measured with."""
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)
     model.init_weights(seed)
-    return model
+    return model.set_options(ForwardOptions() if torch.device(device).type == "cuda" else ForwardOptions.reference())

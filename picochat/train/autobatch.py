@@ -16,6 +16,7 @@ Public API::
         headroom_bytes=None,        # budget = total − headroom; None = max(min(1 GiB, total/8), 5% total)
         max_batch_size=None, use_cache=True, cache_path=None, warmup_steps=1,
         accum_reserve_bytes=None,   # extra room when grad_accum > 1; None = the model's gradient bytes
+        eager_probe=False,          # the one probe without torch.compile (see below)
     ) -> AutoBatchResult            # .device_batch_size (= .chosen), .grad_accum, .seconds, .compiles,
                                     # .probes, .fit_a/.fit_b, .predicted_peak, .measured_peak, .cache_hit,
                                     # .cache_key, .table(), .to_dict()
@@ -29,7 +30,14 @@ How: candidates are the b with ``total % (b·T·W) == 0``. Probe the two smalles
 ``peak ≈ a + b·batch``, predict the largest candidate under ``total − headroom``, verify it on the real
 step, and step down on failure (refitting when the failed step still produced a measurement). That is
 2 probe shapes + 1 verify shape = 3 distinct shapes (one compile each under ``dynamic=False``) in the
-normal case; ``compiles`` reports the distinct shapes run. Every decision uses values all-reduced
+normal case; ``compiles`` reports the distinct shapes run. On CUDA (a probe with ``current_bytes``)
+one probe (at batch 4) does: the memory held just before the measured step (weights, optimizer state) is the
+line's intercept, so the second probe shape (a whole cold compile) is saved: 1 probe + 1 verify, and a
+second verify only when the line through the verified size says a larger one fits with 5% to spare.
+With ``eager_probe=True`` (the trainer sets it for pretraining) that one probe runs with torch.compile
+switched off (``torch.compiler.set_stance("force_eager")``): eager steps hold more activations than
+compiled ones, so the line errs on the safe side, and the only shape compiled is the verified one,
+which training then reuses: one cold compile in the common case. Every decision uses values all-reduced
 over ranks (fits: MIN, peak: MAX, total memory: MIN), so all ranks take the same path and agree.
 
 Budget: ``total − headroom``, where total = min(fraction × GPU memory, free + already reserved), so
@@ -70,6 +78,8 @@ from .autobatch_cache import cache_key_hash, default_cache_path, load_cache, mar
 from .snapshot import drop_grads, free_memory, restore_snapshot, take_snapshot
 
 GiB = 1024**3
+ONE_PROBE_BATCH = 4  # the size of the single probe, when the memory probe reports resting memory
+EXTRAPOLATION_SLACK = 0.95  # a second verify only if the measured line puts it under 95% of the budget
 
 
 class AutoBatchError(RuntimeError):
@@ -82,6 +92,8 @@ class MemoryProbe(Protocol):
     def reset(self) -> None: ...  # start a new peak measurement
     def peak_bytes(self) -> int: ...  # peak allocated bytes since reset()
     def total_bytes(self) -> int: ...  # memory this process may use in all
+    # Optional: `current_bytes() -> int`, memory held right now. With it the finder reads the
+    # resting memory (weights, optimizer state) before a probe and fits from one probe, not two.
 
 
 class CudaMemoryProbe:
@@ -98,6 +110,10 @@ class CudaMemoryProbe:
     def peak_bytes(self) -> int:
         torch.cuda.synchronize(self.device)
         return int(torch.cuda.max_memory_allocated(self.device))
+
+    def current_bytes(self) -> int:
+        torch.cuda.synchronize(self.device)
+        return int(torch.cuda.memory_allocated(self.device))
 
     def total_bytes(self) -> int:
         frac = self.memory_fraction
@@ -128,7 +144,8 @@ class ProbeRecord:
     peak_bytes: int | None  # None when it ran out of memory
     fits: bool  # ran without OOM on every rank and peak ≤ budget
     oom: bool
-    phase: str  # probe | verify | cache-verify
+    phase: str  # probe | eager-probe | verify | cache-verify
+    rest_bytes: int | None = None  # memory held just before the measured step (weights, optimizer state)
 
 
 @dataclass
@@ -255,6 +272,7 @@ def find_device_batch_size(
     cache_path: Path | None = None,
     warmup_steps: int = 1,
     accum_reserve_bytes: int | None = None,
+    eager_probe: bool = False,
 ) -> AutoBatchResult:
     """The largest exact device batch whose real step fits; see the module docstring.
 
@@ -291,7 +309,8 @@ def find_device_batch_size(
     try:
         chosen, candidates = _try_cached(prober, entry, candidates, use_cache, key, path, seq_len)
         if chosen is None:
-            chosen = _search(prober.run, candidates, budget.limit, res, model, seq_len, budget.total)
+            chosen = _search(prober.run, candidates, budget.limit, res, model, seq_len, budget.total,
+                             one_probe=prober.has_rest, eager_probe=eager_probe)
     except BaseException:
         # Restore what we can, but never let a second failure (a sticky CUDA error) hide the first.
         with contextlib.suppress(Exception):
@@ -363,22 +382,22 @@ class _Prober:
         self.device, self.budget, self.res, self.warmup_steps = device, budget, res, warmup_steps
         self.shapes: set[int] = set()
         self.snap = None
+        self.has_rest = callable(getattr(probe, "current_bytes", None))
 
     def snapshot(self) -> None:
         self.snap = take_snapshot(self.model, self.optimizers)
 
-    def run(self, b: int, phase: str) -> ProbeRecord:
-        """Warm-up call(s), then one measured call at b; all ranks agree on fit / OOM / error."""
-        self.shapes.add(b)
-        peak, oom, err = 0, False, None
+    def run(self, b: int, phase: str, eager: bool = False) -> ProbeRecord:
+        """Warm-up call(s), then one measured call at b; all ranks agree on fit / OOM / error.
+        `eager`: with every torch.compile'd function run eagerly (no compile for this shape)."""
+        if not eager:
+            self.shapes.add(b)
+        peak, rest, oom, err = 0, 0, False, None
         drop_grads(self.model, self.optimizers)
+        stance = torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext()
         try:
-            for _ in range(self.warmup_steps):  # optimizer state, compiled graph and autotuning exist after this
-                self.train_step(b)
-            drop_grads(self.model, self.optimizers)
-            self.probe.reset()
-            self.train_step(b)
-            peak = self.probe.peak_bytes()
+            with stance:
+                rest, peak = self._measure(b)
         except Exception as e:  # noqa: BLE001 - classified right here; non-OOM re-raised below
             if is_oom_error(e):
                 oom = True
@@ -388,16 +407,28 @@ class _Prober:
         if oom:
             drop_grads(self.model, self.optimizers)
             free_memory()
-        not_fit, errored, peak_all = _max_over_ranks([float(oom), float(err is not None), float(peak)], self.device)
+        not_fit, errored, peak_all, rest_all = _max_over_ranks(
+            [float(oom), float(err is not None), float(peak), float(rest)], self.device)
         if err is not None:
             raise err
         if errored:
             raise RuntimeError("autobatch: another rank failed with a non-OOM error during the probe")
         oom_all = bool(not_fit)
         rec = ProbeRecord(b, None if oom_all else int(peak_all), not oom_all and peak_all <= self.budget.limit(b),
-                          oom_all, phase)
+                          oom_all, phase, int(rest_all) if self.has_rest and not oom_all else None)
         self.res.probes.append(rec)
         return rec
+
+    def _measure(self, b: int) -> tuple[int, int]:
+        """(memory at rest, peak) of one step at b, after warm-up so optimizer state, compiled graphs
+        and autotuning exist."""
+        for _ in range(self.warmup_steps):
+            self.train_step(b)
+        drop_grads(self.model, self.optimizers)
+        self.probe.reset()
+        rest = self.probe.current_bytes() if self.has_rest else 0
+        self.train_step(b)
+        return rest, self.probe.peak_bytes()
 
     def leave_no_trace(self) -> None:
         drop_grads(self.model, self.optimizers)
@@ -435,17 +466,38 @@ def _remember(path: Path, key: str, res: AutoBatchResult, identity: dict) -> Non
     update_cache(path, key, upd)
 
 
-def _search(run: Callable[[int, str], ProbeRecord], candidates: list[int], limit: Callable[[int], int],
-            res: AutoBatchResult, model: nn.Module, seq_len: int, total: int) -> ProbeRecord:
-    """Two probes, a linear fit, one verify; step down (refitting on measurements) on failure."""
+def _search(run: Callable[..., ProbeRecord], candidates: list[int], limit: Callable[[int], int],
+            res: AutoBatchResult, model: nn.Module, seq_len: int, total: int, one_probe: bool = False,
+            eager_probe: bool = False) -> ProbeRecord:
+    """Probe, fit a line, verify; step down (refitting on measurements) on failure.
+
+    With `one_probe` (the probe reports resting memory) the line runs through (0, memory at rest) and
+    one probe at batch 4 (run eagerly with `eager_probe`: eager steps keep more activations than
+    compiled ones, so the line still errs high, and no shape is compiled before the verify). A line
+    that errs high makes the verified size err small, so one more verify is allowed when the line
+    through the verified size's own measurement says a larger size fits with 5% to spare.
+    Otherwise two probes give the line."""
     if not candidates:
         raise AutoBatchError("no candidate batch size left to try")
-    first = run(candidates[0], "probe")
-    if not first.fits:
-        _too_big(first, limit(first.batch_size), total, model, seq_len)
+    measured: dict[int, int] = {}
+    first = None
+    if one_probe and len(candidates) > 1:
+        # batch 4 (or the largest size up to 4): per-step buffers spread over 4 rows overstate the
+        # slope by a quarter of their size, not a half as at batch 2, and batch 4 fits nearly anywhere
+        first = run([c for c in candidates if c <= ONE_PROBE_BATCH][-1], "eager-probe" if eager_probe else "probe",
+                    eager=eager_probe)
+        if first.fits and first.rest_bytes is not None:
+            measured = {0: first.rest_bytes, first.batch_size: first.peak_bytes}
+        else:
+            first = None  # does not fit (or no reading): the two-probe path from the smallest size
+    extend = first is not None
+    if first is None:
+        first = run(candidates[0], "probe")
+        if not first.fits:
+            _too_big(first, limit(first.batch_size), total, model, seq_len)
+        measured = {first.batch_size: first.peak_bytes}
     best, upper = first, math.inf  # best: largest size known to fit; upper: smallest known not to
-    measured = {first.batch_size: first.peak_bytes}
-    if len(candidates) > 1:
+    if not extend and len(candidates) > 1:
         second = run(candidates[1], "probe")
         if second.peak_bytes is not None:
             measured[second.batch_size] = second.peak_bytes
@@ -453,7 +505,7 @@ def _search(run: Callable[[int, str], ProbeRecord], candidates: list[int], limit
             best = second
         else:
             upper = second.batch_size
-    cap = math.inf  # only used when there is no slope to go by
+    cap, slack = math.inf, 1.0  # cap: only used when there is no slope to go by
     while True:
         if len(measured) >= 2:  # fit through the two largest measurements: linear near the target
             (x0, y0), (x1, y1) = sorted(measured.items())[-2:]
@@ -464,7 +516,9 @@ def _search(run: Callable[[int, str], ProbeRecord], candidates: list[int], limit
             return None if res.fit_b is None else res.fit_a + res.fit_b * c
 
         ok = [c for c in candidates if best.batch_size < c < upper and c <= cap
-              and (predicted(c) is None or predicted(c) <= limit(c))]
+              and (predicted(c) is None or predicted(c) <= slack * limit(c))]
+        if not ok and extend:  # the one-probe line errs high: the next size up may still fit, so try it
+            ok = [c for c in candidates if best.batch_size < c < upper][:1]
         if not ok:
             p = predicted(best.batch_size)
             res.predicted_peak = int(p) if p is not None else best.peak_bytes
@@ -473,12 +527,18 @@ def _search(run: Callable[[int, str], ProbeRecord], candidates: list[int], limit
         p = predicted(target)
         res.predicted_peak = None if p is None else int(p)
         rec = run(target, "verify")
-        if rec.fits and cap == math.inf:
+        if rec.fits and cap == math.inf and not extend:
             return rec
-        if rec.fits:  # bisecting: the answer lies between this size and the smallest failure
+        if rec.fits:  # bisecting, or (one probe) checking whether the measured line allows more
             best = rec
+            if extend:  # from now on the line runs through this real (compiled) measurement
+                if eager_probe:  # an eager peak and a compiled one do not lie on one line
+                    measured.pop(first.batch_size, None)
+                measured[target] = rec.peak_bytes
+                extend, slack = False, EXTRAPOLATION_SLACK
         else:
             upper = target  # step down; a measured (over-budget) peak sharpens the next prediction
+            extend = False
             if rec.peak_bytes is not None:
                 measured[target] = rec.peak_bytes
         if cap < math.inf or (rec.peak_bytes is None and (res.fit_b is None or res.fit_b <= 0)):

@@ -88,8 +88,12 @@ class Trainer:
                  make_batches: Callable[[int, DistInfo, torch.device], BatchSource],
                  make_val_batches: Callable[[int, DistInfo, torch.device], Iterator[dict]] | None = None,
                  init_from: Path | None = None, sample_prompts: tuple[str, ...] = (),
-                 on_step: Callable[[StepStats, "Trainer"], None] | None = None):
+                 on_step: Callable[[StepStats, "Trainer"], None] | None = None,
+                 forward_options=None, compile_mode: str | None = None):
+        """forward_options (model.gpt.ForwardOptions) and compile_mode (torch.compile's `mode`) are
+        the benchmark's levers; the defaults are what training runs."""
         self.cfg, self.model_cfg, self.tokenizer = cfg, model_cfg, tokenizer
+        self.forward_options, self.compile_mode = forward_options, compile_mode
         self.make_batches, self.make_val_batches = make_batches, make_val_batches
         self.init_from, self.sample_prompts, self.on_step = init_from, sample_prompts, on_step
         self.paths = RunPaths.for_run(cfg.run)
@@ -104,6 +108,8 @@ class Trainer:
         self.dist = init_distributed(self.device)
         seed_everything(cfg.seed)
         self.model = build_model(self.model_cfg, self.device, seed=cfg.seed)
+        if self.forward_options is not None:
+            self.model.set_options(self.forward_options)
         if self.init_from is not None:
             runs.load_weights(self.init_from, self.model)
             log.info(f"initialised weights from {self.init_from}")
@@ -117,7 +123,11 @@ class Trainer:
         self.ddp = wrapped if self.dist.is_distributed else None
         if use_compile:
             use_compile_cache()
-        self.train_model = torch.compile(wrapped, dynamic=False) if use_compile else wrapped
+        self.train_model = wrapped
+        if use_compile and cfg.compile_scope == "blocks":
+            self.model.compile_regions(dynamic=False, mode=self.compile_mode)
+        elif use_compile:
+            self.train_model = torch.compile(wrapped, dynamic=False, mode=self.compile_mode)
         self.compiled = use_compile
 
     def _choose_device_batch(self) -> int:
@@ -131,9 +141,13 @@ class Trainer:
                 train_step=self._probe_step, model=self.model, optimizers=self.optimizers, seq_len=T,
                 total_batch_tokens=cfg.total_batch_tokens, world_size=W, device=self.device,
                 cache_key={"model": self.model_cfg.to_dict(), "seq_len": T, "compile": self.compiled,
+                           "compile_scope": cfg.compile_scope,
                            "dtype": str(compute_dtype(self.device)),
                            "stage": cfg.stage},
-                default=default)
+                default=default,
+                # Pretraining's eager step is a safe (larger) memory bound; chat stages' document masks
+                # run FlexAttention, whose eager form materialises every score: no bound worth having.
+                eager_probe=not runs.STAGES[cfg.stage].chat)
             self.autobatch_key = result.cache_key
             return result.device_batch_size
         B = int(cfg.device_batch_size)

@@ -1,0 +1,164 @@
+"""The training forward's fused paths compute what the plain ops compute.
+
+- model/loss.py's one-pass soft-capped cross-entropy against F.cross_entropy on float32 capped
+  logits: values and gradients, every reduction, ignored targets, bfloat16 logits;
+- GPT with ForwardOptions() (fused loss, one q/k/v matmul) against ForwardOptions.reference():
+  same loss and same gradient for every parameter (float32, CPU).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from picochat.config import ModelConfig
+from picochat.model.gpt import ForwardOptions, build_model
+from picochat.model.loss import reference_softcapped_cross_entropy, softcapped_cross_entropy
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm().clamp(min=1e-30))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("cap", [15.0, 30.0])
+def test_loss_values_and_gradients_match_the_reference(reduction, cap):
+    gen = torch.Generator().manual_seed(int(cap) + len(reduction))
+    logits = torch.randn(96, 1000, generator=gen) * 12  # many values far into the cap's flat part
+    targets = torch.randint(0, 1000, (96,), generator=gen)
+    targets[::5] = -1  # ignored rows
+    ours, ref = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    out = softcapped_cross_entropy(ours, targets, cap, reduction)
+    want = reference_softcapped_cross_entropy(ref, targets, cap, reduction)
+    weights = torch.randn(want.shape, generator=gen)  # a non-uniform upstream gradient
+    (out * weights).sum().backward()
+    (want * weights).sum().backward()
+    assert out.shape == want.shape
+    assert _rel(out, want) < 1e-6  # float32 rounding only
+    assert _rel(ours.grad, ref.grad) < 1e-5
+    assert ours.grad[::5].abs().max() == 0  # ignored rows get no gradient
+
+
+def test_loss_keeps_bf16_logits_bf16_and_stays_close():
+    gen = torch.Generator().manual_seed(3)
+    logits = (torch.randn(64, 4096, generator=gen) * 8).bfloat16()
+    targets = torch.randint(0, 4096, (64,), generator=gen)
+    ours, ref = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    out = softcapped_cross_entropy(ours, targets, 15.0, "sum")
+    want = reference_softcapped_cross_entropy(ref, targets, 15.0, "sum")
+    out.backward()
+    want.backward()
+    assert out.dtype == torch.float32 and ours.grad.dtype == torch.bfloat16
+    assert _rel(out, want) < 1e-6  # the same float32 arithmetic on the same bf16 inputs
+    assert _rel(ours.grad, ref.grad) < 1e-2  # bf16 gradients: rounding of the output only
+
+
+def test_loss_without_cap_or_with_a_huge_cap_is_the_reference():
+    logits, targets = torch.randn(8, 50), torch.randint(0, 50, (8,))
+    for cap in (0.0, 100.0):
+        assert torch.equal(softcapped_cross_entropy(logits, targets, cap),
+                           reference_softcapped_cross_entropy(logits, targets, cap))
+    with pytest.raises(ValueError, match="reduction"):
+        softcapped_cross_entropy(logits, targets, 15.0, "avg")
+
+
+def test_model_options_give_the_same_loss_and_gradients():
+    cfg = ModelConfig.from_depth(2, vocab_size=512, seq_len=32)
+    fused = build_model(cfg, torch.device("cpu"), seed=0).set_options(ForwardOptions())
+    plain = build_model(cfg, torch.device("cpu"), seed=0)
+    assert plain.options == ForwardOptions.reference()  # CPU default: the plain ops
+    with torch.no_grad():  # output projections start at zero: give them weight so every gradient is non-trivial
+        for a, b in zip(fused.parameters(), plain.parameters()):
+            a.add_(0.02 * torch.randn(a.shape, generator=torch.Generator().manual_seed(a.numel())))
+            b.copy_(a)
+    x = torch.randint(0, 512, (3, 33), generator=torch.Generator().manual_seed(1))
+    targets = x[:, 1:].clone()
+    targets[0, :5] = -1
+    lf, lp = fused(x[:, :-1], targets), plain(x[:, :-1], targets)
+    lf.backward()
+    lp.backward()
+    assert abs(lf.item() - lp.item()) < 1e-5
+    for (name, a), b in zip(fused.named_parameters(), plain.parameters()):
+        assert _rel(a.grad, b.grad) < 1e-4, name
+    with torch.no_grad():  # logits (no targets) are the same too
+        assert _rel(fused(x), plain(x)) < 1e-5
+
+
+def test_forward_options_parse():
+    assert ForwardOptions.parse("default") == ForwardOptions()
+    assert ForwardOptions.parse("reference") == ForwardOptions.reference()
+    assert ForwardOptions.parse("loss+bf16res") == ForwardOptions(fused_loss=True, fused_qkv=False, bf16_residual=True)
+    with pytest.raises(ValueError, match="unknown forward lever"):
+        ForwardOptions.parse("loss+fp8")
+
+
+def test_eager_chunks_give_the_same_values_and_gradients(monkeypatch):
+    from picochat.model import loss as loss_mod
+
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(50, 300, generator=gen) * 10
+    targets = torch.randint(0, 300, (50,), generator=gen)
+    targets[3] = -1
+    whole = logits.clone().requires_grad_()
+    softcapped_cross_entropy(whole, targets, 15.0, "sum").backward()
+    monkeypatch.setattr(loss_mod, "EAGER_CHUNK_ELEMENTS", 7 * 300)  # 8 chunks, the last one short
+    assert len(loss_mod._row_chunks(logits)) == 8
+    chunked = logits.clone().requires_grad_()
+    out = softcapped_cross_entropy(chunked, targets, 15.0, "sum")
+    out.backward()
+    assert abs(out.item() - reference_softcapped_cross_entropy(logits, targets, 15.0, "sum").item()) < 1e-3
+    assert torch.allclose(chunked.grad, whole.grad, rtol=0, atol=1e-7)
+
+
+def test_compiled_loss_is_one_pass_forward_and_backward(monkeypatch):
+    """The compiler must see the whole rows (one fused kernel each way), never the eager chunks,
+    in the backward too (dynamo's is_compiling() is False while the backward is traced)."""
+    from picochat.model import loss as loss_mod
+
+    seen = []
+    original = loss_mod._row_chunks
+
+    def spy(logits):
+        chunks = original(logits)
+        seen.append(len(chunks))
+        return chunks
+
+    monkeypatch.setattr(loss_mod, "_row_chunks", spy)
+    monkeypatch.setattr(loss_mod, "EAGER_CHUNK_ELEMENTS", 1000)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda z, t: softcapped_cross_entropy(z, t, 15.0, "sum"), dynamic=False)
+    z = torch.randn(64, 500, requires_grad=True)
+    t = torch.randint(0, 500, (64,))
+    fn(z, t).backward()
+    torch._dynamo.reset()
+    assert seen == [1]
+    ref = z.detach().clone().requires_grad_()
+    reference_softcapped_cross_entropy(ref, t, 15.0, "sum").backward()
+    assert _rel(z.grad, ref.grad) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_cuda_default_matches_the_plain_path():
+    """On the GPU, compiled, under bf16 autocast: the default forward (fused loss, one q/k/v matmul,
+    bf16 residual) and the plain ops give the same loss and gradients within bf16 rounding."""
+    device = torch.device("cuda")
+    cfg = ModelConfig.from_depth(4, vocab_size=4096, seq_len=256)
+    models = []
+    for options in (ForwardOptions(), ForwardOptions.reference()):
+        model = build_model(cfg, device, seed=0).set_options(options)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.02 * torch.randn(p.shape, device=device, generator=torch.Generator(device).manual_seed(p.numel())))
+        models.append(model)
+    x = torch.randint(0, 4096, (8, 257), device=device, generator=torch.Generator(device).manual_seed(1))
+    losses = []
+    for model in models:
+        step = torch.compile(model, dynamic=False)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = step(x[:, :-1], x[:, 1:])
+        loss.backward()
+        losses.append(loss.item())
+    assert abs(losses[0] - losses[1]) < 2e-2 * abs(losses[1])
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        assert _rel(a.grad, b.grad) < 5e-2, name

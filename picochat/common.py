@@ -170,8 +170,9 @@ def cpu_description() -> str:
     except OSError:
         pass
     isa = torch.backends.cpu.get_cpu_capability()
-    capped = os.environ.get("ONEDNN_MAX_CPU_ISA")
-    return f"{model} ({isa}{', oneDNN ' + capped if capped else ''}, {os.cpu_count()} cores)"
+    caps = [f"{lib} {os.environ[var]}" for lib, var in (("oneDNN", "ONEDNN_MAX_CPU_ISA"),
+                                                        ("MKL", "MKL_ENABLE_INSTRUCTIONS")) if os.environ.get(var)]
+    return f"{model} ({', '.join([isa, *caps])}, {os.cpu_count()} cores)"
 
 
 def seed_everything(seed: int) -> None:

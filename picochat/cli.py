@@ -64,16 +64,22 @@ def _version() -> str:
     return __version__
 
 
-# OpenMP threads (torch's CPU ops, MKL) that wait for work sleep instead of spinning. Spinning saves a
-# few microseconds per op on an idle machine; on a busy one (a laptop running anything else, CI running
-# tests beside it) a spinning thread holds the core its partner needs, and a 2-thread CPU training step
-# of the demo took 9-10 s instead of 1.3 s (measured, load 7 on 2 cores). Takes effect only because the
-# CLI imports torch after this line; a value the user set wins.
-CPU_WAIT_POLICY = "PASSIVE"
+def cpu_wait_policy(load: float, cpus: int) -> str | None:
+    """OMP_WAIT_POLICY for this process: "PASSIVE" (threads waiting for work sleep) when the machine is
+    already busy, else None (OpenMP's default: spin a while first).
+
+    Spinning saves microseconds per op on an idle machine: the demo took 326 s spinning and 354 s
+    passive with 2 cores to itself. On a busy one (a laptop running anything else, CI running tests
+    beside it) a spinning thread holds the core its partner needs: the demo's 2-thread training step
+    took 9-10 s spinning and 1.3 s passive at load 7 on 2 cores (docs/benchmarks.md)."""
+    return "PASSIVE" if load > 0.5 * cpus else None
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("OMP_WAIT_POLICY", CPU_WAIT_POLICY)
+    if "OMP_WAIT_POLICY" not in os.environ:  # read once, when torch loads (after this line); the user's value wins
+        policy = cpu_wait_policy(os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0, os.cpu_count() or 1)
+        if policy:
+            os.environ["OMP_WAIT_POLICY"] = policy
     from .common import setup_logging
     from .train.preemption import TrainingStopped
 

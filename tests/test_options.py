@@ -323,15 +323,20 @@ def test_tokenizer_on_too_little_text(home):
     assert "learned only" in said and "of the 1000 tokens asked for" in said, said
 
 
-def test_cli_lets_waiting_cpu_threads_sleep_unless_told_otherwise():
-    """`picochat` sets OMP_WAIT_POLICY before anything imports torch in its process (a value the user
-    set wins), and `picochat --help` does not import torch at all."""
+def test_cli_lets_waiting_cpu_threads_sleep_on_a_busy_machine():
+    """OMP_WAIT_POLICY: passive when the load exceeds half the cores, OpenMP's default otherwise; set
+    before anything imports torch in the CLI's process, and a value the user set wins."""
+    from picochat.cli import cpu_wait_policy
+
+    assert cpu_wait_policy(7.0, 2) == "PASSIVE" and cpu_wait_policy(1.1, 2) == "PASSIVE"
+    assert cpu_wait_policy(0.4, 2) is None and cpu_wait_policy(3.0, 8) is None
     code = ("import os, sys; from picochat.cli import main\n"
             "try: main(['--help'])\nexcept SystemExit: pass\n"
-            "print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)")
+            "print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert out.stdout.split()[-2:] == ["PASSIVE", "False"], out.stderr[-2000:]
     out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
                          capture_output=True, text=True, timeout=120)
     assert out.stdout.split()[-2:] == ["ACTIVE", "False"], out.stderr[-2000:]
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    expected = cpu_wait_policy(os.getloadavg()[0], os.cpu_count() or 1)
+    assert out.stdout.split()[-1] == "False" and out.stdout.split()[-2] in ("PASSIVE", str(expected)), out.stdout

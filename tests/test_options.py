@@ -321,3 +321,17 @@ def test_tokenizer_on_too_little_text(home):
     said = " ".join(proc.stderr.split())  # the log handler wraps long lines
     assert proc.returncode == 0, proc.stderr
     assert "learned only" in said and "of the 1000 tokens asked for" in said, said
+
+
+def test_cli_lets_waiting_cpu_threads_sleep_unless_told_otherwise():
+    """`picochat` sets OMP_WAIT_POLICY before anything imports torch in its process (a value the user
+    set wins), and `picochat --help` does not import torch at all."""
+    code = ("import os, sys; from picochat.cli import main\n"
+            "try: main(['--help'])\nexcept SystemExit: pass\n"
+            "print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split()[-2:] == ["PASSIVE", "False"], out.stderr[-2000:]
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.split()[-2:] == ["ACTIVE", "False"], out.stderr[-2000:]

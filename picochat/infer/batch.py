@@ -56,8 +56,8 @@ class DecodeBatch:
                  compile: str | None = None, window_step: int = 256, kernels_for=lambda bucket: "torch",
                  naive: bool = False, fresh_prefill: bool | None = None, chunk_graphs: bool = True,
                  prefill_tokens: int = 8192):
-        """`fresh_prefill`: prompts' first chunks through `FreshPrefill` (None: with graphs; True
-        without graphs runs its scratch-cache forward eagerly, as the tests do), for groups of up
+        """`fresh_prefill`: prompts' first chunks through `FreshPrefill` (None/False: off; True: its
+        graphs when `graph`, else its scratch-cache forward eagerly, as the tests do), for groups of up
         to `prefill_tokens` padded tokens (at most 8192: its scratch cache is that big)."""
         c = model.config
         self.model, self.slots, self.context, self.k_max = model, slots, context, k_max
@@ -112,7 +112,8 @@ class DecodeBatch:
                         self.chunk_graphs = {key: g for key, g in self.chunk_graphs.items() if key[0] != b}
                         torch.cuda.synchronize(self.device)
         self.fresh = None
-        if not naive and (graph if fresh_prefill is None else fresh_prefill):
+        # off unless asked for: on the H200 the graphed version hit a device-side index assert (2db4a3a)
+        if not naive and bool(fresh_prefill):
             from .prefill_graphs import FreshPrefill
 
             try:

@@ -129,7 +129,8 @@ def test_prefill_graphs_equal_cached_prefill_cuda():
     chunks = [[3, 4, 5, 6, 7], [9] * 70, [1, 2]]
     slots = [0, 2, 3]
     plain = DecodeBatch(m, 4, 128, k_max=2, dtype=torch.float32, fresh_prefill=False)
-    graphed = DecodeBatch(m, 4, 128, k_max=2, dtype=torch.float32, graph=True, prefill_tokens=512)
+    graphed = DecodeBatch(m, 4, 128, k_max=2, dtype=torch.float32, graph=True, prefill_tokens=512,
+                          fresh_prefill=True)
     assert graphed.fresh is not None and graphed.fresh.graphs and graphed.fresh.fits(3, 70)
     want, got = plain.prefill(slots, chunks, [0, 0, 0]), graphed.prefill(slots, chunks, [0, 0, 0])
     assert torch.allclose(want, got, atol=1e-4, rtol=0)

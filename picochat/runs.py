@@ -100,6 +100,11 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def step_dir(stage_dir: Path, step: int) -> Path:
+    """The folder of step `step`'s checkpoint (the name STEP_DIR reads back)."""
+    return Path(stage_dir) / f"step_{step:06d}"
+
+
 def list_checkpoints(stage_dir: Path) -> list[Path]:
     stage_dir = Path(stage_dir)
     if not stage_dir.is_dir():
@@ -158,7 +163,7 @@ def find_checkpoint(run: str, stage: str | None = None, step: int | None = None)
     stages = [stage_info(stage).name] if stage else list(CHAT_STAGE_PREFERENCE)
     for s in stages:
         stage_dir = paths.stage(s)
-        ckpt = stage_dir / f"step_{step:06d}" if step is not None else latest_checkpoint(stage_dir)
+        ckpt = step_dir(stage_dir, step) if step is not None else latest_checkpoint(stage_dir)
         if ckpt is not None and ckpt.exists():
             return s, ckpt
     raise FileNotFoundError(f"no checkpoint for run {run!r} in stage(s) {stages} under {paths.root} "

@@ -9,8 +9,8 @@ backward is one multiply by the incoming gradient.
 
 Soft-capped logits lie in [-cap, cap], so the log-sum-exp needs no max pass: exp(z - cap) ≤ 1 cannot
 overflow and the row's largest term is at least exp(-2·cap) (1e-13 at cap 15), far from underflow.
-Same value and gradient as the composed ops to float32 rounding (tests/test_softcap_ce.py). CUDA keeps
-the composed ops, which torch.compile fuses there.
+Same value and gradient as the composed ops to float32 rounding (tests/test_softcap_ce.py). Other
+devices use loss.py's one-pass function, written for the compiler to fuse (`GPT.forward` picks).
 """
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from ..common import atomic_dir, log
-from ..runs import CheckpointError, latest_checkpoint, list_checkpoints, load_weights, read_meta, sha256_file
+from ..runs import (CheckpointError, latest_checkpoint, list_checkpoints, load_weights, read_meta, sha256_file,
+                    step_dir)
 
 METADATA_SLACK = 1 << 16  # meta.json, pickling and zip headers, beyond the tensors themselves
 
@@ -139,7 +140,7 @@ def save_checkpoint(stage_dir: Path, step: int, model: torch.nn.Module, optimize
                     meta: dict, train_state: dict | None = None, keep_last: int = 2) -> Path:
     """Write step `step` atomically and verify it; then keep only the newest `keep_last` (0: all)."""
     stage_dir = Path(stage_dir)
-    target = stage_dir / f"step_{step:06d}"
+    target = step_dir(stage_dir, step)
     try:
         with atomic_dir(target) as tmp:
             _write_files(tmp, step, model, optimizers, meta, train_state)
@@ -176,7 +177,7 @@ def save_from_ranks(stage_dir: Path, step: int, model: torch.nn.Module, optimize
     if distributed:
         gathered = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(gathered, local_state)
-    target, error = Path(stage_dir) / f"step_{step:06d}", None
+    target, error = step_dir(stage_dir, step), None
     if not distributed or torch.distributed.get_rank() == 0:
         try:
             save_checkpoint(stage_dir, step, model, optimizers, meta, {"step": step, "ranks": gathered}, keep_last)

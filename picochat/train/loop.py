@@ -29,7 +29,7 @@ from . import checkpoint as ckpt
 from .. import runs
 from ..runs import RunPaths
 from .optim import build_optimizers, lr_multiplier, set_lr
-from .preemption import StopSignals, TrainingStopped, signal_name
+from .preemption import StopSignals, stopped_after_save
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
@@ -220,7 +220,8 @@ class Trainer:
                                             or (cfg.save_every > 0 and step % cfg.save_every == 0)):
                     self._save(step, batches, stats.loss, last_val)
                 if stop_signal:
-                    raise self._stopped(stop_signal, step, num_steps)
+                    raise stopped_after_save(self.cfg.stage, self.stage_dir, self.cfg.save_every >= 0, step, num_steps,
+                                             stop_signal, self.dist.is_main)
             stop.restore()
             if self.make_val_batches:
                 last_val = self._validate(step, writer)
@@ -370,13 +371,6 @@ class Trainer:
         local = {"loader": batches.state_dict(), "rng": ckpt.rng_state(self.device)}
         ckpt.save_from_ranks(self.stage_dir, step, self.model, self.optimizers,
                              {**self._meta(), "loss": loss, "val_bpb": val_bpb}, local, self.cfg.keep_last)
-
-    def _stopped(self, signum: int, step: int, num_steps: int) -> TrainingStopped:
-        saved = self.stage_dir / f"step_{step:06d}" if self.cfg.save_every >= 0 else None
-        stopped = TrainingStopped(self.cfg.stage, step, num_steps, signal_name(signum), saved)
-        if self.dist.is_main:
-            log.warning(str(stopped))
-        return stopped
 
     def _resume(self, batches) -> int:
         expected = self._meta()

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..common import log
+from ..runs import step_dir
 
 if TYPE_CHECKING:  # imported where used: the CLI imports this module before it knows the command
     import torch
@@ -66,6 +67,16 @@ class TrainingStopped(Exception):
                  else "no checkpoint written (--save-every -1)")
         super().__init__(f"{stage}: stopped by {signal_name} after step {step} of {num_steps}: {where} "
                          f"(exit code {EXIT_STOPPED})")
+
+
+def stopped_after_save(stage: str, stage_dir: Path, saved: bool, step: int, num_steps: int, signum: int,
+                       is_main: bool) -> TrainingStopped:
+    """The stop a training loop raises once it has saved step `step` (`saved` False: --save-every -1,
+    nothing written), logged once, by the main rank."""
+    stopped = TrainingStopped(stage, step, num_steps, signal_name(signum), step_dir(stage_dir, step) if saved else None)
+    if is_main:
+        log.warning(str(stopped))
+    return stopped
 
 
 def signal_name(signum: int) -> str:

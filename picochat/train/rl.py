@@ -35,7 +35,7 @@ from ..config import ModelConfig, RLConfig
 from ..runs import RunPaths
 from . import checkpoint as ckpt
 from .optim import build_optimizers, lr_multiplier, set_lr
-from .preemption import StopSignals, TrainingStopped, signal_name
+from .preemption import StopSignals, stopped_after_save
 from .rl_loss import collate, group_advantages, policy_loss, sampled_token_count, target_logprobs, token_rows
 from .rl_rollout import Group, request_seed, score
 
@@ -273,7 +273,8 @@ class RLTrainer:
                 self._save(step, stats)
             if stop_signal:
                 self.rollouts.close()
-                raise self._stopped(stop_signal, step, num_steps)
+                raise stopped_after_save(STAGE, self.stage_dir, self.cfg.save_every >= 0, step, num_steps,
+                                         stop_signal, self.dist.is_main)
         if cfg.eval_prompts > 0 and (last_eval is None or last_eval["step"] != step):
             last_eval = self.evaluate(step)
         result = {"task": cfg.task, "steps": num_steps, "prompts_per_step": cfg.prompts_per_step,
@@ -322,13 +323,6 @@ class RLTrainer:
         ckpt.save_from_ranks(self.stage_dir, step, self.model, self.optimizers,
                              {**self._meta(), "loss": stats["loss"], "reward": stats["reward"]},
                              {"rng": ckpt.rng_state(self.device)})
-
-    def _stopped(self, signum: int, step: int, num_steps: int) -> TrainingStopped:
-        saved = self.stage_dir / f"step_{step:06d}" if self.cfg.save_every >= 0 else None
-        stopped = TrainingStopped(STAGE, step, num_steps, signal_name(signum), saved)
-        if self.dist.is_main:
-            log.warning(str(stopped))
-        return stopped
 
     def _resume(self) -> int:
         expected = self._meta()

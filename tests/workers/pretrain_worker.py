@@ -19,6 +19,7 @@ import torch
 from picochat.common import cleanup_distributed, dist_info
 from picochat.config import DataConfig, TrainConfig
 from picochat.train.cli import pretrain
+from picochat.train.preemption import TrainingStopped
 
 p = argparse.ArgumentParser()
 p.add_argument("--run-name", dest="run", required=True)
@@ -81,7 +82,7 @@ def setup_and_record(self):
 loop_mod.Trainer._setup = setup_and_record
 try:
     result = pretrain(cfg, data, on_step=on_step)
-except loop_mod.TrainingStopped as e:
+except TrainingStopped as e:
     del seen["trainer"]
     cleanup_distributed()
     sys.exit(e.exit_code)

@@ -355,7 +355,7 @@ def add_batch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--triton-max-rows", type=int_at_least(1), default=None,
                    help="with --kernels auto: the largest bucket the Triton step runs (default: the scheduler's)")
     p.add_argument("--prefill-graphs", choices=("on", "off"), default=None,
-                   help="prompts' first chunks replayed from CUDA graphs (default: on in fast mode)")
+                   help="prompts' first chunks replayed from CUDA graphs (default: off, a known GPU bug: docs/scheduler.md)")
     p.add_argument("--chunk-graphs", choices=("on", "off"), default="on",
                    help="Triton buckets launch a whole decode chunk as one CUDA graph (default on)")
     p.add_argument("--followup-wait", type=float_in(0, 1), default=None, metavar="SECONDS",

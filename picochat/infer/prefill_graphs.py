@@ -50,6 +50,7 @@ class FreshPrefill:
         self.last = torch.zeros(self.row_buckets[-1], dtype=torch.long, device=self.device)
         self.index = torch.zeros(self.row_buckets[-1], dtype=torch.long, device=self.device)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.runs = self.rows_run = 0  # forwards run and prompts they carried (stats, tests)
         if graph:
             for r, t in self.buckets:
                 graph_, logits = capture_graph(self._body(r, t), lambda: None, self.device, warmup=1, pool=pool)
@@ -86,6 +87,7 @@ class FreshPrefill:
         slots' first positions (and right-padding junk after them, as in any padded prefill).
         `to_device(host tensor)` copies without waiting for work in flight."""
         n, longest = len(slots), max(len(c) for c in chunks)
+        self.runs, self.rows_run = self.runs + 1, self.rows_run + n
         r, t = self._bucket(n, longest)
         if not self.graph:  # eagerly, any shape that fits will do
             r, t = n, longest

@@ -182,7 +182,7 @@ def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_r
                     seq_len: int = 2048, serial_requests: int = 16, seed: int = 0, sync_every: int | None = None,
                     kernels: str = "auto", prefill_budget: int | None = None,
                     compile: bool | str = False, triton_max_rows: int | None = None,
-                    profile: bool = False, prefill_graphs: bool | None = None,
+                    profile: bool = False, prefill_graphs: bool | None | list[bool] = None,
                     followup_wait: float | None = None, chunk_graphs: bool = True,
                     take_by_request: bool = True) -> list[dict]:
     from ..common import compute_dtype
@@ -192,6 +192,10 @@ def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_r
 
     device = torch.device(device)
     cuda = device.type == "cuda"
+    # a list: continuous mode is measured with each setting on one scheduler (built with them, then
+    # toggled), static and serial with the first; so an A/B shares the build, the kernels and the warm-up
+    graph_variants = list(prefill_graphs) if isinstance(prefill_graphs, (list, tuple)) else [prefill_graphs]
+    prefill_graphs = True if any(graph_variants) else graph_variants[0]
     dtype = compute_dtype(device)
     cfg = ModelConfig.from_depth(depth, vocab_size=vocab_size, seq_len=seq_len)
     model = build_model(cfg, device, seed=seed).to(dtype).eval()
@@ -219,6 +223,15 @@ def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_r
                          sched.max_context, seed + 99)
     closed_loop(sched, warm, top)
     closed_loop(sched, warm[:2], 1)
+    built_fresh = sched.batch.fresh
+
+    def use_prefill_graphs(on) -> dict:
+        if len(graph_variants) > 1:
+            sched.batch.fresh = built_fresh if on else None
+        # asked: this run's setting; prefill_graphs: whether graphs replayed (off CUDA the same
+        # scratch-cache prefill runs eagerly)
+        return {"prefill_graphs_asked": bool(on), "prefill_graphs": sched.batch.fresh is not None and sched.batch.fresh.graph}
+
     records = []
     try:
         for c in concurrency:
@@ -227,8 +240,14 @@ def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_r
             print(f"concurrency {c}: {n} requests")
             for mode in modes:
                 if mode == "continuous":
-                    rec = _measure(sched, mode, lambda: closed_loop(sched, work, c))
-                elif mode == "static":
+                    for variant in graph_variants:
+                        extra = use_prefill_graphs(variant)
+                        name = mode + (f" (prefill graphs {'on' if variant else 'off'})" if len(graph_variants) > 1 else "")
+                        rec = _measure(sched, name, lambda: closed_loop(sched, work, c))
+                        records.append({**common, **rec, **extra, "mode": mode, "concurrency": c})
+                    use_prefill_graphs(graph_variants[0])
+                    continue
+                if mode == "static":
                     rec = _measure(sched, mode, lambda: static_groups(sched, work, c))
                     fixed = make_workload(c, prompt_median, output_median, 0.0, vocab_size, sched.max_context, seed)
                     frec = _measure(sched, "static_fixed", lambda: static_groups(sched, fixed, c))
@@ -242,8 +261,11 @@ def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_r
             n = num_requests or max(64, int(8 * rate))
             work = make_workload(n, prompt_median, output_median, sigma, vocab_size, sched.max_context, seed)
             print(f"request rate {rate}/s: {n} requests")
-            rec = _measure(sched, "continuous", lambda: open_loop(sched, work, rate, seed))
-            records.append({**common, **rec, "mode": "continuous", "request_rate": rate})
+            for variant in graph_variants:
+                extra = use_prefill_graphs(variant)
+                rec = _measure(sched, "continuous", lambda: open_loop(sched, work, rate, seed))
+                records.append({**common, **rec, **extra, "mode": "continuous", "request_rate": rate})
+            use_prefill_graphs(graph_variants[0])
         if profile:
             for c in concurrency:
                 work = make_workload(max(2 * c, 16), prompt_median, output_median, sigma, vocab_size,
@@ -354,8 +376,9 @@ def add_batch_parser(sub: argparse._SubParsersAction) -> None:
                    help="the decode step of each batch bucket (auto: Triton up to --triton-max-rows, torch above)")
     p.add_argument("--triton-max-rows", type=int_at_least(1), default=None,
                    help="with --kernels auto: the largest bucket the Triton step runs (default: the scheduler's)")
-    p.add_argument("--prefill-graphs", choices=("on", "off"), default=None,
-                   help="prompts' first chunks replayed from CUDA graphs (default: off, a known GPU bug: docs/scheduler.md)")
+    p.add_argument("--prefill-graphs", default=None, metavar="on|off|on,off",
+                   help="prompts' first chunks replayed from CUDA graphs (default: the scheduler's); a list "
+                        "such as on,off measures continuous mode with each on one scheduler (static, serial: the first)")
     p.add_argument("--chunk-graphs", choices=("on", "off"), default="on",
                    help="Triton buckets launch a whole decode chunk as one CUDA graph (default on)")
     p.add_argument("--followup-wait", type=float_in(0, 1), default=None, metavar="SECONDS",
@@ -398,6 +421,12 @@ def cmd_batch_bench(args: argparse.Namespace) -> int:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= {low} (got {value})")
     if args.length_sigma < 0:
         raise SystemExit(f"--length-sigma must be >= 0 (got {args.length_sigma})")
+    graph_variants = None
+    if args.prefill_graphs is not None:
+        words = [w.strip() for w in args.prefill_graphs.split(",")]
+        if not words or any(w not in ("on", "off") for w in words):
+            raise SystemExit(f"--prefill-graphs takes on, off or a comma list of them (got {args.prefill_graphs!r})")
+        graph_variants = [w == "on" for w in words]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in ("continuous", "static", "serial")]
     if bad:
@@ -406,22 +435,29 @@ def cmd_batch_bench(args: argparse.Namespace) -> int:
                               args.output_median, args.length_sigma, args.slots, device, args.vocab_size,
                               args.seq_len, args.serial_requests, args.seed, args.sync_every, args.kernels,
                               args.prefill_budget, args.compile, args.triton_max_rows, args.profile,
-                              None if args.prefill_graphs is None else args.prefill_graphs == "on",
+                              graph_variants,
                               args.followup_wait, args.chunk_graphs == "on",
                               take_by_request=args.take_by_request == "on")
     base = base_record("batch", device, args.depth)
     records = [{**base, **r} for r in records]
     print(f"\nbatch · {base['gpu']} · d{args.depth} · prompt/output medians {args.prompt_median}/"
           f"{args.output_median} (lognormal sigma {args.length_sigma}) · greedy · torch {base['torch']}")
-    print(f"{'mode':<13}{'load':>7}{'reqs':>6}{'tok/s':>10}{'TTFT p50':>10}{'TTFT p99':>10}{'TPOT p50':>10}"
+    several = graph_variants is not None and len(graph_variants) > 1
+    width = 30 if several else 13
+    print(f"{'mode':<{width}}{'load':>7}{'reqs':>6}{'tok/s':>10}{'TTFT p50':>10}{'TTFT p99':>10}{'TPOT p50':>10}"
           f"{'ITL p99':>9}{'occupancy':>11}")
     for r in records:
         load = f"c{r['concurrency']}" if "concurrency" in r else f"r{r['request_rate']:g}"
-        print(f"{r['mode']:<13}{load:>7}{r['requests']:>6}{r['tok_per_s_total']:>10,.0f}{r['ttft_p50_ms']:>10}"
+        label = r["mode"] + (f" (prefill gr. {'on' if r['prefill_graphs_asked'] else 'off'})"
+                             if several and r["mode"] == "continuous" else "")
+        print(f"{label:<{width}}{load:>7}{r['requests']:>6}{r['tok_per_s_total']:>10,.0f}{r['ttft_p50_ms']:>10}"
               f"{r['ttft_p99_ms']:>10}{r['tpot_p50_ms']:>10}{r['itl_p99_ms']:>9}{r['slot_occupancy']:>11.2f}")
     ratios = {}
     for c in conc:
-        by = {r["mode"]: r["tok_per_s_total"] for r in records if r.get("concurrency") == c}
+        by = {}
+        for r in records:  # with several prefill-graph settings, continuous's first is the one compared
+            if r.get("concurrency") == c:
+                by.setdefault(r["mode"], r["tok_per_s_total"])
         if "continuous" in by:
             ratios[str(c)] = {f"vs_{m}": round(by["continuous"] / by[m], 2)
                               for m in ("static", "static_fixed", "serial") if by.get(m)}

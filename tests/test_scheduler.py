@@ -112,6 +112,31 @@ def test_fresh_prefill_equals_cached_prefill(model):
             assert torch.allclose(a[slot, :, :len(c)], b[slot, :, :len(c)], atol=1e-5, rtol=0)
 
 
+def test_prefill_group_split_into_buckets_and_eager(model):
+    """A group no one prefill bucket holds is split: first chunks in as few bucket-sized runs as fit
+    (longest first), a later chunk of a long prompt eagerly beside them; the logits come back in
+    the group's order and the cache rows and positions equal the cached prefill's."""
+    from picochat.infer.batch import DecodeBatch
+    from picochat.infer.modelprep import prepare_model
+
+    m = prepare_model(model, torch.float32, fuse=True)
+    plain = DecodeBatch(m, 4, 64, k_max=2, dtype=torch.float32, fresh_prefill=False)
+    split = DecodeBatch(m, 4, 64, k_max=2, dtype=torch.float32, fresh_prefill=True, prefill_tokens=128)
+    assert split.fresh.buckets == [(1, 64), (2, 64)]
+    assert split.fresh.plan([5, 12, 2, 70]) == ([[1, 0], [2]], [3])
+    for b in (plain, split):
+        b.prefill([1], [[8] * 6], [0])  # the first chunk of slot 1's prompt
+    runs = split.fresh.runs
+    slots, chunks, starts = [0, 1, 2, 3], [[3, 4, 5, 6, 7], [5] * 4, [9] * 12, [1, 2]], [0, 6, 0, 0]
+    want, got = plain.prefill(slots, chunks, starts), split.prefill(slots, chunks, starts)
+    assert split.fresh.runs == runs + 2  # three first chunks: 2 rows + 1 row; slot 1's second chunk eagerly
+    assert torch.allclose(want, got, atol=1e-5, rtol=0)
+    assert torch.equal(plain.pos, split.pos) and plain.pos.tolist() == [5, 10, 12, 2]
+    for a, b in zip(plain.cache.k + plain.cache.v, split.cache.k + split.cache.v):
+        for slot, n in enumerate(plain.pos.tolist()):
+            assert torch.allclose(a[slot, :, :n], b[slot, :, :n], atol=1e-5, rtol=0)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_prefill_graphs_equal_cached_prefill_cuda():
@@ -142,6 +167,19 @@ def test_prefill_graphs_equal_cached_prefill_cuda():
             assert torch.allclose(a[slot, :, :len(c)], b[slot, :, :len(c)], atol=1e-4, rtol=0)
     assert not graphed.fresh.fits(4, 130)  # longer than the longest bucket (the 128-token context): eager
     assert graphed.prefill([0, 1, 2, 3], [[5] * 130] * 4, [0] * 4).shape == (4, 265)
+    # buckets too small for the group: first chunks in two replays, a later chunk eagerly beside them
+    small = DecodeBatch(m, 4, 128, k_max=2, dtype=torch.float32, graph=True, prefill_tokens=128, fresh_prefill=True)
+    plain = DecodeBatch(m, 4, 128, k_max=2, dtype=torch.float32, fresh_prefill=False)
+    for b in (plain, small):
+        b.prefill([1], [[8] * 6], [0])
+    runs = small.fresh.runs
+    slots, chunks, starts = [0, 1, 2, 3], [[3, 4, 5, 6, 7], [5] * 4, [9] * 70, [1, 2]], [0, 6, 0, 0]
+    want, got = plain.prefill(slots, chunks, starts), small.prefill(slots, chunks, starts)
+    assert small.fresh.runs == runs + 2
+    assert torch.allclose(want, got, atol=1e-4, rtol=0) and torch.equal(plain.pos, small.pos)
+    for a, b in zip(plain.cache.k + plain.cache.v, small.cache.k + small.cache.v):
+        for slot, n in enumerate(plain.pos.tolist()):
+            assert torch.allclose(a[slot, :, :n], b[slot, :, :n], atol=1e-4, rtol=0)
     del poison
 
 

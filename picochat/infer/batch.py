@@ -227,12 +227,37 @@ class DecodeBatch:
         with sdpa_kernel(PREFILL_ATTENTION):
             if self.fresh is not None and not any(starts) and self.fresh.fits(len(slots), max(lens)):
                 logits = self.fresh.run(slots, chunks, self._dev)
+            elif self.fresh is not None and 0 in starts:
+                logits = self._prefill_split(slots, chunks, starts)
             elif self.naive:
                 logits = self._prefill_naive(slots, chunks, starts, ends)
             else:
                 logits = self._prefill_cached(slots, chunks, starts)
         self.set_rows(slots, ends, [0] * len(slots))
         return logits
+
+    def _prefill_split(self, slots: list[int], chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """A group no one prefill graph holds (too many rows or tokens, or later chunks of long
+        prompts among first ones): first chunks in as few graph replays as fit, the rest in one
+        eager forward. Each replay's logits are copied out before the next replay (graphs of one
+        pool may reuse each other's memory)."""
+        fresh = [i for i, s in enumerate(starts) if s == 0]
+        groups, long = self.fresh.plan([len(chunks[i]) for i in fresh])
+        parts, order = [], []
+        for group in groups:
+            rows = [fresh[g] for g in group]
+            parts.append(self.fresh.run([slots[i] for i in rows], [chunks[i] for i in rows], self._dev).clone())
+            order += rows
+        rest = [i for i, s in enumerate(starts) if s != 0] + [fresh[g] for g in long]
+        if rest:
+            parts.append(self._prefill_cached([slots[i] for i in rest], [chunks[i] for i in rest],
+                                              [starts[i] for i in rest]))
+            order += rest
+        logits = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if order == list(range(len(slots))):
+            return logits
+        inverse = sorted(range(len(order)), key=order.__getitem__)  # row i of the result is logits[inverse[i]]
+        return logits.index_select(0, self._dev(inverse, torch.long))
 
     def _prefill_cached(self, slots: list[int], chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
         B, T = len(slots), max(len(c) for c in chunks)

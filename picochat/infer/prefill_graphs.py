@@ -59,6 +59,21 @@ class FreshPrefill:
     def fits(self, rows: int, tokens: int) -> bool:
         return self._bucket(rows, tokens) is not None
 
+    def plan(self, lengths: list[int]) -> tuple[list[list[int]], list[int]]:
+        """Split chunks of these lengths into as few bucket-sized groups as greedily fit: (groups of
+        indices, one replay each; indices of chunks longer than every bucket, left to the caller).
+        Longest first, so each group's bucket is set by its first chunk and filled with shorter ones."""
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        rest = [i for i in order if not self.fits(1, lengths[i])]
+        order = [i for i in order if self.fits(1, lengths[i])]
+        groups = []
+        while order:
+            t = self._bucket(1, lengths[order[0]])[1]
+            rows = max(r for r, t_ in self.buckets if t_ == t)
+            groups.append(order[:rows])
+            order = order[rows:]
+        return groups, rest
+
     def _bucket(self, rows: int, tokens: int) -> tuple[int, int] | None:
         return next(((r, t) for r, t in self.buckets if r >= rows and t >= tokens), None)
 

@@ -175,105 +175,144 @@ def _measure(sched, name: str, run) -> dict:
     return rec
 
 
+@dataclass
+class Load:
+    """What every scheduler of one bench run is measured with."""
+
+    concurrency: list[int]
+    request_rates: list[float]
+    modes: list[str]
+    num_requests: int | None
+    prompt_median: int
+    output_median: int
+    sigma: float
+    serial_requests: int
+    seed: int
+    graph_variants: list[bool | None]
+    profile: bool
+
+
 def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_rates: list[float] = (),
                     modes: list[str] = ("continuous", "static", "serial"), num_requests: int | None = None,
                     prompt_median: int = 256, output_median: int = 256, sigma: float = 0.5,
                     slots: int | None = None, device: str | torch.device = "cuda", vocab_size: int = 32768,
-                    seq_len: int = 2048, serial_requests: int = 16, seed: int = 0, sync_every: int | None = None,
+                    seq_len: int = 2048, serial_requests: int = 16, seed: int = 0,
+                    sync_every: int | None | list[int | None] = None,
                     kernels: str = "auto", prefill_budget: int | None = None,
                     compile: bool | str = False, triton_max_rows: int | None = None,
                     profile: bool = False, prefill_graphs: bool | None | list[bool] = None,
                     followup_wait: float | None = None, chunk_graphs: bool = True,
                     take_by_request: bool = True) -> list[dict]:
+    """Records of every mode and load. `sync_every` a list: one scheduler per value, one after the
+    other on the same model. `prefill_graphs` a list: continuous mode is measured with each setting
+    on one scheduler (built with them, then toggled; static and serial with the first), so an A/B
+    shares the build, the kernels and the warm-up."""
     from ..common import compute_dtype
     from ..config import ModelConfig
-    from ..infer.scheduler import Scheduler, SchedulerConfig
+    from ..infer.scheduler import SchedulerConfig
     from ..model.gpt import build_model
 
     device = torch.device(device)
     cuda = device.type == "cuda"
-    # a list: continuous mode is measured with each setting on one scheduler (built with them, then
-    # toggled), static and serial with the first; so an A/B shares the build, the kernels and the warm-up
     graph_variants = list(prefill_graphs) if isinstance(prefill_graphs, (list, tuple)) else [prefill_graphs]
-    prefill_graphs = True if any(graph_variants) else graph_variants[0]
     dtype = compute_dtype(device)
     cfg = ModelConfig.from_depth(depth, vocab_size=vocab_size, seq_len=seq_len)
     model = build_model(cfg, device, seed=seed).to(dtype).eval()
     top = max(list(concurrency) + [1])
     slots = slots or max(top, 1)
-    config = SchedulerConfig(slots=slots, sync_every=sync_every, kernels=kernels, prefill_budget=prefill_budget,
-                             max_queue=100_000, compile=compile if cuda else False, triton_max_rows=triton_max_rows,
-                             prefill_graphs=prefill_graphs, chunk_graphs=chunk_graphs,
-                             take_by_request=take_by_request,
-                             **({} if followup_wait is None else {"followup_wait": followup_wait}))
+    load = Load(list(concurrency), list(request_rates), list(modes), num_requests, prompt_median, output_median,
+                sigma, serial_requests, seed, graph_variants, profile)
+    records = []
+    for k in (list(sync_every) if isinstance(sync_every, (list, tuple)) else [sync_every]):
+        config = SchedulerConfig(slots=slots, sync_every=k, kernels=kernels, prefill_budget=prefill_budget,
+                                 max_queue=100_000, compile=compile if cuda else False,
+                                 triton_max_rows=triton_max_rows,
+                                 prefill_graphs=True if any(graph_variants) else graph_variants[0],
+                                 chunk_graphs=chunk_graphs, take_by_request=take_by_request,
+                                 **({} if followup_wait is None else {"followup_wait": followup_wait}))
+        records += _bench_scheduler(model, config, load)
+        if cuda:
+            torch.cuda.empty_cache()  # the next scheduler's cache and graphs
+    return records
+
+
+def _bench_scheduler(model, config, load: Load) -> list[dict]:
+    from ..infer.scheduler import Scheduler
+
     t0 = time.perf_counter()
     sched = Scheduler(model, None, config).start()
     build_s = time.perf_counter() - t0
-    common = {"prompt_median": prompt_median, "output_median": output_median, "length_sigma": sigma,
-              "slots": slots, "mode_step": sched.mode, "sync_every": sched.sync_every, "dtype": str(dtype)[6:],
-              "vocab_size": vocab_size, "seq_len": seq_len, "scheduler_build_s": round(build_s, 2),
-              "compile": config.compile or False, "kernels": kernels,
+    c0, vocab = model.config, model.config.vocab_size
+    common = {"prompt_median": load.prompt_median, "output_median": load.output_median, "length_sigma": load.sigma,
+              "slots": sched.slots, "mode_step": sched.mode, "sync_every": sched.sync_every,
+              "dtype": str(sched.dtype)[6:], "vocab_size": vocab, "seq_len": c0.seq_len,
+              "scheduler_build_s": round(build_s, 2), "compile": config.compile or False, "kernels": config.kernels,
               "prefill_graphs": sched.batch.fresh is not None and sched.batch.fresh.graph,
-              "followup_wait_ms": round(1000 * config.followup_wait, 3), "take_by_request": take_by_request,
+              "followup_wait_ms": round(1000 * config.followup_wait, 3), "take_by_request": config.take_by_request,
               "chunk_graphs": sorted({b for b, _ in sched.batch.chunk_graphs}) if sched.mode != "naive" else [],
               "step_kernels": {b: r.kernels for b, r in sched.batch.runners.items()} if sched.mode == "fast" else None}
-    print(f"scheduler: {slots} slots x {sched.max_context} context, {sched.mode} decode, built in {build_s:.1f} s")
+    print(f"scheduler: {sched.slots} slots x {sched.max_context} context, {sched.mode} decode, chunks of "
+          f"{sched.sync_every}, built in {build_s:.1f} s")
+    top = max(load.concurrency + [1])
     # warm-up: every bucket size the runs will use, prefill shapes, the host paths
-    warm = make_workload(max(8, 2 * top), prompt_median, min(output_median, 32), 0.0, vocab_size,
-                         sched.max_context, seed + 99)
+    warm = make_workload(max(8, 2 * top), load.prompt_median, min(load.output_median, 32), 0.0, vocab,
+                         sched.max_context, load.seed + 99)
     closed_loop(sched, warm, top)
     closed_loop(sched, warm[:2], 1)
-    built_fresh = sched.batch.fresh
+    try:
+        return _run_loads(sched, load, common)
+    finally:
+        sched.close()
+
+
+def _run_loads(sched, load: Load, common: dict) -> list[dict]:
+    built_fresh, variants = sched.batch.fresh, load.graph_variants
+    vocab, seed = common["vocab_size"], load.seed
 
     def use_prefill_graphs(on) -> dict:
-        if len(graph_variants) > 1:
+        if len(variants) > 1:
             sched.batch.fresh = built_fresh if on else None
         # asked: this run's setting; prefill_graphs: whether graphs replayed (off CUDA the same
         # scratch-cache prefill runs eagerly)
         return {"prefill_graphs_asked": bool(on), "prefill_graphs": sched.batch.fresh is not None and sched.batch.fresh.graph}
 
+    def each_variant(name: str, run, **where) -> None:
+        for variant in variants:
+            extra = use_prefill_graphs(variant)
+            label = name + (f" (prefill graphs {'on' if variant else 'off'})" if len(variants) > 1 else "")
+            records.append({**common, **_measure(sched, label, run), **extra, "mode": "continuous", **where})
+        use_prefill_graphs(variants[0])
+
     records = []
-    try:
-        for c in concurrency:
-            n = num_requests or max(64, 8 * c)
-            work = make_workload(n, prompt_median, output_median, sigma, vocab_size, sched.max_context, seed + c)
-            print(f"concurrency {c}: {n} requests")
-            for mode in modes:
-                if mode == "continuous":
-                    for variant in graph_variants:
-                        extra = use_prefill_graphs(variant)
-                        name = mode + (f" (prefill graphs {'on' if variant else 'off'})" if len(graph_variants) > 1 else "")
-                        rec = _measure(sched, name, lambda: closed_loop(sched, work, c))
-                        records.append({**common, **rec, **extra, "mode": mode, "concurrency": c})
-                    use_prefill_graphs(graph_variants[0])
-                    continue
-                if mode == "static":
-                    rec = _measure(sched, mode, lambda: static_groups(sched, work, c))
-                    fixed = make_workload(c, prompt_median, output_median, 0.0, vocab_size, sched.max_context, seed)
-                    frec = _measure(sched, "static_fixed", lambda: static_groups(sched, fixed, c))
-                    records.append({**common, **frec, "mode": "static_fixed", "concurrency": c})
-                elif mode == "serial":
-                    rec = _measure(sched, mode, lambda: closed_loop(sched, work[:serial_requests], 1))
-                else:
-                    raise ValueError(f"unknown mode {mode!r}")
-                records.append({**common, **rec, "mode": mode, "concurrency": c})
-        for rate in request_rates:
-            n = num_requests or max(64, int(8 * rate))
-            work = make_workload(n, prompt_median, output_median, sigma, vocab_size, sched.max_context, seed)
-            print(f"request rate {rate}/s: {n} requests")
-            for variant in graph_variants:
-                extra = use_prefill_graphs(variant)
-                rec = _measure(sched, "continuous", lambda: open_loop(sched, work, rate, seed))
-                records.append({**common, **rec, **extra, "mode": "continuous", "request_rate": rate})
-            use_prefill_graphs(graph_variants[0])
-        if profile:
-            for c in concurrency:
-                work = make_workload(max(2 * c, 16), prompt_median, output_median, sigma, vocab_size,
-                                     sched.max_context, seed + c)
-                print(f"\nprofile: continuous, concurrency {c}, {len(work)} requests (not recorded)")
-                profile_run(sched, lambda: closed_loop(sched, work, c))
-    finally:
-        sched.close()
+    for c in load.concurrency:
+        n = load.num_requests or max(64, 8 * c)
+        work = make_workload(n, load.prompt_median, load.output_median, load.sigma, vocab, sched.max_context, seed + c)
+        print(f"concurrency {c}: {n} requests")
+        for mode in load.modes:
+            if mode == "continuous":
+                each_variant(mode, lambda: closed_loop(sched, work, c), concurrency=c)
+                continue
+            if mode == "static":
+                rec = _measure(sched, mode, lambda: static_groups(sched, work, c))
+                fixed = make_workload(c, load.prompt_median, load.output_median, 0.0, vocab, sched.max_context, seed)
+                frec = _measure(sched, "static_fixed", lambda: static_groups(sched, fixed, c))
+                records.append({**common, **frec, "mode": "static_fixed", "concurrency": c})
+            elif mode == "serial":
+                rec = _measure(sched, mode, lambda: closed_loop(sched, work[:load.serial_requests], 1))
+            else:
+                raise ValueError(f"unknown mode {mode!r}")
+            records.append({**common, **rec, "mode": mode, "concurrency": c})
+    for rate in load.request_rates:
+        n = load.num_requests or max(64, int(8 * rate))
+        work = make_workload(n, load.prompt_median, load.output_median, load.sigma, vocab, sched.max_context, seed)
+        print(f"request rate {rate}/s: {n} requests")
+        each_variant("continuous", lambda: open_loop(sched, work, rate, seed), request_rate=rate)
+    if load.profile:
+        for c in load.concurrency:
+            work = make_workload(max(2 * c, 16), load.prompt_median, load.output_median, load.sigma, vocab,
+                                 sched.max_context, seed + c)
+            print(f"\nprofile: continuous, concurrency {c}, {len(work)} requests (not recorded)")
+            profile_run(sched, lambda: closed_loop(sched, work, c))
     return records
 
 
@@ -369,7 +408,9 @@ def add_batch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--slots", type=int, default=None, help="cache slots (default: the largest concurrency)")
     p.add_argument("--seq-len", type=int, default=2048, help="the model's context")
     p.add_argument("--vocab-size", type=int, default=32768)
-    p.add_argument("--sync-every", type=int, default=None)
+    p.add_argument("--sync-every", default=None, metavar="K[,K...]",
+                   help="decode steps per chunk (default: the scheduler's, 16 on CUDA); a list builds one "
+                        "scheduler per value, one after the other")
     p.add_argument("--prefill-budget", type=int, default=None,
                    help="padded prompt tokens per prefill forward (default 8192 on CUDA, 2048 elsewhere)")
     p.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton"),
@@ -409,12 +450,15 @@ def cmd_batch_bench(args: argparse.Namespace) -> int:
     try:
         conc = _ints(args.concurrency)
         rates = [float(x) for x in args.request_rate.split(",") if x.strip()]
+        syncs = _ints(args.sync_every) if args.sync_every is not None else [None]
     except ValueError:
-        raise SystemExit("--concurrency and --request-rate take comma lists of numbers") from None
+        raise SystemExit("--concurrency, --request-rate and --sync-every take comma lists of numbers") from None
+    if not syncs or any(k is not None and k < 1 for k in syncs):
+        raise SystemExit(f"--sync-every takes values >= 1 (got {args.sync_every!r})")
     if any(c < 1 for c in conc) or any(r <= 0 for r in rates) or not (conc or rates):
         raise SystemExit("give --concurrency values >= 1 and/or --request-rate values > 0")
     for name, low in (("slots", 1), ("num_requests", 1), ("serial_requests", 1), ("prompt_median", 1),
-                      ("output_median", 1), ("seq_len", 2), ("prefill_budget", 1), ("sync_every", 1), ("depth", 1),
+                      ("output_median", 1), ("seq_len", 2), ("prefill_budget", 1), ("depth", 1),
                       ("vocab_size", 2)):
         value = getattr(args, name)
         if value is not None and value < low:
@@ -433,7 +477,7 @@ def cmd_batch_bench(args: argparse.Namespace) -> int:
         raise SystemExit(f"unknown --modes {bad}; pick from continuous, static, serial")
     records = run_batch_bench(args.depth, conc, rates, modes, args.num_requests, args.prompt_median,
                               args.output_median, args.length_sigma, args.slots, device, args.vocab_size,
-                              args.seq_len, args.serial_requests, args.seed, args.sync_every, args.kernels,
+                              args.seq_len, args.serial_requests, args.seed, syncs, args.kernels,
                               args.prefill_budget, args.compile, args.triton_max_rows, args.profile,
                               graph_variants,
                               args.followup_wait, args.chunk_graphs == "on",
@@ -442,30 +486,38 @@ def cmd_batch_bench(args: argparse.Namespace) -> int:
     records = [{**base, **r} for r in records]
     print(f"\nbatch · {base['gpu']} · d{args.depth} · prompt/output medians {args.prompt_median}/"
           f"{args.output_median} (lognormal sigma {args.length_sigma}) · greedy · torch {base['torch']}")
-    several = graph_variants is not None and len(graph_variants) > 1
-    width = 30 if several else 13
-    print(f"{'mode':<{width}}{'load':>7}{'reqs':>6}{'tok/s':>10}{'TTFT p50':>10}{'TTFT p99':>10}{'TPOT p50':>10}"
-          f"{'ITL p99':>9}{'occupancy':>11}")
-    for r in records:
-        load = f"c{r['concurrency']}" if "concurrency" in r else f"r{r['request_rate']:g}"
-        label = r["mode"] + (f" (prefill gr. {'on' if r['prefill_graphs_asked'] else 'off'})"
-                             if several and r["mode"] == "continuous" else "")
-        print(f"{label:<{width}}{load:>7}{r['requests']:>6}{r['tok_per_s_total']:>10,.0f}{r['ttft_p50_ms']:>10}"
-              f"{r['ttft_p99_ms']:>10}{r['tpot_p50_ms']:>10}{r['itl_p99_ms']:>9}{r['slot_occupancy']:>11.2f}")
-    ratios = {}
-    for c in conc:
-        by = {}
-        for r in records:  # with several prefill-graph settings, continuous's first is the one compared
-            if r.get("concurrency") == c:
-                by.setdefault(r["mode"], r["tok_per_s_total"])
-        if "continuous" in by:
-            ratios[str(c)] = {f"vs_{m}": round(by["continuous"] / by[m], 2)
-                              for m in ("static", "static_fixed", "serial") if by.get(m)}
-    for c, rs in ratios.items():
-        print(f"continuous at concurrency {c}: " + ", ".join(f"{v}x {k[3:]}" for k, v in rs.items()))
+    ratios = _print_table(records, conc, graph_variants is not None and len(graph_variants) > 1, len(syncs) > 1)
     if args.plot:
         plot_records(records, args.plot)
         print(f"plot: {args.plot}")
     append_records(args.append, records)
     print_json_last({**base, "records": records, "ratios": ratios})
     return 0
+
+
+def _print_table(records: list[dict], conc: list[int], by_graphs: bool, by_sync: bool) -> dict:
+    """The human table; returns continuous's ratios to the baselines per concurrency (per chunk
+    length too when several were run; with several prefill-graph settings, the first's)."""
+    width = 13 + (17 if by_graphs else 0) + (6 if by_sync else 0)
+    print(f"{'mode':<{width}}{'load':>7}{'reqs':>6}{'tok/s':>10}{'TTFT p50':>10}{'TTFT p99':>10}{'TPOT p50':>10}"
+          f"{'ITL p99':>9}{'occupancy':>11}")
+    for r in records:
+        load = f"c{r['concurrency']}" if "concurrency" in r else f"r{r['request_rate']:g}"
+        label = r["mode"] + (f" k{r['sync_every']}" if by_sync else "")
+        if by_graphs and r["mode"] == "continuous":
+            label += f" (prefill gr. {'on' if r['prefill_graphs_asked'] else 'off'})"
+        print(f"{label:<{width}}{load:>7}{r['requests']:>6}{r['tok_per_s_total']:>10,.0f}{r['ttft_p50_ms']:>10}"
+              f"{r['ttft_p99_ms']:>10}{r['tpot_p50_ms']:>10}{r['itl_p99_ms']:>9}{r['slot_occupancy']:>11.2f}")
+    ratios = {}
+    for k in sorted({r["sync_every"] for r in records}):
+        for c in conc:
+            by = {}
+            for r in records:
+                if r.get("concurrency") == c and r["sync_every"] == k:
+                    by.setdefault(r["mode"], r["tok_per_s_total"])
+            if "continuous" in by:
+                ratios[f"{c}@k{k}" if by_sync else str(c)] = {
+                    f"vs_{m}": round(by["continuous"] / by[m], 2) for m in ("static", "static_fixed", "serial") if by.get(m)}
+    for c, rs in ratios.items():
+        print(f"continuous at concurrency {c}: " + ", ".join(f"{v}x {k[3:]}" for k, v in rs.items()))
+    return ratios

@@ -418,7 +418,7 @@ def add_batch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--triton-max-rows", type=int_at_least(1), default=None,
                    help="with --kernels auto: the largest bucket the Triton step runs (default: the scheduler's)")
     p.add_argument("--prefill-graphs", default=None, metavar="on|off|on,off",
-                   help="prompts' first chunks replayed from CUDA graphs (default: the scheduler's); a list "
+                   help="prompts' first chunks replayed from CUDA graphs (default: the scheduler's, on in fast mode); a list "
                         "such as on,off measures continuous mode with each on one scheduler (static, serial: the first)")
     p.add_argument("--chunk-graphs", choices=("on", "off"), default="on",
                    help="Triton buckets launch a whole decode chunk as one CUDA graph (default on)")

@@ -112,7 +112,6 @@ class DecodeBatch:
                         self.chunk_graphs = {key: g for key, g in self.chunk_graphs.items() if key[0] != b}
                         torch.cuda.synchronize(self.device)
         self.fresh = None
-        # off unless asked for: on the H200 the graphed version hit a device-side index assert (2db4a3a)
         if not naive and bool(fresh_prefill):
             from .prefill_graphs import FreshPrefill
 

@@ -117,7 +117,8 @@ class Scheduler:
             return DecodeBatch(self.model, slots, self.max_context, k_max=self.sync_every, dtype=self.dtype,
                                graph=self.mode == "fast", compile=compile_mode, window_step=window_step,
                                kernels_for=kernels_for, naive=self.mode == "naive",
-                               fresh_prefill=self.config.prefill_graphs, chunk_graphs=self.config.chunk_graphs,
+                               fresh_prefill=self.mode == "fast" if self.config.prefill_graphs is None
+                               else self.config.prefill_graphs, chunk_graphs=self.config.chunk_graphs,
                                prefill_tokens=self.prefill_budget)
 
         try:

@@ -148,7 +148,16 @@ def _pct(values: list[float], q: float) -> float | None:
     return float(torch.tensor(values, dtype=torch.float64).quantile(q))
 
 
-def summarize(traces: list[Trace], wall: float) -> dict:
+def steady_rate(traces: list[Trace], start: float) -> float | None:
+    """Output tok/s while the load was whole: from the start until the last request was sent (in
+    a closed loop every client then has a request in the system; after it the clients run out of
+    work one by one and the batch drains). None when that window holds no token."""
+    end = max(t.sent for t in traces)
+    tokens = sum(1 for t in traces for x in t.times if x <= end)
+    return tokens / (end - start) if tokens and end > start else None
+
+
+def summarize(traces: list[Trace], wall: float, start: float | None = None) -> dict:
     ttft = [1000 * (t.times[0] - t.sent) for t in traces if t.times]
     tpot = [1000 * (t.times[-1] - t.times[0]) / (len(t.times) - 1) for t in traces if len(t.times) > 1]
     itl = [1000 * (b - a) for t in traces for a, b in zip(t.times, t.times[1:])]
@@ -157,21 +166,27 @@ def summarize(traces: list[Trace], wall: float) -> dict:
     def r(x):
         return round(x, 2) if x is not None else None
 
+    steady = steady_rate(traces, start) if start is not None and traces else None
     return {"requests": len(traces), "output_tokens": tokens, "seconds": round(wall, 3),
             "tok_per_s_total": round(tokens / max(wall, 1e-9), 1),
+            "tok_per_s_steady": round(steady, 1) if steady is not None else None,
             "ttft_p50_ms": r(_pct(ttft, 0.5)), "ttft_p99_ms": r(_pct(ttft, 0.99)),
             "tpot_p50_ms": r(_pct(tpot, 0.5)), "tpot_p99_ms": r(_pct(tpot, 0.99)),
             "itl_p50_ms": r(_pct(itl, 0.5)), "itl_p99_ms": r(_pct(itl, 0.99))}
 
 
-def _measure(sched, name: str, run) -> dict:
+def _measure(sched, name: str, run, steady: bool = True) -> dict:
+    """Run one load; `steady`: also report the rate before the drain (see `steady_rate`; not for
+    one static batch, whose requests are all sent at once)."""
     with _Occupancy(sched) as occ:
         t0 = time.perf_counter()
         traces = run()
         wall = time.perf_counter() - t0
-    rec = summarize(traces, wall)
+    rec = summarize(traces, wall, t0 if steady else None)
     rec["slot_occupancy"] = round(occ.mean, 3)
-    print(f"  {name}: {rec['tok_per_s_total']:,.0f} tok/s, TTFT p99 {rec['ttft_p99_ms']} ms", flush=True)
+    steady = f" ({rec['tok_per_s_steady']:,.0f} steady)" if rec["tok_per_s_steady"] else ""
+    print(f"  {name}: {rec['tok_per_s_total']:,.0f} tok/s{steady}, TTFT p99 {rec['ttft_p99_ms']} ms, "
+          f"occupancy {rec['slot_occupancy']}", flush=True)
     return rec
 
 
@@ -182,7 +197,7 @@ class Load:
     concurrency: list[int]
     request_rates: list[float]
     modes: list[str]
-    num_requests: int | None
+    num_requests: list[int | None]
     prompt_median: int
     output_median: int
     sigma: float
@@ -193,7 +208,8 @@ class Load:
 
 
 def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_rates: list[float] = (),
-                    modes: list[str] = ("continuous", "static", "serial"), num_requests: int | None = None,
+                    modes: list[str] = ("continuous", "static", "serial"),
+                    num_requests: int | None | list[int | None] = None,
                     prompt_median: int = 256, output_median: int = 256, sigma: float = 0.5,
                     slots: int | None = None, device: str | torch.device = "cuda", vocab_size: int = 32768,
                     seq_len: int = 2048, serial_requests: int = 16, seed: int = 0,
@@ -203,7 +219,8 @@ def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_r
                     profile: bool = False, prefill_graphs: bool | None | list[bool] = None,
                     followup_wait: float | None = None, chunk_graphs: bool = True,
                     take_by_request: bool = True) -> list[dict]:
-    """Records of every mode and load. `sync_every` a list: one scheduler per value, one after the
+    """Records of every mode and load. `num_requests` a list: every load point runs with each
+    count (the closed loop's drain at the end weighs less in longer runs). `sync_every` a list: one scheduler per value, one after the
     other on the same model. `prefill_graphs` a list: continuous mode is measured with each setting
     on one scheduler (built with them, then toggled; static and serial with the first), so an A/B
     shares the build, the kernels and the warm-up."""
@@ -220,7 +237,8 @@ def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_r
     model = build_model(cfg, device, seed=seed).to(dtype).eval()
     top = max(list(concurrency) + [1])
     slots = slots or max(top, 1)
-    load = Load(list(concurrency), list(request_rates), list(modes), num_requests, prompt_median, output_median,
+    counts = list(num_requests) if isinstance(num_requests, (list, tuple)) else [num_requests]
+    load = Load(list(concurrency), list(request_rates), list(modes), counts, prompt_median, output_median,
                 sigma, serial_requests, seed, graph_variants, profile)
     records = []
     for k in (list(sync_every) if isinstance(sync_every, (list, tuple)) else [sync_every]):
@@ -284,8 +302,8 @@ def _run_loads(sched, load: Load, common: dict) -> list[dict]:
         use_prefill_graphs(variants[0])
 
     records = []
-    for c in load.concurrency:
-        n = load.num_requests or max(64, 8 * c)
+    for c, count in [(c, count) for c in load.concurrency for count in load.num_requests]:
+        n = count or max(64, 8 * c)
         work = make_workload(n, load.prompt_median, load.output_median, load.sigma, vocab, sched.max_context, seed + c)
         print(f"concurrency {c}: {n} requests")
         for mode in load.modes:
@@ -295,15 +313,15 @@ def _run_loads(sched, load: Load, common: dict) -> list[dict]:
             if mode == "static":
                 rec = _measure(sched, mode, lambda: static_groups(sched, work, c))
                 fixed = make_workload(c, load.prompt_median, load.output_median, 0.0, vocab, sched.max_context, seed)
-                frec = _measure(sched, "static_fixed", lambda: static_groups(sched, fixed, c))
+                frec = _measure(sched, "static_fixed", lambda: static_groups(sched, fixed, c), steady=False)
                 records.append({**common, **frec, "mode": "static_fixed", "concurrency": c})
             elif mode == "serial":
                 rec = _measure(sched, mode, lambda: closed_loop(sched, work[:load.serial_requests], 1))
             else:
                 raise ValueError(f"unknown mode {mode!r}")
             records.append({**common, **rec, "mode": mode, "concurrency": c})
-    for rate in load.request_rates:
-        n = load.num_requests or max(64, int(8 * rate))
+    for rate, count in [(r, count) for r in load.request_rates for count in load.num_requests]:
+        n = count or max(64, int(8 * rate))
         work = make_workload(n, load.prompt_median, load.output_median, load.sigma, vocab, sched.max_context, seed)
         print(f"request rate {rate}/s: {n} requests")
         each_variant("continuous", lambda: open_loop(sched, work, rate, seed), request_rate=rate)
@@ -400,7 +418,8 @@ def add_batch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concurrency", default="1,32", help="comma list of closed-loop client counts ('' for none)")
     p.add_argument("--request-rate", default="", help="comma list of open-loop Poisson rates (requests/s)")
     p.add_argument("--modes", default="continuous,static,serial", help="comma list")
-    p.add_argument("--num-requests", type=int, default=None, help="per load point (default max(64, 8 x load))")
+    p.add_argument("--num-requests", default=None, metavar="N[,N...]",
+                   help="per load point (default max(64, 8 x load)); a list runs every load point with each")
     p.add_argument("--serial-requests", type=int, default=16, help="requests in serial mode")
     p.add_argument("--prompt-median", type=int, default=256)
     p.add_argument("--output-median", type=int, default=256)
@@ -451,13 +470,15 @@ def cmd_batch_bench(args: argparse.Namespace) -> int:
         conc = _ints(args.concurrency)
         rates = [float(x) for x in args.request_rate.split(",") if x.strip()]
         syncs = _ints(args.sync_every) if args.sync_every is not None else [None]
+        counts = _ints(args.num_requests) if args.num_requests is not None else [None]
     except ValueError:
         raise SystemExit("--concurrency, --request-rate and --sync-every take comma lists of numbers") from None
-    if not syncs or any(k is not None and k < 1 for k in syncs):
-        raise SystemExit(f"--sync-every takes values >= 1 (got {args.sync_every!r})")
+    for name, values in (("sync-every", syncs), ("num-requests", counts)):
+        if not values or any(k is not None and k < 1 for k in values):
+            raise SystemExit(f"--{name} takes values >= 1 (got {getattr(args, name.replace('-', '_'))!r})")
     if any(c < 1 for c in conc) or any(r <= 0 for r in rates) or not (conc or rates):
         raise SystemExit("give --concurrency values >= 1 and/or --request-rate values > 0")
-    for name, low in (("slots", 1), ("num_requests", 1), ("serial_requests", 1), ("prompt_median", 1),
+    for name, low in (("slots", 1), ("serial_requests", 1), ("prompt_median", 1),
                       ("output_median", 1), ("seq_len", 2), ("prefill_budget", 1), ("depth", 1),
                       ("vocab_size", 2)):
         value = getattr(args, name)
@@ -475,7 +496,7 @@ def cmd_batch_bench(args: argparse.Namespace) -> int:
     bad = [m for m in modes if m not in ("continuous", "static", "serial")]
     if bad:
         raise SystemExit(f"unknown --modes {bad}; pick from continuous, static, serial")
-    records = run_batch_bench(args.depth, conc, rates, modes, args.num_requests, args.prompt_median,
+    records = run_batch_bench(args.depth, conc, rates, modes, counts, args.prompt_median,
                               args.output_median, args.length_sigma, args.slots, device, args.vocab_size,
                               args.seq_len, args.serial_requests, args.seed, syncs, args.kernels,
                               args.prefill_budget, args.compile, args.triton_max_rows, args.profile,
@@ -496,28 +517,44 @@ def cmd_batch_bench(args: argparse.Namespace) -> int:
 
 
 def _print_table(records: list[dict], conc: list[int], by_graphs: bool, by_sync: bool) -> dict:
-    """The human table; returns continuous's ratios to the baselines per concurrency (per chunk
-    length too when several were run; with several prefill-graph settings, the first's)."""
+    """The human table; returns continuous's ratios to the baselines per concurrency (and per chunk
+    length and request count when several were run; with several prefill-graph settings, the
+    first's): aggregate tok/s over the whole run, and `steady_vs_static_fixed`, continuous's
+    steady-state rate (before the drain) over `static_fixed`'s."""
     width = 13 + (17 if by_graphs else 0) + (6 if by_sync else 0)
-    print(f"{'mode':<{width}}{'load':>7}{'reqs':>6}{'tok/s':>10}{'TTFT p50':>10}{'TTFT p99':>10}{'TPOT p50':>10}"
-          f"{'ITL p99':>9}{'occupancy':>11}")
+    print(f"{'mode':<{width}}{'load':>7}{'reqs':>6}{'tok/s':>10}{'steady':>9}{'TTFT p50':>10}{'TTFT p99':>10}"
+          f"{'TPOT p50':>10}{'ITL p99':>9}{'occupancy':>11}")
     for r in records:
         load = f"c{r['concurrency']}" if "concurrency" in r else f"r{r['request_rate']:g}"
         label = r["mode"] + (f" k{r['sync_every']}" if by_sync else "")
         if by_graphs and r["mode"] == "continuous":
             label += f" (prefill gr. {'on' if r['prefill_graphs_asked'] else 'off'})"
-        print(f"{label:<{width}}{load:>7}{r['requests']:>6}{r['tok_per_s_total']:>10,.0f}{r['ttft_p50_ms']:>10}"
-              f"{r['ttft_p99_ms']:>10}{r['tpot_p50_ms']:>10}{r['itl_p99_ms']:>9}{r['slot_occupancy']:>11.2f}")
+        steady = f"{r['tok_per_s_steady']:,.0f}" if r.get("tok_per_s_steady") else "-"
+        print(f"{label:<{width}}{load:>7}{r['requests']:>6}{r['tok_per_s_total']:>10,.0f}{steady:>9}"
+              f"{r['ttft_p50_ms']:>10}{r['ttft_p99_ms']:>10}{r['tpot_p50_ms']:>10}{r['itl_p99_ms']:>9}"
+              f"{r['slot_occupancy']:>11.2f}")
     ratios = {}
+    several_counts = len({r["requests"] for r in records if r["mode"] == "continuous"}) > 1
     for k in sorted({r["sync_every"] for r in records}):
         for c in conc:
-            by = {}
+            by, fixed = {}, None
             for r in records:
                 if r.get("concurrency") == c and r["sync_every"] == k:
-                    by.setdefault(r["mode"], r["tok_per_s_total"])
-            if "continuous" in by:
-                ratios[f"{c}@k{k}" if by_sync else str(c)] = {
-                    f"vs_{m}": round(by["continuous"] / by[m], 2) for m in ("static", "static_fixed", "serial") if by.get(m)}
+                    if r["mode"] == "static_fixed":
+                        fixed = fixed or r
+                    by.setdefault((r["mode"], r["requests"]), r)
+            for (mode, n), cont in by.items():
+                if mode != "continuous":
+                    continue
+                key = str(c) + (f"@k{k}" if by_sync else "") + (f"x{n}" if several_counts else "")
+                rs = {f"vs_{m}": round(cont["tok_per_s_total"] / b["tok_per_s_total"], 2)
+                      for m in ("static", "serial") for b in [by.get((m, n))] if b}
+                if fixed:
+                    rs["vs_static_fixed"] = round(cont["tok_per_s_total"] / fixed["tok_per_s_total"], 2)
+                    if cont.get("tok_per_s_steady"):
+                        rs["steady_vs_static_fixed"] = round(cont["tok_per_s_steady"] / fixed["tok_per_s_total"], 2)
+                ratios[key] = rs
     for c, rs in ratios.items():
-        print(f"continuous at concurrency {c}: " + ", ".join(f"{v}x {k[3:]}" for k, v in rs.items()))
+        print(f"continuous at concurrency {c}: " + ", ".join(f"{v}x {k[3:] if k.startswith('vs_') else k}"
+                                                             for k, v in rs.items()))
     return ratios

@@ -456,7 +456,8 @@ def test_batch_bench_smoke(capsys, tmp_path):
                      ("continuous", None, 50.0)]
     for r in last["records"]:
         assert r["bench"] == "batch" and r["tok_per_s_total"] > 0 and r["ttft_p99_ms"] > 0
-        assert {"ttft_p50_ms", "tpot_p50_ms", "itl_p99_ms", "slot_occupancy", "commit", "command"} <= set(r)
+        assert {"ttft_p50_ms", "tpot_p50_ms", "itl_p99_ms", "slot_occupancy", "commit", "command",
+                "tok_per_s_steady"} <= set(r)
     assert plot.stat().st_size > 1000 and len((tmp_path / "r.jsonl").read_text().splitlines()) == 5
 
 
@@ -505,7 +506,8 @@ def test_fast_scheduler_matches_eager_on_staggered_requests(kernels):
 def test_fast_scheduler_with_prefill_graphs_matches_eager(kernels):
     """Prefill graphs on, through the scheduler: prompts arrive a few at a time (grouped into one
     replay of a multi-row bucket), more requests than slots (slots reused), a cancellation, a stop
-    string, greedy and seeded temperature sampling: eager decoding's tokens exactly (fp32)."""
+    string, greedy and seeded temperature sampling, a row moved down to a smaller bucket: eager
+    decoding's tokens exactly (fp32)."""
     dev = torch.device("cuda")
     m = random_model(n_layer=2, n_head=4, n_kv_head=2, n_embd=128, vocab=265, seq_len=256, device=dev, seed=3)
     ps = prompts(9, seed=7) + [list(range(1, 90)), [7] * 70]  # two prompts longer than the 64-token bucket
@@ -519,6 +521,7 @@ def test_fast_scheduler_with_prefill_graphs_matches_eager(kernels):
     assert _staggered(fast, ps, params, per_step=3) == _staggered(eager, ps, params, per_step=3)
     fresh = fast.batch.fresh
     assert fresh.rows_run >= len(ps) - 1 and fresh.runs < fresh.rows_run  # every prompt (but the cancelled), grouped
+    assert fast.counters["moves"] > 0  # and a row moved down to a smaller bucket between graphed chunks
 
 
 @pytest.mark.gpu
@@ -638,3 +641,29 @@ def test_sample_rows_distribution_and_filters():
     assert set(draw(p=0.5, any_top_p=True).tolist()) == {0, 1}  # 0.4 < 0.5, so token 1 is still in
     assert draw(temp=0.0).tolist() == [0] * R
     assert torch.equal(draw(), full)  # the same (key, position) draws the same token
+
+
+@pytest.mark.parametrize("sync_every,pipeline", [(1, False), (4, True)])
+def test_rows_moved_down_to_a_smaller_bucket_decode_as_alone(model, sync_every, pipeline):
+    """When the rows left would fit a smaller bucket than the slots they hold span (short requests
+    in the low slots finished first), they move down into free slots (cache, position, next input,
+    sampling settings copied on the device, the chunk in flight still read by the old slot): every
+    request, greedy or seeded-sampled, still decodes exactly as alone; and the steps run over the
+    smaller bucket."""
+    ps = prompts(8, seed=3)
+    params = [SamplingParams(max_tokens=3 + i % 4, **GREEDY) for i in range(5)]
+    params += [SamplingParams(max_tokens=40, **GREEDY), SamplingParams(max_tokens=36, temperature=0.9, seed=5),
+               SamplingParams(max_tokens=30, stop=("q",), **GREEDY)]
+    solo = [alone(model, p, q, TOK) for p, q in zip(ps, params)]
+    s = Scheduler(model, TOK, SchedulerConfig(slots=8, sync_every=sync_every, pipeline=pipeline))
+    handles = [s.submit(p, q) for p, q in zip(ps, params)]
+    buckets = []
+    launch = s.batch.launch
+    s.batch.launch = lambda bucket, *a, **k: buckets.append(bucket) or launch(bucket, *a, **k)
+    s.run_until_idle()
+    assert [h.result().samples[0].tokens for h in handles] == solo
+    assert s.counters["moves"] >= 3 and min(buckets) <= 4
+    off = Scheduler(model, TOK, SchedulerConfig(slots=8, sync_every=sync_every, pipeline=pipeline, compact=False))
+    handles = [off.submit(p, q) for p, q in zip(ps, params)]
+    off.run_until_idle()
+    assert [h.result().samples[0].tokens for h in handles] == solo and off.counters["moves"] == 0

@@ -203,7 +203,7 @@ class Load:
     sigma: float
     serial_requests: int
     seed: int
-    graph_variants: list[bool | None]
+    variants: list[tuple[bool | None, bool]]  # (prefill graphs, compact) settings continuous mode runs with
     profile: bool
 
 
@@ -218,12 +218,12 @@ def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_r
                     compile: bool | str = False, triton_max_rows: int | None = None,
                     profile: bool = False, prefill_graphs: bool | None | list[bool] = None,
                     followup_wait: float | None = None, chunk_graphs: bool = True,
-                    take_by_request: bool = True) -> list[dict]:
+                    take_by_request: bool = True, compact: bool | list[bool] = True) -> list[dict]:
     """Records of every mode and load. `num_requests` a list: every load point runs with each
     count (the closed loop's drain at the end weighs less in longer runs). `sync_every` a list: one scheduler per value, one after the
-    other on the same model. `prefill_graphs` a list: continuous mode is measured with each setting
-    on one scheduler (built with them, then toggled; static and serial with the first), so an A/B
-    shares the build, the kernels and the warm-up."""
+    other on the same model. `prefill_graphs` and/or `compact` lists: continuous mode is measured
+    with each combination on one scheduler (built with the graphs, then toggled; static and serial
+    with the first), so an A/B shares the build, the kernels and the warm-up."""
     from ..common import compute_dtype
     from ..config import ModelConfig
     from ..infer.scheduler import SchedulerConfig
@@ -232,6 +232,7 @@ def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_r
     device = torch.device(device)
     cuda = device.type == "cuda"
     graph_variants = list(prefill_graphs) if isinstance(prefill_graphs, (list, tuple)) else [prefill_graphs]
+    compacts = list(compact) if isinstance(compact, (list, tuple)) else [compact]
     dtype = compute_dtype(device)
     cfg = ModelConfig.from_depth(depth, vocab_size=vocab_size, seq_len=seq_len)
     model = build_model(cfg, device, seed=seed).to(dtype).eval()
@@ -239,14 +240,14 @@ def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_r
     slots = slots or max(top, 1)
     counts = list(num_requests) if isinstance(num_requests, (list, tuple)) else [num_requests]
     load = Load(list(concurrency), list(request_rates), list(modes), counts, prompt_median, output_median,
-                sigma, serial_requests, seed, graph_variants, profile)
+                sigma, serial_requests, seed, [(g, c) for g in graph_variants for c in compacts], profile)
     records = []
     for k in (list(sync_every) if isinstance(sync_every, (list, tuple)) else [sync_every]):
         config = SchedulerConfig(slots=slots, sync_every=k, kernels=kernels, prefill_budget=prefill_budget,
                                  max_queue=100_000, compile=compile if cuda else False,
                                  triton_max_rows=triton_max_rows,
                                  prefill_graphs=True if any(graph_variants) else graph_variants[0],
-                                 chunk_graphs=chunk_graphs, take_by_request=take_by_request,
+                                 chunk_graphs=chunk_graphs, take_by_request=take_by_request, compact=compacts[0],
                                  **({} if followup_wait is None else {"followup_wait": followup_wait}))
         records += _bench_scheduler(model, config, load)
         if cuda:
@@ -284,22 +285,30 @@ def _bench_scheduler(model, config, load: Load) -> list[dict]:
 
 
 def _run_loads(sched, load: Load, common: dict) -> list[dict]:
-    built_fresh, variants = sched.batch.fresh, load.graph_variants
+    built_fresh, variants = sched.batch.fresh, load.variants
     vocab, seed = common["vocab_size"], load.seed
+    several_graphs, several_compact = len({g for g, _ in variants}) > 1, len({c for _, c in variants}) > 1
 
-    def use_prefill_graphs(on) -> dict:
-        if len(variants) > 1:
-            sched.batch.fresh = built_fresh if on else None
+    def use(variant) -> dict:
+        graphs, compact = variant
+        if several_graphs:
+            sched.batch.fresh = built_fresh if graphs else None
+        sched.config.compact = compact  # read by every step
         # asked: this run's setting; prefill_graphs: whether graphs replayed (off CUDA the same
         # scratch-cache prefill runs eagerly)
-        return {"prefill_graphs_asked": bool(on), "prefill_graphs": sched.batch.fresh is not None and sched.batch.fresh.graph}
+        return {"prefill_graphs_asked": bool(graphs), "compact": compact,
+                "prefill_graphs": sched.batch.fresh is not None and sched.batch.fresh.graph}
 
     def each_variant(name: str, run, **where) -> None:
         for variant in variants:
-            extra = use_prefill_graphs(variant)
-            label = name + (f" (prefill graphs {'on' if variant else 'off'})" if len(variants) > 1 else "")
-            records.append({**common, **_measure(sched, label, run), **extra, "mode": "continuous", **where})
-        use_prefill_graphs(variants[0])
+            extra = use(variant)
+            label = name + (f" (prefill graphs {'on' if variant[0] else 'off'})" if several_graphs else "") + (
+                f" (compact {'on' if variant[1] else 'off'})" if several_compact else "")
+            moves = sched.counters["moves"]
+            rec = _measure(sched, label, run)
+            records.append({**common, **rec, **extra, "rows_moved": sched.counters["moves"] - moves,
+                            "mode": "continuous", **where})
+        use(variants[0])
 
     records = []
     for c, count in [(c, count) for c in load.concurrency for count in load.num_requests]:
@@ -439,6 +448,9 @@ def add_batch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefill-graphs", default=None, metavar="on|off|on,off",
                    help="prompts' first chunks replayed from CUDA graphs (default: the scheduler's, on in fast mode); a list "
                         "such as on,off measures continuous mode with each on one scheduler (static, serial: the first)")
+    p.add_argument("--compact", default="on", metavar="on|off|on,off",
+                   help="move running rows down into free slots when they fit a smaller batch bucket (default on); "
+                        "a list measures continuous mode with each on one scheduler")
     p.add_argument("--chunk-graphs", choices=("on", "off"), default="on",
                    help="Triton buckets launch a whole decode chunk as one CUDA graph (default on)")
     p.add_argument("--followup-wait", type=float_in(0, 1), default=None, metavar="SECONDS",
@@ -492,6 +504,10 @@ def cmd_batch_bench(args: argparse.Namespace) -> int:
         if not words or any(w not in ("on", "off") for w in words):
             raise SystemExit(f"--prefill-graphs takes on, off or a comma list of them (got {args.prefill_graphs!r})")
         graph_variants = [w == "on" for w in words]
+    words = [w.strip() for w in args.compact.split(",")]
+    if not words or any(w not in ("on", "off") for w in words):
+        raise SystemExit(f"--compact takes on, off or a comma list of them (got {args.compact!r})")
+    compacts = [w == "on" for w in words]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in ("continuous", "static", "serial")]
     if bad:
@@ -502,12 +518,13 @@ def cmd_batch_bench(args: argparse.Namespace) -> int:
                               args.prefill_budget, args.compile, args.triton_max_rows, args.profile,
                               graph_variants,
                               args.followup_wait, args.chunk_graphs == "on",
-                              take_by_request=args.take_by_request == "on")
+                              take_by_request=args.take_by_request == "on", compact=compacts)
     base = base_record("batch", device, args.depth)
     records = [{**base, **r} for r in records]
     print(f"\nbatch · {base['gpu']} · d{args.depth} · prompt/output medians {args.prompt_median}/"
           f"{args.output_median} (lognormal sigma {args.length_sigma}) · greedy · torch {base['torch']}")
-    ratios = _print_table(records, conc, graph_variants is not None and len(graph_variants) > 1, len(syncs) > 1)
+    ratios = _print_table(records, conc, graph_variants is not None and len(graph_variants) > 1, len(syncs) > 1,
+                          len(compacts) > 1)
     if args.plot:
         plot_records(records, args.plot)
         print(f"plot: {args.plot}")
@@ -516,12 +533,12 @@ def cmd_batch_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_table(records: list[dict], conc: list[int], by_graphs: bool, by_sync: bool) -> dict:
+def _print_table(records: list[dict], conc: list[int], by_graphs: bool, by_sync: bool, by_compact: bool) -> dict:
     """The human table; returns continuous's ratios to the baselines per concurrency (and per chunk
     length and request count when several were run; with several prefill-graph settings, the
     first's): aggregate tok/s over the whole run, and `steady_vs_static_fixed`, continuous's
     steady-state rate (before the drain) over `static_fixed`'s."""
-    width = 13 + (17 if by_graphs else 0) + (6 if by_sync else 0)
+    width = 13 + (17 if by_graphs else 0) + (6 if by_sync else 0) + (14 if by_compact else 0)
     print(f"{'mode':<{width}}{'load':>7}{'reqs':>6}{'tok/s':>10}{'steady':>9}{'TTFT p50':>10}{'TTFT p99':>10}"
           f"{'TPOT p50':>10}{'ITL p99':>9}{'occupancy':>11}")
     for r in records:
@@ -529,6 +546,8 @@ def _print_table(records: list[dict], conc: list[int], by_graphs: bool, by_sync:
         label = r["mode"] + (f" k{r['sync_every']}" if by_sync else "")
         if by_graphs and r["mode"] == "continuous":
             label += f" (prefill gr. {'on' if r['prefill_graphs_asked'] else 'off'})"
+        if by_compact and r["mode"] == "continuous":
+            label += f" (compact {'on' if r['compact'] else 'off'})"
         steady = f"{r['tok_per_s_steady']:,.0f}" if r.get("tok_per_s_steady") else "-"
         print(f"{label:<{width}}{load:>7}{r['requests']:>6}{r['tok_per_s_total']:>10,.0f}{steady:>9}"
               f"{r['ttft_p50_ms']:>10}{r['ttft_p99_ms']:>10}{r['tpot_p50_ms']:>10}{r['itl_p99_ms']:>9}"

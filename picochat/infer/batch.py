@@ -210,6 +210,21 @@ class DecodeBatch:
         for kv in (*self.cache.k, *self.cache.v):
             kv[index, :, :length] = kv[src, :, :length].unsqueeze(0)
 
+    def move_rows(self, src: list[int], dst: list[int]) -> None:
+        """Give slots `dst` the rows of slots `src` (their cached positions up to each one's bound,
+        position, next input and sampling settings), on the device, after the work queued before."""
+        s, d = self._dev(src, torch.long), self._dev(dst, torch.long)
+        length = min(self.length, max(self.bound[i] for i in src) + 1)
+        if self.naive:
+            self.seq[d, :length] = self.seq[s, :length]
+        else:
+            for kv in (*self.cache.k, *self.cache.v):
+                kv[d, :, :length] = kv[s, :, :length]  # the gather copies first: src and dst may not overlap anyway
+        for t in (self.pos, self.idx, self.temperature, self.top_k, self.top_p, self.keys):
+            t[d] = t[s]
+        for i, j in zip(src, dst):
+            self.bound[j] = self.bound[i]
+
     # -- prefill ---------------------------------------------------------------------------------
     @torch.no_grad()
     def prefill(self, slots: list[int], chunks: list[list[int]], starts: list[int]) -> torch.Tensor:

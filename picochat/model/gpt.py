@@ -17,7 +17,6 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from .attention import KVCache, causal_attention
-from .softcap_ce import softcap_cross_entropy
 from .loss import reference_softcapped_cross_entropy, softcapped_cross_entropy
 
 
@@ -28,8 +27,8 @@ class ForwardOptions:
     `fused_qkv` and `bf16_residual` act only with gradients on (training): inference and evaluation
     run as before.
 
-    fused_loss: the one-pass soft-capped cross-entropy of `loss.py` (no float32 logits tensor);
-        CUDA and other accelerators (CPUs always use softcap_ce.py's cache-blocked pass).
+    fused_loss: the one-pass soft-capped cross-entropy of `loss.py` (no float32 logits tensor) instead
+        of the plain ops; CPUs always use it (there it works through cache-sized blocks of rows).
     fused_qkv: one q/k/v matrix product per layer (the three weights concatenated on the fly;
         the optimizer and checkpoints keep three matrices).
     bf16_residual: under bfloat16 autocast, keep the residual stream in bfloat16 instead of
@@ -249,10 +248,8 @@ class GPT(nn.Module):
         logits = self.lm_head(x)
         cap = self.config.logit_softcap
         if targets is not None:
-            if cap and logits.device.type == "cpu":  # one cache-blocked pass (softcap_ce.py)
-                return softcap_cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), cap,
-                                             loss_reduction)
-            loss = softcapped_cross_entropy if self.options.fused_loss else reference_softcapped_cross_entropy
+            fused = self.options.fused_loss or logits.device.type == "cpu"
+            loss = softcapped_cross_entropy if fused else reference_softcapped_cross_entropy
             return loss(logits, targets, cap, loss_reduction)
         logits = logits.float()
         if cap:

@@ -229,3 +229,40 @@ def test_compiled_cuda_default_matches_the_plain_path():
     assert abs(losses[0] - losses[1]) < 2e-2 * abs(losses[1])
     for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
         assert _rel(a.grad, b.grad) < 5e-2, name
+
+
+def _run_triton_loss_worker(device: str, env_extra: dict) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).parent / "workers" / "triton_loss_worker.py"
+    out = subprocess.run([sys.executable, str(worker), device], env={**os.environ, **env_extra},
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _check_triton_loss(cases: dict, value_tol: float, grad_tol: float) -> None:
+    assert len(cases) == 3
+    for name, c in cases.items():
+        assert c["shape_ok"] and c["ignored_grad"] == 0.0, (name, c)
+        bf16 = "bfloat16" in name  # bf16 gradients: the rounding of the output (as the reference's) dominates
+        assert c["value"] < value_tol and c["grad"] < (max(grad_tol, 1e-2) if bf16 else grad_tol), (name, c)
+        assert c["grad_dtype"] == ("torch.bfloat16" if "bfloat16" in name else "torch.float32"), (name, c)
+
+
+def test_triton_loss_kernels_match_the_reference_interpreted():
+    """The Triton strategy's kernels (interpreted on CPU, tanh written with exp there): values and
+    gradients of several rows, a vocabulary over two blocks, ignored rows, bf16 logits."""
+    pytest.importorskip("triton")
+    _check_triton_loss(_run_triton_loss_worker("cpu", {"TRITON_INTERPRET": "1"}), value_tol=1e-5, grad_tol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_loss_kernels_match_the_reference_cuda():
+    """On the GPU tanh is tanh.approx.f32 (relative error <= 2^-10.9): looser than float32 rounding."""
+    _check_triton_loss(_run_triton_loss_worker("cuda", {}), value_tol=1e-3, grad_tol=5e-3)

@@ -33,7 +33,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variant", default="default",
                    help="comma list of forward variants (model.gpt.ForwardOptions): default, reference, or levers "
                         "joined by + on top of the reference: loss (one-pass soft-capped CE), qkv (one q/k/v matmul), "
-                        "bf16res (bfloat16 residual stream); e.g. reference,loss,loss+qkv")
+                        "bf16res (bfloat16 residual stream), triton (the loss as Triton kernels, CUDA); "
+                        "e.g. reference,loss,loss+qkv,default+triton")
     p.add_argument("--compile-scope", default="model",
                    help="comma list: model (one whole-model graph, what training runs) and/or blocks "
                         "(GPT.compile_regions: each block and the head compiled separately)")

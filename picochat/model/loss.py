@@ -21,7 +21,10 @@ How the rows are worked through depends on where the function runs (`strategy`, 
 - ``blocked`` (eager on CPU: the demo): 64 rows at a time while they sit in a core's cache, and the
   forward computes the gradient too (it needs the same softmax), so the backward is one multiply.
   The composed ops streamed the 2048 × 2112 float32 logits through memory ~10 times: ~11% of the
-  demo's step on 2 cores.
+  demo's step on 2 cores;
+- ``triton`` (CUDA, only when asked for: `ForwardOptions.triton_loss`): the two passes as hand-written
+  Triton kernels with the GPU's one-instruction tanh (`triton_loss.py`); outside any compiled graph
+  (`triton_softcapped_cross_entropy` is a graph break), since the compiler would not look inside.
 
 Values and gradients equal `reference_softcapped_cross_entropy` to float32 rounding, every strategy
 (tests/test_train_kernels.py).
@@ -35,7 +38,7 @@ import torch.nn.functional as F
 MAX_CAP_WITHOUT_MAX_PASS = 50.0  # e^50 · 2^53 < 3.4e38 (float32's largest), so no overflow in the sum
 EAGER_CHUNK_ELEMENTS = 2**26  # `chunked`: ≤ 64M logits per chunk (256 MB of float32 temporaries)
 ROWS_PER_BLOCK = 64  # `blocked`: 64 rows of a few thousand float32 logits stay in a core's L2 cache
-STRATEGIES = ("auto", "fused", "chunked", "blocked")
+STRATEGIES = ("auto", "fused", "chunked", "blocked", "triton")
 
 
 def reference_softcapped_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, cap: float,
@@ -115,6 +118,13 @@ class _SoftcappedCrossEntropy(torch.autograd.Function):
             losses, grad = _blocked_forward(logits, targets, cap, ctx.needs_input_grad[0])
             ctx.save_for_backward(grad)
             return losses
+        if strategy == "triton":
+            from . import triton_loss
+
+            logits, targets = logits.contiguous(), targets.contiguous()
+            losses, lse = triton_loss.forward(logits, targets, cap)
+            ctx.save_for_backward(logits, targets, lse)
+            return losses
         step = max(1, logits.size(0)) if strategy == "fused" else max(1, EAGER_CHUNK_ELEMENTS // max(1, logits.size(1)))
         parts = [_forward_rows(logits[c], targets[c], cap) for c in _row_slices(logits.size(0), step)]
         lse = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts])
@@ -129,6 +139,10 @@ class _SoftcappedCrossEntropy(torch.autograd.Function):
             (grad,) = ctx.saved_tensors
             return grad * grad_rows[:, None].to(grad.dtype), None, None, None
         logits, targets, lse = ctx.saved_tensors
+        if ctx.strategy == "triton":
+            from . import triton_loss
+
+            return triton_loss.backward(logits, targets, lse, grad_rows, ctx.cap), None, None, None
         slices = _row_slices(logits.size(0), ctx.step)
         if len(slices) == 1:
             return _backward_rows(logits, targets, lse, grad_rows, ctx.cap), None, None, None
@@ -159,3 +173,12 @@ def softcapped_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, cap: f
     if reduction == "sum":
         return rows.sum()
     return rows.sum() / (targets >= 0).sum()
+
+
+@torch.compiler.disable
+def triton_softcapped_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, cap: float,
+                                    reduction: str = "mean") -> torch.Tensor:
+    """`softcapped_cross_entropy` with the Triton kernels, always run eagerly: inside a compiled
+    model this call is a graph break (the graph ends at the logits; the kernels run between it and
+    the backward graph)."""
+    return softcapped_cross_entropy(logits, targets, cap, reduction, strategy="triton")

@@ -444,8 +444,8 @@ class _Prober:
         for _ in range(self.warmup_steps):
             self.train_step(b)
         drop_grads(self.model, self.optimizers)
-        if self.has_reserved:  # cached blocks of earlier sizes would count as this step's reservation
-            free_memory()
+        if self.has_reserved and torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()  # cached blocks of earlier sizes would count as this step's reservation
         self.probe.reset()
         rest = self.probe.current_bytes() if self.has_rest else 0
         self.train_step(b)

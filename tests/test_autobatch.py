@@ -478,7 +478,7 @@ GiB = 2**30
 def test_no_second_verify_that_doubles_one_compiled_measurement_near_the_budget():
     # The H200 at d12 (2db4a3a): 1.28 GiB at rest, 0.95 GiB per row compiled, 1.78 eager; 139.2 GiB usable.
     # The eager line verifies 64 (62 GiB); the line through it puts 128 at 123 of a 132 GiB budget, and
-    # 128 ran out of memory on the real GPU (the peak grows faster than the line there): no verify of 128.
+    # 128 ran out of memory on the real GPU (fragmentation after the 64 verify): no verify of 128.
     sim = SimEagerVsCompiled(int(1.28 * GiB), int(0.95 * GiB), int(1.78 * GiB), int(139.2 * GiB), oom_above=64)
     res = _find(sim, 2048, 2048 * 256, headroom_bytes=None, eager_probe=True)
     assert res.device_batch_size == 64 and res.compiles == 1

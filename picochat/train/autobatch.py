@@ -34,7 +34,7 @@ normal case; ``compiles`` reports the distinct shapes run. On CUDA (a probe with
 one probe (at batch 4) does: the memory held just before the measured step (weights, optimizer state) is the
 line's intercept, so the second probe shape (a whole cold compile) is saved: 1 probe + 1 verify, and a
 second verify only when the line through the verified size says a larger one fits with 15% to spare
-(`EXTRAPOLATION_SLACK`: a doubling extrapolated from one compiled point has missed by over 10%).
+(`EXTRAPOLATION_SLACK`: with a 5% margin a doubling ran out of memory, through fragmentation).
 With ``eager_probe=True`` (the trainer sets it for pretraining) that one probe runs with torch.compile
 switched off (``torch.compiler.set_stance("force_eager")``): eager steps hold more activations than
 compiled ones, so the line errs on the safe side, and the only shape compiled is the verified one,
@@ -81,10 +81,10 @@ from .snapshot import drop_grads, free_memory, restore_snapshot, take_snapshot
 GiB = 1024**3
 ONE_PROBE_BATCH = 4  # the size of the single probe, when the memory probe reports resting memory
 # A second verify only if the line through the first verify's measurement puts the larger size under
-# 85% of the budget. Extrapolating a doubling from one compiled point misses by more than 5%: on an H200
-# (d12, 139.2 GiB usable) the line through batch 64 put batch 128 at 122.9 and 127.7 GiB in two runs,
-# and batch 128 ran out of memory both times, i.e. needed >= 1.09-1.13x the line; each such attempt
-# cost a whole cold compile (~15 s) for nothing.
+# 85% of the budget. A 5% margin was not enough: on an H200 (d12, 139.2 GiB usable) the line through
+# batch 64 put batch 128 at 122.9 and 127.7 GiB in two runs, and batch 128 ran out of memory both times
+# (the caching allocator's fragmentation after the 64 verify: with expandable segments the same step
+# peaked at 122.75 GiB, on the line); each such attempt cost a whole cold compile (~15-19 s) for nothing.
 EXTRAPOLATION_SLACK = 0.85
 
 

@@ -196,9 +196,14 @@ class Scheduler:
             return self.busy
 
     def _deliver(self) -> None:
-        for req in self._outboxes:
+        # Finished requests first: a closed-loop caller sends its next request on the finish, and
+        # that request should be queued before the next admission (see _await_followups); woken
+        # after every other reader of token events, the caller would wait its turn for the GIL.
+        boxes = self._outboxes
+        for req in [r for r in boxes if isinstance(r.outbox[-1], DoneEvent)] + \
+                [r for r in boxes if not isinstance(r.outbox[-1], DoneEvent)]:
             req.deliver()
-        self._outboxes.clear()
+        boxes.clear()
 
     def run_until_idle(self) -> None:
         """Drive the loop on this thread until every submitted request has finished."""

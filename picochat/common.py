@@ -57,6 +57,19 @@ def use_compile_cache() -> Path:
     return path
 
 
+def start_compile_workers() -> None:
+    """Start inductor's pool of kernel-compiling subprocesses now, in the background. torch starts it
+    at the first compile, and until its workers have imported torch (seconds) the first graph's
+    kernels are compiled one by one in this process; started at set-up, the pool is ready by the time
+    the model is built and the batch-size finder's eager probe is done. CUDA only (the pool compiles
+    Triton kernels); a torch without this internal function just starts it later, as before."""
+    try:
+        from torch._inductor.async_compile import maybe_warm_pool
+    except ImportError:
+        return
+    maybe_warm_pool()
+
+
 def downloads_dir() -> Path:
     return picochat_home() / "downloads"
 

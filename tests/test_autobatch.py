@@ -449,3 +449,50 @@ def test_one_probe_falls_back_to_two_when_batch_four_does_not_fit():
     res = _find(sim, 4, 4 * 8)
     assert res.device_batch_size == 1
     assert [p.batch_size for p in res.probes] == [4, 1, 2]
+
+
+@torch.compile(backend="eager", dynamic=False)
+def _compiled_or_not(x: torch.Tensor) -> torch.Tensor:
+    """1 when torch.compile traced this call, 0 when it ran eagerly (the finder's eager probe)."""
+    return x + 1 if torch.compiler.is_compiling() else x
+
+
+class SimEagerVsCompiled(SimMemoryAtRest):
+    """Eager steps keep more activations per row than compiled ones (on the H200 at d12: 1.78 vs
+    0.95 GiB per row); the finder's eager probe runs under set_stance("force_eager"), which the
+    step detects through a real torch.compile'd function."""
+
+    def __init__(self, rest: int, per_row_compiled: int, per_row_eager: int, total: int, **kw):
+        super().__init__(rest, 0, per_row_compiled, total, **kw)
+        self.per_row_compiled, self.per_row_eager = per_row_compiled, per_row_eager
+
+    def step(self, b: int) -> None:
+        compiled = bool(_compiled_or_not(torch.zeros(())).item())
+        self.per_sample = self.per_row_compiled if compiled else self.per_row_eager
+        super().step(b)
+
+
+GiB = 2**30
+
+
+def test_no_second_verify_that_doubles_one_compiled_measurement_near_the_budget():
+    # The H200 at d12 (2db4a3a): 1.28 GiB at rest, 0.95 GiB per row compiled, 1.78 eager; 139.2 GiB usable.
+    # The eager line verifies 64 (62 GiB); the line through it puts 128 at 123 of a 132 GiB budget, and
+    # 128 ran out of memory on the real GPU (fragmentation after the 64 verify): no verify of 128.
+    sim = SimEagerVsCompiled(int(1.28 * GiB), int(0.95 * GiB), int(1.78 * GiB), int(139.2 * GiB), oom_above=64)
+    res = _find(sim, 2048, 2048 * 256, headroom_bytes=None, eager_probe=True)
+    assert res.device_batch_size == 64 and res.compiles == 1
+    assert [(p.batch_size, p.phase) for p in res.probes] == [(4, "eager-probe"), (64, "verify")]
+    assert 128 not in sim.batches
+    assert res.probes[0].peak_bytes > sim.need(4)  # the probe really ran eagerly (more per row)
+
+
+def test_second_verify_still_taken_with_room_to_spare():
+    # The same model on an 80 GB GPU: the eager line verifies 32 (31.7 GiB), and the line through it
+    # puts 64 at 62.1 GiB, 83% of the 74.6 GiB budget: worth one more compile, and it fits.
+    sim = SimEagerVsCompiled(int(1.28 * GiB), int(0.95 * GiB), int(1.78 * GiB), int(78.57 * GiB))
+    res = _find(sim, 2048, 2048 * 256, headroom_bytes=None, eager_probe=True)
+    assert [(p.batch_size, p.phase, p.fits) for p in res.probes] == [
+        (4, "eager-probe", True), (32, "verify", True), (64, "verify", True)]
+    assert res.device_batch_size == 64 and res.compiles == 2
+    assert all(p.seconds >= 0 for p in res.probes) and "seconds" in res.table()

@@ -112,14 +112,40 @@ def test_fresh_prefill_equals_cached_prefill(model):
             assert torch.allclose(a[slot, :, :len(c)], b[slot, :, :len(c)], atol=1e-5, rtol=0)
 
 
+def test_prefill_group_split_into_buckets_and_eager(model):
+    """A group no one prefill bucket holds is split: first chunks in as few bucket-sized runs as fit
+    (longest first), a later chunk of a long prompt eagerly beside them; the logits come back in
+    the group's order and the cache rows and positions equal the cached prefill's."""
+    from picochat.infer.batch import DecodeBatch
+    from picochat.infer.modelprep import prepare_model
+
+    m = prepare_model(model, torch.float32, fuse=True)
+    plain = DecodeBatch(m, 4, 64, k_max=2, dtype=torch.float32, fresh_prefill=False)
+    split = DecodeBatch(m, 4, 64, k_max=2, dtype=torch.float32, fresh_prefill=True, prefill_tokens=128)
+    assert split.fresh.buckets == [(1, 64), (2, 64)]
+    assert split.fresh.plan([5, 12, 2, 70]) == ([[1, 0], [2]], [3])
+    for b in (plain, split):
+        b.prefill([1], [[8] * 6], [0])  # the first chunk of slot 1's prompt
+    runs = split.fresh.runs
+    slots, chunks, starts = [0, 1, 2, 3], [[3, 4, 5, 6, 7], [5] * 4, [9] * 12, [1, 2]], [0, 6, 0, 0]
+    want, got = plain.prefill(slots, chunks, starts), split.prefill(slots, chunks, starts)
+    assert split.fresh.runs == runs + 2  # three first chunks: 2 rows + 1 row; slot 1's second chunk eagerly
+    assert torch.allclose(want, got, atol=1e-5, rtol=0)
+    assert torch.equal(plain.pos, split.pos) and plain.pos.tolist() == [5, 10, 12, 2]
+    for a, b in zip(plain.cache.k + plain.cache.v, split.cache.k + split.cache.v):
+        for slot, n in enumerate(plain.pos.tolist()):
+            assert torch.allclose(a[slot, :, :n], b[slot, :, :n], atol=1e-5, rtol=0)
+
+
 @pytest.mark.gpu
-@pytest.mark.skip(reason="known bug: on the H200 (2db4a3a) the prefill graphs hit a device-side 'index out of bounds' "
-                         "assert, which poisons the CUDA context for the tests after it; prefill graphs are off by "
-                         "default until fixed (the eager bucket-shaped path is equal on CPU)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_prefill_graphs_equal_cached_prefill_cuda():
     """The prefill graphs (bucketed rows and tokens, replayed) give the eager cached prefill's
     logits, cache rows and positions, for scattered slots, in fp32 on CUDA; and a group too big for
-    any bucket runs eagerly."""
+    any bucket runs eagerly. Between capture and replay the caching allocator's free small blocks
+    are taken by tensors of huge values: a tensor a graph reads that was freed after its capture
+    (what broke these graphs on the H200: a KVCache view's row index, referenced only by the
+    captured step) then holds them, and the replay fails a device-side index assert."""
     from picochat.infer.batch import DecodeBatch
     from picochat.infer.modelprep import prepare_model
 
@@ -132,6 +158,7 @@ def test_prefill_graphs_equal_cached_prefill_cuda():
     graphed = DecodeBatch(m, 4, 128, k_max=2, dtype=torch.float32, graph=True, prefill_tokens=512,
                           fresh_prefill=True)
     assert graphed.fresh is not None and graphed.fresh.graphs and graphed.fresh.fits(3, 70)
+    poison = [torch.full((64,), 1 << 40, dtype=torch.long, device=dev) for _ in range(4096)]  # 512-byte blocks
     want, got = plain.prefill(slots, chunks, [0, 0, 0]), graphed.prefill(slots, chunks, [0, 0, 0])
     assert torch.allclose(want, got, atol=1e-4, rtol=0)
     assert torch.equal(plain.pos, graphed.pos)
@@ -140,6 +167,20 @@ def test_prefill_graphs_equal_cached_prefill_cuda():
             assert torch.allclose(a[slot, :, :len(c)], b[slot, :, :len(c)], atol=1e-4, rtol=0)
     assert not graphed.fresh.fits(4, 130)  # longer than the longest bucket (the 128-token context): eager
     assert graphed.prefill([0, 1, 2, 3], [[5] * 130] * 4, [0] * 4).shape == (4, 265)
+    # buckets too small for the group: first chunks in two replays, a later chunk eagerly beside them
+    small = DecodeBatch(m, 4, 128, k_max=2, dtype=torch.float32, graph=True, prefill_tokens=128, fresh_prefill=True)
+    plain = DecodeBatch(m, 4, 128, k_max=2, dtype=torch.float32, fresh_prefill=False)
+    for b in (plain, small):
+        b.prefill([1], [[8] * 6], [0])
+    runs = small.fresh.runs
+    slots, chunks, starts = [0, 1, 2, 3], [[3, 4, 5, 6, 7], [5] * 4, [9] * 70, [1, 2]], [0, 6, 0, 0]
+    want, got = plain.prefill(slots, chunks, starts), small.prefill(slots, chunks, starts)
+    assert small.fresh.runs == runs + 2
+    assert torch.allclose(want, got, atol=1e-4, rtol=0) and torch.equal(plain.pos, small.pos)
+    for a, b in zip(plain.cache.k + plain.cache.v, small.cache.k + small.cache.v):
+        for slot, n in enumerate(plain.pos.tolist()):
+            assert torch.allclose(a[slot, :, :n], b[slot, :, :n], atol=1e-4, rtol=0)
+    del poison
 
 
 def test_long_prompt_prefilled_in_chunks_while_others_decode(model):
@@ -415,7 +456,8 @@ def test_batch_bench_smoke(capsys, tmp_path):
                      ("continuous", None, 50.0)]
     for r in last["records"]:
         assert r["bench"] == "batch" and r["tok_per_s_total"] > 0 and r["ttft_p99_ms"] > 0
-        assert {"ttft_p50_ms", "tpot_p50_ms", "itl_p99_ms", "slot_occupancy", "commit", "command"} <= set(r)
+        assert {"ttft_p50_ms", "tpot_p50_ms", "itl_p99_ms", "slot_occupancy", "commit", "command",
+                "tok_per_s_steady"} <= set(r)
     assert plot.stat().st_size > 1000 and len((tmp_path / "r.jsonl").read_text().splitlines()) == 5
 
 
@@ -423,10 +465,10 @@ def test_batch_bench_smoke(capsys, tmp_path):
 # CUDA: the graphed torch step and the Triton step against eager, on a staggered workload
 
 
-def _staggered(sched, ps, params, cancel_at: int = 5) -> list[list[int]]:
+def _staggered(sched, ps, params, cancel_at: int = 5, per_step: int = 1) -> list[list[int]]:
     handles = {}
     for step in range(400):
-        if step % 2 == 0 and len(handles) < len(ps):
+        while step % 2 == 0 and len(handles) < min(len(ps), (step // 2 + 1) * per_step):
             handles[len(handles)] = sched.submit(ps[len(handles)], params[len(handles)])
         if step == cancel_at:
             handles[1].cancel()
@@ -456,6 +498,30 @@ def test_fast_scheduler_matches_eager_on_staggered_requests(kernels):
                                              window_step=16))
     assert all(r.graph is not None and r.kernels == kernels for r in fast.batch.runners.values())
     assert _staggered(fast, ps, params) == _staggered(eager, ps, params)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_fast_scheduler_with_prefill_graphs_matches_eager(kernels):
+    """Prefill graphs on, through the scheduler: prompts arrive a few at a time (grouped into one
+    replay of a multi-row bucket), more requests than slots (slots reused), a cancellation, a stop
+    string, greedy and seeded temperature sampling, a row moved down to a smaller bucket: eager
+    decoding's tokens exactly (fp32)."""
+    dev = torch.device("cuda")
+    m = random_model(n_layer=2, n_head=4, n_kv_head=2, n_embd=128, vocab=265, seq_len=256, device=dev, seed=3)
+    ps = prompts(9, seed=7) + [list(range(1, 90)), [7] * 70]  # two prompts longer than the 64-token bucket
+    params = [SamplingParams(max_tokens=50 if i == 1 else 6 + 4 * i, **GREEDY) for i in range(len(ps))]
+    params[3] = SamplingParams(max_tokens=30, stop=("e",), **GREEDY)
+    params[4] = SamplingParams(max_tokens=25, temperature=0.9, seed=4)
+    eager = Scheduler(m, TOK, SchedulerConfig(slots=4, mode="eager", sync_every=4, pipeline=True, dtype="float32"))
+    fast = Scheduler(m, TOK, SchedulerConfig(slots=4, mode="fast", sync_every=4, dtype="float32", kernels=kernels,
+                                             prefill_graphs=True))
+    assert fast.batch.fresh is not None and fast.batch.fresh.graphs
+    assert _staggered(fast, ps, params, per_step=3) == _staggered(eager, ps, params, per_step=3)
+    fresh = fast.batch.fresh
+    assert fresh.rows_run >= len(ps) - 1 and fresh.runs < fresh.rows_run  # every prompt (but the cancelled), grouped
+    assert fast.counters["moves"] > 0  # and a row moved down to a smaller bucket between graphed chunks
 
 
 @pytest.mark.gpu
@@ -575,3 +641,47 @@ def test_sample_rows_distribution_and_filters():
     assert set(draw(p=0.5, any_top_p=True).tolist()) == {0, 1}  # 0.4 < 0.5, so token 1 is still in
     assert draw(temp=0.0).tolist() == [0] * R
     assert torch.equal(draw(), full)  # the same (key, position) draws the same token
+
+
+@pytest.mark.parametrize("sync_every,pipeline", [(1, False), (4, True)])
+def test_rows_moved_down_to_a_smaller_bucket_decode_as_alone(model, sync_every, pipeline):
+    """When the rows left would fit a smaller bucket than the slots they hold span (short requests
+    in the low slots finished first), they move down into free slots (cache, position, next input,
+    sampling settings copied on the device, the chunk in flight still read by the old slot): every
+    request, greedy or seeded-sampled, still decodes exactly as alone; and the steps run over the
+    smaller bucket."""
+    ps = prompts(8, seed=3)
+    params = [SamplingParams(max_tokens=3 + i % 4, **GREEDY) for i in range(5)]
+    params += [SamplingParams(max_tokens=40, **GREEDY), SamplingParams(max_tokens=36, temperature=0.9, seed=5),
+               SamplingParams(max_tokens=30, stop=("q",), **GREEDY)]
+    solo = [alone(model, p, q, TOK) for p, q in zip(ps, params)]
+    s = Scheduler(model, TOK, SchedulerConfig(slots=8, sync_every=sync_every, pipeline=pipeline))
+    handles = [s.submit(p, q) for p, q in zip(ps, params)]
+    buckets = []
+    launch = s.batch.launch
+    s.batch.launch = lambda bucket, *a, **k: buckets.append(bucket) or launch(bucket, *a, **k)
+    s.run_until_idle()
+    assert [h.result().samples[0].tokens for h in handles] == solo
+    assert s.counters["moves"] >= 3 and min(buckets) <= 4
+    off = Scheduler(model, TOK, SchedulerConfig(slots=8, sync_every=sync_every, pipeline=pipeline, compact=False))
+    handles = [off.submit(p, q) for p, q in zip(ps, params)]
+    off.run_until_idle()
+    assert [h.result().samples[0].tokens for h in handles] == solo and off.counters["moves"] == 0
+
+
+def test_finished_requests_are_delivered_first(model):
+    """In a step where one request finishes and another gets tokens, the finished one's events are
+    handed over first (its caller may send the next request before the loop admits again), though
+    its row comes later in the batch."""
+    s = Scheduler(model, None, SchedulerConfig(slots=2, sync_every=1))
+    order = []
+    handles = [s.submit([1, 2, 3], SamplingParams(max_tokens=n, **GREEDY)) for n in (10, 3)]
+    for name, h in zip("BA", handles):
+        push = h._push_many
+        h._push_many = lambda events, push=push, name=name: order.append(
+            (name, any(isinstance(e, DoneEvent) for e in events))) or push(events)
+    s.run_until_idle()
+    done_at = order.index(("A", True))
+    assert order[done_at - 2:done_at] == [("B", False), ("A", False)]  # a step before: B (slot 0) first
+    assert order[done_at + 1] == ("B", False)  # the finishing step: A's events, then B's
+    assert [h.result().samples[0].finish_reason for h in handles] == ["length", "length"]

@@ -64,15 +64,16 @@ class _Bench:
         from ..train.optim import build_optimizers
 
         self.device, self.T, self.total = device, args.seq_len, args.total_batch_tokens
+        if args.compile:
+            from ..common import start_compile_workers, use_compile_cache
+
+            use_compile_cache()  # as training does: a second run of the benchmark finds its graphs compiled
+            start_compile_workers()  # as training does: while the model is built
         self.model_cfg = ModelConfig.from_depth(args.depth, vocab_size=args.vocab_size, seq_len=args.seq_len)
         self.model = build_model(self.model_cfg, device, seed=0)
         self.optimizers = build_optimizers(self.model, OptimConfig(), device)
         # dynamic=False as in training: each batch shape is its own static graph, so the size the
         # finder verifies is compiled exactly as training will run it.
-        if args.compile:
-            from ..common import use_compile_cache
-
-            use_compile_cache()  # as training does: a second run of the benchmark finds its graphs compiled
         self.train_model = self.model
         if args.compile and args.compile_scope == "blocks":
             self.model.compile_regions(dynamic=False)
@@ -220,7 +221,9 @@ def measure_autobatch(args: argparse.Namespace) -> dict:
         run_peak_mem_gib=round(torch.cuda.max_memory_allocated(device) / GiB, 2), run_seconds=round(run_s, 1),
         cache_hit=result.cache_hit,
         probes=[{"batch": p.batch_size, "peak_gib": None if p.peak_bytes is None else round(p.peak_bytes / GiB, 2),
-                 "ok": p.fits, "oom": p.oom, "phase": p.phase} for p in result.probes])
+                 "reserved_gib": None if p.reserved_bytes is None else round(p.reserved_bytes / GiB, 2),
+                 "ok": p.fits, "oom": p.oom, "phase": p.phase, "seconds": round(p.seconds, 2)}
+                for p in result.probes])
     return rec
 
 

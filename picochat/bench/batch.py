@@ -148,7 +148,16 @@ def _pct(values: list[float], q: float) -> float | None:
     return float(torch.tensor(values, dtype=torch.float64).quantile(q))
 
 
-def summarize(traces: list[Trace], wall: float) -> dict:
+def steady_rate(traces: list[Trace], start: float) -> float | None:
+    """Output tok/s while the load was whole: from the start until the last request was sent (in
+    a closed loop every client then has a request in the system; after it the clients run out of
+    work one by one and the batch drains). None when that window holds no token."""
+    end = max(t.sent for t in traces)
+    tokens = sum(1 for t in traces for x in t.times if x <= end)
+    return tokens / (end - start) if tokens and end > start else None
+
+
+def summarize(traces: list[Trace], wall: float, start: float | None = None) -> dict:
     ttft = [1000 * (t.times[0] - t.sent) for t in traces if t.times]
     tpot = [1000 * (t.times[-1] - t.times[0]) / (len(t.times) - 1) for t in traces if len(t.times) > 1]
     itl = [1000 * (b - a) for t in traces for a, b in zip(t.times, t.times[1:])]
@@ -157,101 +166,187 @@ def summarize(traces: list[Trace], wall: float) -> dict:
     def r(x):
         return round(x, 2) if x is not None else None
 
+    steady = steady_rate(traces, start) if start is not None and traces else None
     return {"requests": len(traces), "output_tokens": tokens, "seconds": round(wall, 3),
             "tok_per_s_total": round(tokens / max(wall, 1e-9), 1),
+            "tok_per_s_steady": round(steady, 1) if steady is not None else None,
             "ttft_p50_ms": r(_pct(ttft, 0.5)), "ttft_p99_ms": r(_pct(ttft, 0.99)),
             "tpot_p50_ms": r(_pct(tpot, 0.5)), "tpot_p99_ms": r(_pct(tpot, 0.99)),
             "itl_p50_ms": r(_pct(itl, 0.5)), "itl_p99_ms": r(_pct(itl, 0.99))}
 
 
-def _measure(sched, name: str, run) -> dict:
+def _measure(sched, name: str, run, steady: bool = True) -> dict:
+    """Run one load; `steady`: also report the rate before the drain (see `steady_rate`; not for
+    one static batch, whose requests are all sent at once)."""
     with _Occupancy(sched) as occ:
         t0 = time.perf_counter()
         traces = run()
         wall = time.perf_counter() - t0
-    rec = summarize(traces, wall)
+    rec = summarize(traces, wall, t0 if steady else None)
     rec["slot_occupancy"] = round(occ.mean, 3)
-    print(f"  {name}: {rec['tok_per_s_total']:,.0f} tok/s, TTFT p99 {rec['ttft_p99_ms']} ms", flush=True)
+    steady = f" ({rec['tok_per_s_steady']:,.0f} steady)" if rec["tok_per_s_steady"] else ""
+    print(f"  {name}: {rec['tok_per_s_total']:,.0f} tok/s{steady}, TTFT p99 {rec['ttft_p99_ms']} ms, "
+          f"occupancy {rec['slot_occupancy']}", flush=True)
     return rec
 
 
+@dataclass
+class Load:
+    """What every scheduler of one bench run is measured with."""
+
+    concurrency: list[int]
+    request_rates: list[float]
+    modes: list[str]
+    num_requests: list[int | None]
+    prompt_median: int
+    output_median: int
+    sigma: float
+    serial_requests: int
+    seed: int
+    variants: list[dict]  # settings continuous mode runs with: prefill_graphs, compact, followup_wait
+    profile: bool
+
+
 def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_rates: list[float] = (),
-                    modes: list[str] = ("continuous", "static", "serial"), num_requests: int | None = None,
+                    modes: list[str] = ("continuous", "static", "serial"),
+                    num_requests: int | None | list[int | None] = None,
                     prompt_median: int = 256, output_median: int = 256, sigma: float = 0.5,
                     slots: int | None = None, device: str | torch.device = "cuda", vocab_size: int = 32768,
-                    seq_len: int = 2048, serial_requests: int = 16, seed: int = 0, sync_every: int | None = None,
+                    seq_len: int = 2048, serial_requests: int = 16, seed: int = 0,
+                    sync_every: int | None | list[int | None] = None,
                     kernels: str = "auto", prefill_budget: int | None = None,
                     compile: bool | str = False, triton_max_rows: int | None = None,
-                    profile: bool = False, prefill_graphs: bool | None = None,
-                    followup_wait: float | None = None, chunk_graphs: bool = True,
-                    take_by_request: bool = True) -> list[dict]:
+                    profile: bool = False, prefill_graphs: bool | None | list[bool] = None,
+                    followup_wait: float | None | list[float] = None, chunk_graphs: bool = True,
+                    take_by_request: bool = True, compact: bool | list[bool] = True) -> list[dict]:
+    """Records of every mode and load. `num_requests` a list: every load point runs with each
+    count (the closed loop's drain at the end weighs less in longer runs). `sync_every` a list: one scheduler per value, one after the
+    other on the same model. `prefill_graphs`, `compact` and/or `followup_wait` lists: continuous mode is measured
+    with each combination on one scheduler (built with the graphs, then toggled; static and serial
+    with the first), so an A/B shares the build, the kernels and the warm-up."""
     from ..common import compute_dtype
     from ..config import ModelConfig
-    from ..infer.scheduler import Scheduler, SchedulerConfig
+    from ..infer.scheduler import SchedulerConfig
     from ..model.gpt import build_model
 
     device = torch.device(device)
     cuda = device.type == "cuda"
+    graph_variants = list(prefill_graphs) if isinstance(prefill_graphs, (list, tuple)) else [prefill_graphs]
+    compacts = list(compact) if isinstance(compact, (list, tuple)) else [compact]
+    waits = list(followup_wait) if isinstance(followup_wait, (list, tuple)) else [followup_wait]
     dtype = compute_dtype(device)
     cfg = ModelConfig.from_depth(depth, vocab_size=vocab_size, seq_len=seq_len)
     model = build_model(cfg, device, seed=seed).to(dtype).eval()
     top = max(list(concurrency) + [1])
     slots = slots or max(top, 1)
-    config = SchedulerConfig(slots=slots, sync_every=sync_every, kernels=kernels, prefill_budget=prefill_budget,
-                             max_queue=100_000, compile=compile if cuda else False, triton_max_rows=triton_max_rows,
-                             prefill_graphs=prefill_graphs, chunk_graphs=chunk_graphs,
-                             take_by_request=take_by_request,
-                             **({} if followup_wait is None else {"followup_wait": followup_wait}))
+    counts = list(num_requests) if isinstance(num_requests, (list, tuple)) else [num_requests]
+    load = Load(list(concurrency), list(request_rates), list(modes), counts, prompt_median, output_median,
+                sigma, serial_requests, seed, [{"prefill_graphs": g, "compact": c, "followup_wait": w}
+                                               for g in graph_variants for c in compacts for w in waits], profile)
+    records = []
+    for k in (list(sync_every) if isinstance(sync_every, (list, tuple)) else [sync_every]):
+        config = SchedulerConfig(slots=slots, sync_every=k, kernels=kernels, prefill_budget=prefill_budget,
+                                 max_queue=100_000, compile=compile if cuda else False,
+                                 triton_max_rows=triton_max_rows,
+                                 prefill_graphs=True if any(graph_variants) else graph_variants[0],
+                                 chunk_graphs=chunk_graphs, take_by_request=take_by_request, compact=compacts[0],
+                                 **({} if waits[0] is None else {"followup_wait": waits[0]}))
+        records += _bench_scheduler(model, config, load)
+        if cuda:
+            torch.cuda.empty_cache()  # the next scheduler's cache and graphs
+    return records
+
+
+def _bench_scheduler(model, config, load: Load) -> list[dict]:
+    from ..infer.scheduler import Scheduler
+
     t0 = time.perf_counter()
     sched = Scheduler(model, None, config).start()
     build_s = time.perf_counter() - t0
-    common = {"prompt_median": prompt_median, "output_median": output_median, "length_sigma": sigma,
-              "slots": slots, "mode_step": sched.mode, "sync_every": sched.sync_every, "dtype": str(dtype)[6:],
-              "vocab_size": vocab_size, "seq_len": seq_len, "scheduler_build_s": round(build_s, 2),
-              "compile": config.compile or False, "kernels": kernels,
+    c0, vocab = model.config, model.config.vocab_size
+    common = {"prompt_median": load.prompt_median, "output_median": load.output_median, "length_sigma": load.sigma,
+              "slots": sched.slots, "mode_step": sched.mode, "sync_every": sched.sync_every,
+              "dtype": str(sched.dtype)[6:], "vocab_size": vocab, "seq_len": c0.seq_len,
+              "scheduler_build_s": round(build_s, 2), "compile": config.compile or False, "kernels": config.kernels,
               "prefill_graphs": sched.batch.fresh is not None and sched.batch.fresh.graph,
-              "followup_wait_ms": round(1000 * config.followup_wait, 3), "take_by_request": take_by_request,
+              "followup_wait_ms": round(1000 * config.followup_wait, 3), "take_by_request": config.take_by_request,
               "chunk_graphs": sorted({b for b, _ in sched.batch.chunk_graphs}) if sched.mode != "naive" else [],
               "step_kernels": {b: r.kernels for b, r in sched.batch.runners.items()} if sched.mode == "fast" else None}
-    print(f"scheduler: {slots} slots x {sched.max_context} context, {sched.mode} decode, built in {build_s:.1f} s")
+    print(f"scheduler: {sched.slots} slots x {sched.max_context} context, {sched.mode} decode, chunks of "
+          f"{sched.sync_every}, built in {build_s:.1f} s")
+    top = max(load.concurrency + [1])
     # warm-up: every bucket size the runs will use, prefill shapes, the host paths
-    warm = make_workload(max(8, 2 * top), prompt_median, min(output_median, 32), 0.0, vocab_size,
-                         sched.max_context, seed + 99)
+    warm = make_workload(max(8, 2 * top), load.prompt_median, min(load.output_median, 32), 0.0, vocab,
+                         sched.max_context, load.seed + 99)
     closed_loop(sched, warm, top)
     closed_loop(sched, warm[:2], 1)
-    records = []
     try:
-        for c in concurrency:
-            n = num_requests or max(64, 8 * c)
-            work = make_workload(n, prompt_median, output_median, sigma, vocab_size, sched.max_context, seed + c)
-            print(f"concurrency {c}: {n} requests")
-            for mode in modes:
-                if mode == "continuous":
-                    rec = _measure(sched, mode, lambda: closed_loop(sched, work, c))
-                elif mode == "static":
-                    rec = _measure(sched, mode, lambda: static_groups(sched, work, c))
-                    fixed = make_workload(c, prompt_median, output_median, 0.0, vocab_size, sched.max_context, seed)
-                    frec = _measure(sched, "static_fixed", lambda: static_groups(sched, fixed, c))
-                    records.append({**common, **frec, "mode": "static_fixed", "concurrency": c})
-                elif mode == "serial":
-                    rec = _measure(sched, mode, lambda: closed_loop(sched, work[:serial_requests], 1))
-                else:
-                    raise ValueError(f"unknown mode {mode!r}")
-                records.append({**common, **rec, "mode": mode, "concurrency": c})
-        for rate in request_rates:
-            n = num_requests or max(64, int(8 * rate))
-            work = make_workload(n, prompt_median, output_median, sigma, vocab_size, sched.max_context, seed)
-            print(f"request rate {rate}/s: {n} requests")
-            rec = _measure(sched, "continuous", lambda: open_loop(sched, work, rate, seed))
-            records.append({**common, **rec, "mode": "continuous", "request_rate": rate})
-        if profile:
-            for c in concurrency:
-                work = make_workload(max(2 * c, 16), prompt_median, output_median, sigma, vocab_size,
-                                     sched.max_context, seed + c)
-                print(f"\nprofile: continuous, concurrency {c}, {len(work)} requests (not recorded)")
-                profile_run(sched, lambda: closed_loop(sched, work, c))
+        return _run_loads(sched, load, common)
     finally:
         sched.close()
+
+
+def _show(value) -> str:
+    return ("on" if value else "off") if isinstance(value, bool) or value is None else f"{1000 * value:g} ms"
+
+
+def _run_loads(sched, load: Load, common: dict) -> list[dict]:
+    built_fresh, variants = sched.batch.fresh, load.variants
+    vocab, seed = common["vocab_size"], load.seed
+    varying = [k for k in variants[0] if len({v[k] for v in variants}) > 1]
+    default_wait = sched.config.followup_wait
+
+    def use(variant) -> dict:
+        if "prefill_graphs" in varying:
+            sched.batch.fresh = built_fresh if variant["prefill_graphs"] else None
+        sched.config.compact = variant["compact"]  # both read by every step
+        sched.config.followup_wait = default_wait if variant["followup_wait"] is None else variant["followup_wait"]
+        # asked: this run's setting; prefill_graphs: whether graphs replayed (off CUDA the same
+        # scratch-cache prefill runs eagerly)
+        return {"prefill_graphs_asked": bool(variant["prefill_graphs"]), "compact": variant["compact"],
+                "followup_wait_ms": round(1000 * sched.config.followup_wait, 3),
+                "prefill_graphs": sched.batch.fresh is not None and sched.batch.fresh.graph}
+
+    def each_variant(name: str, run, **where) -> None:
+        for variant in variants:
+            extra = use(variant)
+            label = name + "".join(f" ({k.replace('_', ' ')} {_show(variant[k])})" for k in varying)
+            moves = sched.counters["moves"]
+            rec = _measure(sched, label, run)
+            records.append({**common, **rec, **extra, "rows_moved": sched.counters["moves"] - moves,
+                            "mode": "continuous", **where})
+        use(variants[0])
+
+    records = []
+    for c, count in [(c, count) for c in load.concurrency for count in load.num_requests]:
+        n = count or max(64, 8 * c)
+        work = make_workload(n, load.prompt_median, load.output_median, load.sigma, vocab, sched.max_context, seed + c)
+        print(f"concurrency {c}: {n} requests")
+        for mode in load.modes:
+            if mode == "continuous":
+                each_variant(mode, lambda: closed_loop(sched, work, c), concurrency=c)
+                continue
+            if mode == "static":
+                rec = _measure(sched, mode, lambda: static_groups(sched, work, c))
+                fixed = make_workload(c, load.prompt_median, load.output_median, 0.0, vocab, sched.max_context, seed)
+                frec = _measure(sched, "static_fixed", lambda: static_groups(sched, fixed, c), steady=False)
+                records.append({**common, **frec, "mode": "static_fixed", "concurrency": c})
+            elif mode == "serial":
+                rec = _measure(sched, mode, lambda: closed_loop(sched, work[:load.serial_requests], 1))
+            else:
+                raise ValueError(f"unknown mode {mode!r}")
+            records.append({**common, **rec, "mode": mode, "concurrency": c})
+    for rate, count in [(r, count) for r in load.request_rates for count in load.num_requests]:
+        n = count or max(64, int(8 * rate))
+        work = make_workload(n, load.prompt_median, load.output_median, load.sigma, vocab, sched.max_context, seed)
+        print(f"request rate {rate}/s: {n} requests")
+        each_variant("continuous", lambda: open_loop(sched, work, rate, seed), request_rate=rate)
+    if load.profile:
+        for c in load.concurrency:
+            work = make_workload(max(2 * c, 16), load.prompt_median, load.output_median, load.sigma, vocab,
+                                 sched.max_context, seed + c)
+            print(f"\nprofile: continuous, concurrency {c}, {len(work)} requests (not recorded)")
+            profile_run(sched, lambda: closed_loop(sched, work, c))
     return records
 
 
@@ -332,14 +427,15 @@ def plot_records(records: list[dict], path: str, bench: str = "batch") -> None:
 
 
 def add_batch_parser(sub: argparse._SubParsersAction) -> None:
-    from ..options import float_in, int_at_least
+    from ..options import int_at_least
 
     p = sub.add_parser("batch", help="many requests through the scheduler: continuous vs static vs serial")
     p.add_argument("--depth", type=int, default=12)
     p.add_argument("--concurrency", default="1,32", help="comma list of closed-loop client counts ('' for none)")
     p.add_argument("--request-rate", default="", help="comma list of open-loop Poisson rates (requests/s)")
     p.add_argument("--modes", default="continuous,static,serial", help="comma list")
-    p.add_argument("--num-requests", type=int, default=None, help="per load point (default max(64, 8 x load))")
+    p.add_argument("--num-requests", default=None, metavar="N[,N...]",
+                   help="per load point (default max(64, 8 x load)); a list runs every load point with each")
     p.add_argument("--serial-requests", type=int, default=16, help="requests in serial mode")
     p.add_argument("--prompt-median", type=int, default=256)
     p.add_argument("--output-median", type=int, default=256)
@@ -347,19 +443,26 @@ def add_batch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--slots", type=int, default=None, help="cache slots (default: the largest concurrency)")
     p.add_argument("--seq-len", type=int, default=2048, help="the model's context")
     p.add_argument("--vocab-size", type=int, default=32768)
-    p.add_argument("--sync-every", type=int, default=None)
+    p.add_argument("--sync-every", default=None, metavar="K[,K...]",
+                   help="decode steps per chunk (default: the scheduler's, 16 on CUDA); a list builds one "
+                        "scheduler per value, one after the other")
     p.add_argument("--prefill-budget", type=int, default=None,
                    help="padded prompt tokens per prefill forward (default 8192 on CUDA, 2048 elsewhere)")
     p.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton"),
                    help="the decode step of each batch bucket (auto: Triton up to --triton-max-rows, torch above)")
     p.add_argument("--triton-max-rows", type=int_at_least(1), default=None,
                    help="with --kernels auto: the largest bucket the Triton step runs (default: the scheduler's)")
-    p.add_argument("--prefill-graphs", choices=("on", "off"), default=None,
-                   help="prompts' first chunks replayed from CUDA graphs (default: off, a known GPU bug: docs/scheduler.md)")
+    p.add_argument("--prefill-graphs", default=None, metavar="on|off|on,off",
+                   help="prompts' first chunks replayed from CUDA graphs (default: the scheduler's, on in fast mode); a list "
+                        "such as on,off measures continuous mode with each on one scheduler (static, serial: the first)")
+    p.add_argument("--compact", default="on", metavar="on|off|on,off",
+                   help="move running rows down into free slots when they fit a smaller batch bucket (default on); "
+                        "a list measures continuous mode with each on one scheduler")
     p.add_argument("--chunk-graphs", choices=("on", "off"), default="on",
                    help="Triton buckets launch a whole decode chunk as one CUDA graph (default on)")
-    p.add_argument("--followup-wait", type=float_in(0, 1), default=None, metavar="SECONDS",
-                   help="how long the loop waits for follow-up submissions after a finish (0 = off)")
+    p.add_argument("--followup-wait", default=None, metavar="SECONDS[,SECONDS...]",
+                   help="how long the loop waits for follow-up submissions after a finish (0 = off; default: the "
+                        "scheduler's); a list measures continuous mode with each on one scheduler")
     p.add_argument("--take-by-request", choices=("on", "off"), default="on",
                    help="the loop reads a chunk's tokens request by request (default on; off: the first per-step loop)")
     p.add_argument("--profile", action="store_true",
@@ -386,50 +489,109 @@ def cmd_batch_bench(args: argparse.Namespace) -> int:
     try:
         conc = _ints(args.concurrency)
         rates = [float(x) for x in args.request_rate.split(",") if x.strip()]
+        syncs = _ints(args.sync_every) if args.sync_every is not None else [None]
+        counts = _ints(args.num_requests) if args.num_requests is not None else [None]
     except ValueError:
-        raise SystemExit("--concurrency and --request-rate take comma lists of numbers") from None
+        raise SystemExit("--concurrency, --request-rate and --sync-every take comma lists of numbers") from None
+    for name, values in (("sync-every", syncs), ("num-requests", counts)):
+        if not values or any(k is not None and k < 1 for k in values):
+            raise SystemExit(f"--{name} takes values >= 1 (got {getattr(args, name.replace('-', '_'))!r})")
     if any(c < 1 for c in conc) or any(r <= 0 for r in rates) or not (conc or rates):
         raise SystemExit("give --concurrency values >= 1 and/or --request-rate values > 0")
-    for name, low in (("slots", 1), ("num_requests", 1), ("serial_requests", 1), ("prompt_median", 1),
-                      ("output_median", 1), ("seq_len", 2), ("prefill_budget", 1), ("sync_every", 1), ("depth", 1),
+    for name, low in (("slots", 1), ("serial_requests", 1), ("prompt_median", 1),
+                      ("output_median", 1), ("seq_len", 2), ("prefill_budget", 1), ("depth", 1),
                       ("vocab_size", 2)):
         value = getattr(args, name)
         if value is not None and value < low:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= {low} (got {value})")
     if args.length_sigma < 0:
         raise SystemExit(f"--length-sigma must be >= 0 (got {args.length_sigma})")
+    graph_variants = None
+    if args.prefill_graphs is not None:
+        words = [w.strip() for w in args.prefill_graphs.split(",")]
+        if not words or any(w not in ("on", "off") for w in words):
+            raise SystemExit(f"--prefill-graphs takes on, off or a comma list of them (got {args.prefill_graphs!r})")
+        graph_variants = [w == "on" for w in words]
+    words = [w.strip() for w in args.compact.split(",")]
+    if not words or any(w not in ("on", "off") for w in words):
+        raise SystemExit(f"--compact takes on, off or a comma list of them (got {args.compact!r})")
+    compacts = [w == "on" for w in words]
+    waits = [None]
+    if args.followup_wait is not None:
+        try:
+            waits = [float(w) for w in args.followup_wait.split(",") if w.strip()]
+        except ValueError:
+            waits = []
+        if not waits or any(not 0 <= w <= 1 for w in waits):
+            raise SystemExit(f"--followup-wait takes seconds in [0, 1], or a comma list of them (got {args.followup_wait!r})")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in ("continuous", "static", "serial")]
     if bad:
         raise SystemExit(f"unknown --modes {bad}; pick from continuous, static, serial")
-    records = run_batch_bench(args.depth, conc, rates, modes, args.num_requests, args.prompt_median,
+    records = run_batch_bench(args.depth, conc, rates, modes, counts, args.prompt_median,
                               args.output_median, args.length_sigma, args.slots, device, args.vocab_size,
-                              args.seq_len, args.serial_requests, args.seed, args.sync_every, args.kernels,
+                              args.seq_len, args.serial_requests, args.seed, syncs, args.kernels,
                               args.prefill_budget, args.compile, args.triton_max_rows, args.profile,
-                              None if args.prefill_graphs is None else args.prefill_graphs == "on",
-                              args.followup_wait, args.chunk_graphs == "on",
-                              take_by_request=args.take_by_request == "on")
+                              graph_variants,
+                              waits, args.chunk_graphs == "on",
+                              take_by_request=args.take_by_request == "on", compact=compacts)
     base = base_record("batch", device, args.depth)
     records = [{**base, **r} for r in records]
     print(f"\nbatch · {base['gpu']} · d{args.depth} · prompt/output medians {args.prompt_median}/"
           f"{args.output_median} (lognormal sigma {args.length_sigma}) · greedy · torch {base['torch']}")
-    print(f"{'mode':<13}{'load':>7}{'reqs':>6}{'tok/s':>10}{'TTFT p50':>10}{'TTFT p99':>10}{'TPOT p50':>10}"
-          f"{'ITL p99':>9}{'occupancy':>11}")
-    for r in records:
-        load = f"c{r['concurrency']}" if "concurrency" in r else f"r{r['request_rate']:g}"
-        print(f"{r['mode']:<13}{load:>7}{r['requests']:>6}{r['tok_per_s_total']:>10,.0f}{r['ttft_p50_ms']:>10}"
-              f"{r['ttft_p99_ms']:>10}{r['tpot_p50_ms']:>10}{r['itl_p99_ms']:>9}{r['slot_occupancy']:>11.2f}")
-    ratios = {}
-    for c in conc:
-        by = {r["mode"]: r["tok_per_s_total"] for r in records if r.get("concurrency") == c}
-        if "continuous" in by:
-            ratios[str(c)] = {f"vs_{m}": round(by["continuous"] / by[m], 2)
-                              for m in ("static", "static_fixed", "serial") if by.get(m)}
-    for c, rs in ratios.items():
-        print(f"continuous at concurrency {c}: " + ", ".join(f"{v}x {k[3:]}" for k, v in rs.items()))
+    ratios = _print_table(records, conc, len(syncs) > 1, [k for k, n in (("prefill_graphs", len(graph_variants or [0])),
+                                                                       ("compact", len(compacts)),
+                                                                       ("followup_wait", len(waits))) if n > 1])
     if args.plot:
         plot_records(records, args.plot)
         print(f"plot: {args.plot}")
     append_records(args.append, records)
     print_json_last({**base, "records": records, "ratios": ratios})
     return 0
+
+
+def _print_table(records: list[dict], conc: list[int], by_sync: bool, varying: list[str]) -> dict:
+    """The human table; returns continuous's ratios to the baselines per concurrency (and per chunk
+    length and request count when several were run; with several prefill-graph settings, the
+    first's): aggregate tok/s over the whole run, and `steady_vs_static_fixed`, continuous's
+    steady-state rate (before the drain) over `static_fixed`'s."""
+    width = 13 + (6 if by_sync else 0) + 17 * len(varying)
+    print(f"{'mode':<{width}}{'load':>7}{'reqs':>6}{'tok/s':>10}{'steady':>9}{'TTFT p50':>10}{'TTFT p99':>10}"
+          f"{'TPOT p50':>10}{'ITL p99':>9}{'occupancy':>11}")
+    for r in records:
+        load = f"c{r['concurrency']}" if "concurrency" in r else f"r{r['request_rate']:g}"
+        label = r["mode"] + (f" k{r['sync_every']}" if by_sync else "")
+        if r["mode"] == "continuous":
+            shown = {"prefill_graphs": ("prefill gr.", _show(r.get("prefill_graphs_asked"))),
+                     "compact": ("compact", _show(r.get("compact"))),
+                     "followup_wait": ("wait", f"{r['followup_wait_ms']:g} ms")}
+            label += "".join(f" ({shown[k][0]} {shown[k][1]})" for k in varying)
+        steady = f"{r['tok_per_s_steady']:,.0f}" if r.get("tok_per_s_steady") else "-"
+        print(f"{label:<{width}}{load:>7}{r['requests']:>6}{r['tok_per_s_total']:>10,.0f}{steady:>9}"
+              f"{r['ttft_p50_ms']:>10}{r['ttft_p99_ms']:>10}{r['tpot_p50_ms']:>10}{r['itl_p99_ms']:>9}"
+              f"{r['slot_occupancy']:>11.2f}")
+    ratios = {}
+    several_counts = len({r["requests"] for r in records if r["mode"] == "continuous"}) > 1
+    for k in sorted({r["sync_every"] for r in records}):
+        for c in conc:
+            by, fixed = {}, None
+            for r in records:
+                if r.get("concurrency") == c and r["sync_every"] == k:
+                    if r["mode"] == "static_fixed":
+                        fixed = fixed or r
+                    by.setdefault((r["mode"], r["requests"]), r)
+            for (mode, n), cont in by.items():
+                if mode != "continuous":
+                    continue
+                key = str(c) + (f"@k{k}" if by_sync else "") + (f"x{n}" if several_counts else "")
+                rs = {f"vs_{m}": round(cont["tok_per_s_total"] / b["tok_per_s_total"], 2)
+                      for m in ("static", "serial") for b in [by.get((m, n))] if b}
+                if fixed:
+                    rs["vs_static_fixed"] = round(cont["tok_per_s_total"] / fixed["tok_per_s_total"], 2)
+                    if cont.get("tok_per_s_steady"):
+                        rs["steady_vs_static_fixed"] = round(cont["tok_per_s_steady"] / fixed["tok_per_s_total"], 2)
+                ratios[key] = rs
+    for c, rs in ratios.items():
+        print(f"continuous at concurrency {c}: " + ", ".join(f"{v}x {k[3:] if k.startswith('vs_') else k}"
+                                                             for k, v in rs.items()))
+    return ratios

@@ -26,6 +26,7 @@ def add_muon_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)}")
     p.add_argument("--steps", type=int_at_least(1), default=10, help="timed steps (after 3 warm-up steps)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--profile", action="store_true", help="after timing, profile 3 steps: the top kernels")
     p.add_argument("--append", help="append JSON records to this file (e.g. docs/benchmarks/results.jsonl)")
     p.set_defaults(func=cmd_muon_bench)
 
@@ -40,7 +41,7 @@ def build(mode: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     raise ValueError(f"--modes: unknown mode {mode!r}; choose from {', '.join(MODES)}")
 
 
-def measure_muon(depth: int, mode: str, steps: int, device: str = "auto") -> dict:
+def measure_muon(depth: int, mode: str, steps: int, device: str = "auto", profile: bool = False) -> dict:
     from ..common import detect_device, synchronize
     from ..config import ModelConfig
     from ..model.gpt import build_model
@@ -61,6 +62,8 @@ def measure_muon(depth: int, mode: str, steps: int, device: str = "auto") -> dic
         if i >= 3:
             times.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
+    if profile:
+        _print_profile(opt, dev)
     rec = base_record("muon", dev, depth)
     rec.update(mode=mode, matrices=len(params), matrix_params=sum(p.numel() for p in params),
                step_ms=round(1000 * statistics.median(times), 3), steps=steps)
@@ -69,8 +72,24 @@ def measure_muon(depth: int, mode: str, steps: int, device: str = "auto") -> dic
     return rec
 
 
+def _print_profile(opt: torch.optim.Optimizer, dev: torch.device, steps: int = 3) -> None:
+    """Top kernels of a few more steps (where the step's device time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ..common import synchronize
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            opt.step()
+        synchronize(dev)
+    key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=60))
+
+
 def cmd_muon_bench(args: argparse.Namespace) -> int:
-    records = [measure_muon(args.depth, m.strip(), args.steps, args.device) for m in args.modes.split(",")]
+    records = [measure_muon(args.depth, m.strip(), args.steps, args.device, args.profile)
+               for m in args.modes.split(",")]
     print(f"\n{'device':<34}{'depth':>6}{'mode':>18}{'matrices':>10}{'step ms':>10}{'CPU ms':>10}")
     for r in records:
         cpu = f"{r['cpu_ms']:.2f}" if "cpu_ms" in r else "-"

@@ -33,12 +33,16 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variant", default="default",
                    help="comma list of forward variants (model.gpt.ForwardOptions): default, reference, or levers "
                         "joined by + on top of the reference: loss (one-pass soft-capped CE), qkv (one q/k/v matmul), "
-                        "bf16res (bfloat16 residual stream); e.g. reference,loss,loss+qkv")
+                        "bf16res (bfloat16 residual stream), triton (the loss as Triton kernels, CUDA); "
+                        "e.g. reference,loss,loss+qkv,default+triton")
     p.add_argument("--compile-scope", default="model",
                    help="comma list: model (one whole-model graph, what training runs) and/or blocks "
                         "(GPT.compile_regions: each block and the head compiled separately)")
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile mode (e.g. max-autotune-no-cudagraphs); default: torch's default")
+    p.add_argument("--inductor", default="",
+                   help="comma list of torch._inductor.config settings KEY=VALUE for every run of this call "
+                        "(e.g. coordinate_descent_tuning=True); recorded as `inductor`")
     p.add_argument("--tokens", default="random", choices=("random", "repeat", "text"),
                    help="random: uniform tokens; repeat: each row's second half repeats its first; text: the "
                         "embedded corpus as bytes, so the loss falls and the per-step losses of variants can be "
@@ -206,7 +210,34 @@ def print_kernel_categories(prof, steps: int) -> None:
         print(f"  {kind:<22}{ms:>8.2f} ms {100 * ms / whole:>6.1f}%")
 
 
+def apply_inductor_settings(spec: str) -> dict:
+    """Set torch._inductor.config attributes from 'key=value,...' (values as Python literals)."""
+    import ast
+
+    settings = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--inductor: expected KEY=VALUE, got {item!r}")
+        import torch._inductor.config as inductor_config
+
+        target, name = inductor_config, key.strip()
+        *path, name = name.split(".")
+        for part in path:
+            target = getattr(target, part)
+        if not hasattr(target, name):
+            raise ValueError(f"--inductor: torch._inductor.config has no setting {key!r}")
+        try:
+            parsed = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            parsed = value.strip()
+        setattr(target, name, parsed)
+        settings[key.strip()] = parsed
+    return settings
+
+
 def cmd_train_bench(args: argparse.Namespace) -> int:
+    inductor = apply_inductor_settings(args.inductor)
     sizes = [s.strip() for s in str(args.device_batch_size).split(",")]
     runs = [(size, muon.strip(), sdpa.strip(), variant.strip(), scope.strip()) for size in sizes
             for muon in args.muon.split(",") for sdpa in args.sdpa.split(",") for variant in args.variant.split(",")
@@ -217,6 +248,8 @@ def cmd_train_bench(args: argparse.Namespace) -> int:
             records.append(measure_train(args.depth, size, args.seq_len, args.vocab_size, args.steps, args.warmup,
                                          args.grad_accum, args.compile, args.device, args.profile, muon, sdpa,
                                          variant, scope, args.compile_mode, args.tokens, args.cold))
+            if inductor:
+                records[-1]["inductor"] = inductor
             append_records(args.append, records[-1:])  # as each run ends: a later one may not finish
         except Exception as e:  # noqa: BLE001 - an OOM is a result (recorded); anything else is a bug
             if not is_oom_error(e):

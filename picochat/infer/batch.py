@@ -112,7 +112,6 @@ class DecodeBatch:
                         self.chunk_graphs = {key: g for key, g in self.chunk_graphs.items() if key[0] != b}
                         torch.cuda.synchronize(self.device)
         self.fresh = None
-        # off unless asked for: on the H200 the graphed version hit a device-side index assert (2db4a3a)
         if not naive and bool(fresh_prefill):
             from .prefill_graphs import FreshPrefill
 
@@ -211,6 +210,21 @@ class DecodeBatch:
         for kv in (*self.cache.k, *self.cache.v):
             kv[index, :, :length] = kv[src, :, :length].unsqueeze(0)
 
+    def move_rows(self, src: list[int], dst: list[int]) -> None:
+        """Give slots `dst` the rows of slots `src` (their cached positions up to each one's bound,
+        position, next input and sampling settings), on the device, after the work queued before."""
+        s, d = self._dev(src, torch.long), self._dev(dst, torch.long)
+        length = min(self.length, max(self.bound[i] for i in src) + 1)
+        if self.naive:
+            self.seq[d, :length] = self.seq[s, :length]
+        else:
+            for kv in (*self.cache.k, *self.cache.v):
+                kv[d, :, :length] = kv[s, :, :length]  # the gather copies first: src and dst may not overlap anyway
+        for t in (self.pos, self.idx, self.temperature, self.top_k, self.top_p, self.keys):
+            t[d] = t[s]
+        for i, j in zip(src, dst):
+            self.bound[j] = self.bound[i]
+
     # -- prefill ---------------------------------------------------------------------------------
     @torch.no_grad()
     def prefill(self, slots: list[int], chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
@@ -227,12 +241,37 @@ class DecodeBatch:
         with sdpa_kernel(PREFILL_ATTENTION):
             if self.fresh is not None and not any(starts) and self.fresh.fits(len(slots), max(lens)):
                 logits = self.fresh.run(slots, chunks, self._dev)
+            elif self.fresh is not None and 0 in starts:
+                logits = self._prefill_split(slots, chunks, starts)
             elif self.naive:
                 logits = self._prefill_naive(slots, chunks, starts, ends)
             else:
                 logits = self._prefill_cached(slots, chunks, starts)
         self.set_rows(slots, ends, [0] * len(slots))
         return logits
+
+    def _prefill_split(self, slots: list[int], chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """A group no one prefill graph holds (too many rows or tokens, or later chunks of long
+        prompts among first ones): first chunks in as few graph replays as fit, the rest in one
+        eager forward. Each replay's logits are copied out before the next replay (graphs of one
+        pool may reuse each other's memory)."""
+        fresh = [i for i, s in enumerate(starts) if s == 0]
+        groups, long = self.fresh.plan([len(chunks[i]) for i in fresh])
+        parts, order = [], []
+        for group in groups:
+            rows = [fresh[g] for g in group]
+            parts.append(self.fresh.run([slots[i] for i in rows], [chunks[i] for i in rows], self._dev).clone())
+            order += rows
+        rest = [i for i, s in enumerate(starts) if s != 0] + [fresh[g] for g in long]
+        if rest:
+            parts.append(self._prefill_cached([slots[i] for i in rest], [chunks[i] for i in rest],
+                                              [starts[i] for i in rest]))
+            order += rest
+        logits = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if order == list(range(len(slots))):
+            return logits
+        inverse = sorted(range(len(order)), key=order.__getitem__)  # row i of the result is logits[inverse[i]]
+        return logits.index_select(0, self._dev(inverse, torch.long))
 
     def _prefill_cached(self, slots: list[int], chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
         B, T = len(slots), max(len(c) for c in chunks)

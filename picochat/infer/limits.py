@@ -47,8 +47,9 @@ class SchedulerConfig:
     memory_fraction: float = 0.5  # of free device memory the cache may take when `slots` is None
     max_slots: int = 256
     pipeline: bool | None = None  # launch the next chunk before reading one; None: in fast mode
-    prefill_graphs: bool | None = None  # prompts' first chunks from CUDA graphs (prefill_graphs.py); None: off (experimental: failed on the H200)
+    prefill_graphs: bool | None = None  # prompts' first chunks from CUDA graphs (prefill_graphs.py); None: in fast mode
     chunk_graphs: bool = True  # Triton buckets: a whole decode chunk as one CUDA graph (fast mode)
+    compact: bool = True  # move running rows down into free slots when they would fit a smaller bucket
     tool_workers: int = 4
     followup_wait: float = 0.001  # seconds the loop waits for follow-ups after a finish (Scheduler._await_followups)
     take_by_request: bool = True  # read a chunk's tokens request by request (False: the first per-step loop)

@@ -50,6 +50,7 @@ class FreshPrefill:
         self.last = torch.zeros(self.row_buckets[-1], dtype=torch.long, device=self.device)
         self.index = torch.zeros(self.row_buckets[-1], dtype=torch.long, device=self.device)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.runs = self.rows_run = 0  # forwards run and prompts they carried (stats, tests)
         if graph:
             for r, t in self.buckets:
                 graph_, logits = capture_graph(self._body(r, t), lambda: None, self.device, warmup=1, pool=pool)
@@ -57,6 +58,21 @@ class FreshPrefill:
 
     def fits(self, rows: int, tokens: int) -> bool:
         return self._bucket(rows, tokens) is not None
+
+    def plan(self, lengths: list[int]) -> tuple[list[list[int]], list[int]]:
+        """Split chunks of these lengths into as few bucket-sized groups as greedily fit: (groups of
+        indices, one replay each; indices of chunks longer than every bucket, left to the caller).
+        Longest first, so each group's bucket is set by its first chunk and filled with shorter ones."""
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        rest = [i for i in order if not self.fits(1, lengths[i])]
+        order = [i for i in order if self.fits(1, lengths[i])]
+        groups = []
+        while order:
+            t = self._bucket(1, lengths[order[0]])[1]
+            rows = max(r for r, t_ in self.buckets if t_ == t)
+            groups.append(order[:rows])
+            order = order[rows:]
+        return groups, rest
 
     def _bucket(self, rows: int, tokens: int) -> tuple[int, int] | None:
         return next(((r, t) for r, t in self.buckets if r >= rows and t >= tokens), None)
@@ -86,6 +102,7 @@ class FreshPrefill:
         slots' first positions (and right-padding junk after them, as in any padded prefill).
         `to_device(host tensor)` copies without waiting for work in flight."""
         n, longest = len(slots), max(len(c) for c in chunks)
+        self.runs, self.rows_run = self.runs + 1, self.rows_run + n
         r, t = self._bucket(n, longest)
         if not self.graph:  # eagerly, any shape that fits will do
             r, t = n, longest

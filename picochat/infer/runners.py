@@ -27,7 +27,13 @@ def capture_graph(step, reset, device: torch.device, warmup: int = 3, pool=None)
     compilation stay out of the graph; `reset()` (e.g. rewinding positions) runs before every
     warm-up call and after the capture, since warm-up and capture both advance the state. `pool`:
     a memory pool shared with other graphs (`torch.cuda.graph_pool_handle()`); safe when they never
-    run at once and each graph's outputs are read before another graph of the pool replays."""
+    run at once and each graph's outputs are read before another graph of the pool replays.
+
+    The graph keeps `step` (and so every tensor it closes over) alive: a replay reads the addresses
+    the capture saw, and a tensor made before the capture and then dropped (e.g. a `KVCache` view's
+    row index, built for one graph and referenced only by its step) would go back to the caching
+    allocator and be handed to the next eager tensor while the graph still indexes with it. That
+    was the prefill graphs' device-side "index out of bounds" on the H200."""
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
@@ -39,6 +45,7 @@ def capture_graph(step, reset, device: torch.device, warmup: int = 3, pool=None)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool):
         outputs = step()
+    graph.picochat_step = step  # see above: what the replay reads must outlive the capture
     reset()
     return graph, outputs
 

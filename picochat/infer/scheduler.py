@@ -97,6 +97,7 @@ class Scheduler:
         self._closing = False
         self._rng = random.Random()
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests": 0, "steps": 0, "chunks": 0,
+                         "moves": 0,
                          "finished": {"stop": 0, "length": 0, "cancelled": 0}}
         self._special_stops = frozenset(
             tokenizer.special(n) for n in ("<|assistant_end|>", "<|bos|>")) if tokenizer is not None else frozenset()
@@ -117,7 +118,8 @@ class Scheduler:
             return DecodeBatch(self.model, slots, self.max_context, k_max=self.sync_every, dtype=self.dtype,
                                graph=self.mode == "fast", compile=compile_mode, window_step=window_step,
                                kernels_for=kernels_for, naive=self.mode == "naive",
-                               fresh_prefill=self.config.prefill_graphs, chunk_graphs=self.config.chunk_graphs,
+                               fresh_prefill=self.mode == "fast" if self.config.prefill_graphs is None
+                               else self.config.prefill_graphs, chunk_graphs=self.config.chunk_graphs,
                                prefill_tokens=self.prefill_budget)
 
         try:
@@ -180,6 +182,8 @@ class Scheduler:
             self._resolve_tools()
             self._admit()
             self._prefill()
+            if self.config.compact:
+                self._compact()
             launched = self._launch()
             if self._inflight is not None:
                 self._consume(*self._inflight)
@@ -192,9 +196,14 @@ class Scheduler:
             return self.busy
 
     def _deliver(self) -> None:
-        for req in self._outboxes:
+        # Finished requests first: a closed-loop caller sends its next request on the finish, and
+        # that request should be queued before the next admission (see _await_followups); woken
+        # after every other reader of token events, the caller would wait its turn for the GIL.
+        boxes = self._outboxes
+        for req in [r for r in boxes if isinstance(r.outbox[-1], DoneEvent)] + \
+                [r for r in boxes if not isinstance(r.outbox[-1], DoneEvent)]:
             req.deliver()
-        self._outboxes.clear()
+        boxes.clear()
 
     def run_until_idle(self) -> None:
         """Drive the loop on this thread until every submitted request has finished."""
@@ -326,7 +335,7 @@ class Scheduler:
         return {"running": len(running), "waiting": waiting, "slots_used": self.slots - len(self._free),
                 "slots_total": self.slots, "prompt_tokens": c["prompt_tokens"],
                 "generation_tokens": c["generation_tokens"], "requests": c["requests"], "steps": c["steps"],
-                "chunks": c["chunks"], "finished": dict(c["finished"])}
+                "chunks": c["chunks"], "moves": c["moves"], "finished": dict(c["finished"])}
 
     # -- weights ---------------------------------------------------------------------------------
     def refresh_weights(self, source) -> None:
@@ -486,9 +495,10 @@ class Scheduler:
         # rows already run through the chunk in flight need that many fewer steps: the chunk
         # launched ahead stops where the longest row ends instead of running on into junk
         ahead = self._inflight[0] if self._inflight is not None else None
+        ahead_owners = {id(s) for s in self._inflight[1].values()} if ahead is not None else set()  # by any slot
 
         def left(s: Sample) -> int:
-            owned = ahead is not None and self._inflight[1].get(s.slot) is s and ahead.seq >= s.since
+            owned = id(s) in ahead_owners and ahead.seq >= s.since
             return s.request.max_tokens - s.emitted - s.first_pending - (ahead.k if owned else 0)
 
         k = min(self.sync_every, max((left(s) for s in running), default=0))
@@ -505,6 +515,40 @@ class Scheduler:
             logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=None))
         self.counters["chunks"] += 1
         return chunk, dict(self._rows)
+
+    def _compact(self) -> None:
+        """When the running rows would fit a smaller batch bucket than the slots they hold span,
+        move the rows above it into free slots below it: a step over fewer rows is faster (a burst's
+        tail, a quiet server). The device copies each moved row's cache, position, next input and
+        sampling settings after the chunk in flight, which still hands its tokens to the row by the
+        old slot (its owners were fixed at launch). Rows forcing tokens, waiting on a tool or due a
+        rewind stay where they are."""
+        if not self._rows:
+            return
+        held = len(self._rows) + sum(len(r.slots) for r in self._prefilling)
+        need = self.batch.bucket_for(held - 1)  # the bucket that many slots fill
+        top = max(self._rows)
+        if top < need or not self._free or self._free[0] >= need:
+            return
+        src, dst = [], []
+        for slot in sorted((s for s in self._rows if s >= need), reverse=True):
+            sample = self._rows[slot]
+            if sample.state != "text" or sample.resync:
+                continue
+            if not self._free or self._free[0] >= need:
+                break
+            to = heapq.heappop(self._free)
+            heapq.heappush(self._free, slot)
+            del self._rows[slot]
+            self._rows[to] = sample
+            sample.slot = to
+            req = sample.request
+            req.slots[req.slots.index(slot)] = to
+            src.append(slot)
+            dst.append(to)
+        if src:
+            self.batch.move_rows(src, dst)
+            self.counters["moves"] += len(src)
 
     def _park(self, bucket: int, seq: int) -> None:
         """Before chunk `seq`: reset the device position and input of every slot in the bucket that

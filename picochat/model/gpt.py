@@ -17,8 +17,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from .attention import KVCache, causal_attention
-from .softcap_ce import softcap_cross_entropy
-from .loss import reference_softcapped_cross_entropy, softcapped_cross_entropy
+from .loss import reference_softcapped_cross_entropy, softcapped_cross_entropy, triton_softcapped_cross_entropy
 
 
 @dataclass(frozen=True)
@@ -28,37 +27,40 @@ class ForwardOptions:
     `fused_qkv` and `bf16_residual` act only with gradients on (training): inference and evaluation
     run as before.
 
-    fused_loss: the one-pass soft-capped cross-entropy of `loss.py` (no float32 logits tensor);
-        CUDA and other accelerators (CPUs always use softcap_ce.py's cache-blocked pass).
+    fused_loss: the one-pass soft-capped cross-entropy of `loss.py` (no float32 logits tensor) instead
+        of the plain ops; CPUs always use it (there it works through cache-sized blocks of rows).
     fused_qkv: one q/k/v matrix product per layer (the three weights concatenated on the fly;
         the optimizer and checkpoints keep three matrices).
     bf16_residual: under bfloat16 autocast, keep the residual stream in bfloat16 instead of
-        float32 (half the bytes of every norm and residual add; upstream nanochat does this)."""
+        float32 (half the bytes of every norm and residual add; upstream nanochat does this).
+    triton_loss: on CUDA, the loss's two passes as hand-written Triton kernels (`triton_loss.py`,
+        one-instruction tanh) instead of the compiler's fusion of `fused_loss`; a graph break."""
 
     fused_loss: bool = True
     fused_qkv: bool = True
     bf16_residual: bool = True
+    triton_loss: bool = False
 
     @classmethod
     def reference(cls) -> "ForwardOptions":
-        return cls(fused_loss=False, fused_qkv=False, bf16_residual=False)
+        return cls(fused_loss=False, fused_qkv=False, bf16_residual=False, triton_loss=False)
 
     @classmethod
     def parse(cls, spec: str) -> "ForwardOptions":
-        """'default', 'reference', or levers joined by '+' turned on from the reference:
-        'loss', 'qkv', 'bf16res' (e.g. 'loss+qkv')."""
-        spec = spec.strip()
-        if spec == "default":
-            return cls()
-        names = {"loss": "fused_loss", "qkv": "fused_qkv", "bf16res": "bf16_residual"}
+        """'default', 'reference', or levers joined by '+' turned on from the reference (or from the
+        default when the spec starts with 'default'): 'loss', 'qkv', 'bf16res', 'triton'
+        (e.g. 'loss+qkv', 'default+triton')."""
+        names = {"loss": "fused_loss", "qkv": "fused_qkv", "bf16res": "bf16_residual", "triton": "triton_loss"}
+        parts = [p for p in spec.strip().split("+") if p]
+        base = cls() if parts[:1] == ["default"] else cls.reference()
         on = {}
-        for part in filter(None, spec.split("+")):
-            if part == "reference":
+        for part in parts:
+            if part in ("reference", "default") and part == parts[0]:
                 continue
             if part not in names:
                 raise ValueError(f"unknown forward lever {part!r}: use default, reference, or + joined {sorted(names)}")
             on[names[part]] = True
-        return cls(**{**vars(cls.reference()), **on})
+        return cls(**{**vars(base), **on})
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -249,10 +251,10 @@ class GPT(nn.Module):
         logits = self.lm_head(x)
         cap = self.config.logit_softcap
         if targets is not None:
-            if cap and logits.device.type == "cpu":  # one cache-blocked pass (softcap_ce.py)
-                return softcap_cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), cap,
-                                             loss_reduction)
-            loss = softcapped_cross_entropy if self.options.fused_loss else reference_softcapped_cross_entropy
+            if self.options.triton_loss and logits.is_cuda:
+                return triton_softcapped_cross_entropy(logits, targets, cap, loss_reduction)
+            fused = self.options.fused_loss or logits.device.type == "cpu"
+            loss = softcapped_cross_entropy if fused else reference_softcapped_cross_entropy
             return loss(logits, targets, cap, loss_reduction)
         logits = logits.float()
         if cap:

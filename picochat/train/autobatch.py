@@ -33,7 +33,8 @@ step, and step down on failure (refitting when the failed step still produced a 
 normal case; ``compiles`` reports the distinct shapes run. On CUDA (a probe with ``current_bytes``)
 one probe (at batch 4) does: the memory held just before the measured step (weights, optimizer state) is the
 line's intercept, so the second probe shape (a whole cold compile) is saved: 1 probe + 1 verify, and a
-second verify only when the line through the verified size says a larger one fits with 5% to spare.
+second verify only when the line through the verified size says a larger one fits with 15% to spare
+(`EXTRAPOLATION_SLACK`: with a 5% margin a doubling ran out of memory, through fragmentation).
 With ``eager_probe=True`` (the trainer sets it for pretraining) that one probe runs with torch.compile
 switched off (``torch.compiler.set_stance("force_eager")``): eager steps hold more activations than
 compiled ones, so the line errs on the safe side, and the only shape compiled is the verified one,
@@ -79,7 +80,12 @@ from .snapshot import drop_grads, free_memory, restore_snapshot, take_snapshot
 
 GiB = 1024**3
 ONE_PROBE_BATCH = 4  # the size of the single probe, when the memory probe reports resting memory
-EXTRAPOLATION_SLACK = 0.95  # a second verify only if the measured line puts it under 95% of the budget
+# A second verify only if the line through the first verify's measurement puts the larger size under
+# 85% of the budget. A 5% margin was not enough: on an H200 (d12, 139.2 GiB usable) the line through
+# batch 64 put batch 128 at 122.9 and 127.7 GiB in two runs, and batch 128 ran out of memory both times
+# (the caching allocator's fragmentation after the 64 verify: with expandable segments the same step
+# peaked at 122.75 GiB, on the line); each such attempt cost a whole cold compile (~15-19 s) for nothing.
+EXTRAPOLATION_SLACK = 0.85
 
 
 class AutoBatchError(RuntimeError):
@@ -94,6 +100,8 @@ class MemoryProbe(Protocol):
     def total_bytes(self) -> int: ...  # memory this process may use in all
     # Optional: `current_bytes() -> int`, memory held right now. With it the finder reads the
     # resting memory (weights, optimizer state) before a probe and fits from one probe, not two.
+    # Optional: `reserved_peak_bytes() -> int`, the allocator's peak reservation since reset()
+    # (allocated bytes plus what fragmentation costs); recorded with each probe, not fitted.
 
 
 class CudaMemoryProbe:
@@ -114,6 +122,10 @@ class CudaMemoryProbe:
     def current_bytes(self) -> int:
         torch.cuda.synchronize(self.device)
         return int(torch.cuda.memory_allocated(self.device))
+
+    def reserved_peak_bytes(self) -> int:
+        torch.cuda.synchronize(self.device)
+        return int(torch.cuda.max_memory_reserved(self.device))
 
     def total_bytes(self) -> int:
         frac = self.memory_fraction
@@ -146,6 +158,8 @@ class ProbeRecord:
     oom: bool
     phase: str  # probe | eager-probe | verify | cache-verify
     rest_bytes: int | None = None  # memory held just before the measured step (weights, optimizer state)
+    reserved_bytes: int | None = None  # the allocator's peak reservation in the measured step
+    seconds: float = 0.0  # wall time of this probe (its warm-up call includes any compile)
 
 
 @dataclass
@@ -180,10 +194,11 @@ class AutoBatchResult:
         def gib(x: float | None) -> str:
             return "-" if x is None else _fmt(x)
 
-        rows = [("batch", "peak", "result", "phase")]
-        rows += [(str(p.batch_size), gib(p.peak_bytes), "ok" if p.fits else ("oom" if p.oom else "over budget"),
-                  p.phase) for p in self.probes]
-        w = [max(len(r[i]) for r in rows) for i in range(4)]
+        rows = [("batch", "peak", "reserved", "result", "phase", "seconds")]
+        rows += [(str(p.batch_size), gib(p.peak_bytes), gib(p.reserved_bytes),
+                  "ok" if p.fits else ("oom" if p.oom else "over budget"), p.phase, f"{p.seconds:.1f}")
+                 for p in self.probes]
+        w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["autobatch probes:"] + ["  " + "  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in rows]
         fit = "-" if self.fit_b is None else f"{gib(self.fit_a)} + {gib(self.fit_b)} × batch"
         lines += [
@@ -383,6 +398,7 @@ class _Prober:
         self.shapes: set[int] = set()
         self.snap = None
         self.has_rest = callable(getattr(probe, "current_bytes", None))
+        self.has_reserved = callable(getattr(probe, "reserved_peak_bytes", None))
 
     def snapshot(self) -> None:
         self.snap = take_snapshot(self.model, self.optimizers)
@@ -392,12 +408,13 @@ class _Prober:
         `eager`: with every torch.compile'd function run eagerly (no compile for this shape)."""
         if not eager:
             self.shapes.add(b)
-        peak, rest, oom, err = 0, 0, False, None
+        t0 = time.perf_counter()
+        peak, rest, reserved, oom, err = 0, 0, 0, False, None
         drop_grads(self.model, self.optimizers)
         stance = torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext()
         try:
             with stance:
-                rest, peak = self._measure(b)
+                rest, peak, reserved = self._measure(b)
         except Exception as e:  # noqa: BLE001 - classified right here; non-OOM re-raised below
             if is_oom_error(e):
                 oom = True
@@ -407,28 +424,32 @@ class _Prober:
         if oom:
             drop_grads(self.model, self.optimizers)
             free_memory(self.device)
-        not_fit, errored, peak_all, rest_all = _max_over_ranks(
-            [float(oom), float(err is not None), float(peak), float(rest)], self.device)
+        not_fit, errored, peak_all, rest_all, reserved_all = _max_over_ranks(
+            [float(oom), float(err is not None), float(peak), float(rest), float(reserved)], self.device)
         if err is not None:
             raise err
         if errored:
             raise RuntimeError("autobatch: another rank failed with a non-OOM error during the probe")
         oom_all = bool(not_fit)
         rec = ProbeRecord(b, None if oom_all else int(peak_all), not oom_all and peak_all <= self.budget.limit(b),
-                          oom_all, phase, int(rest_all) if self.has_rest and not oom_all else None)
+                          oom_all, phase, int(rest_all) if self.has_rest and not oom_all else None,
+                          int(reserved_all) if self.has_reserved and not oom_all else None,
+                          time.perf_counter() - t0)
         self.res.probes.append(rec)
         return rec
 
-    def _measure(self, b: int) -> tuple[int, int]:
-        """(memory at rest, peak) of one step at b, after warm-up so optimizer state, compiled graphs
-        and autotuning exist."""
+    def _measure(self, b: int) -> tuple[int, int, int]:
+        """(memory at rest, peak, peak reserved) of one step at b, after warm-up so optimizer state,
+        compiled graphs and autotuning exist."""
         for _ in range(self.warmup_steps):
             self.train_step(b)
         drop_grads(self.model, self.optimizers)
+        if self.has_reserved and torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()  # cached blocks of earlier sizes would count as this step's reservation
         self.probe.reset()
         rest = self.probe.current_bytes() if self.has_rest else 0
         self.train_step(b)
-        return rest, self.probe.peak_bytes()
+        return rest, self.probe.peak_bytes(), self.probe.reserved_peak_bytes() if self.has_reserved else 0
 
     def leave_no_trace(self) -> None:
         drop_grads(self.model, self.optimizers)
@@ -475,7 +496,7 @@ def _search(run: Callable[..., ProbeRecord], candidates: list[int], limit: Calla
     one probe at batch 4 (run eagerly with `eager_probe`: eager steps keep more activations than
     compiled ones, so the line still errs high, and no shape is compiled before the verify). A line
     that errs high makes the verified size err small, so one more verify is allowed when the line
-    through the verified size's own measurement says a larger size fits with 5% to spare.
+    through the verified size's own measurement says a larger size fits with 15% to spare.
     Otherwise two probes give the line."""
     if not candidates:
         raise AutoBatchError("no candidate batch size left to try")

@@ -22,7 +22,7 @@ from typing import Protocol
 import torch
 
 from ..common import (DistInfo, autocast, compute_dtype, detect_device, gpu_name, init_distributed, log,
-                      seed_everything, synchronize, use_compile_cache)
+                      seed_everything, start_compile_workers, synchronize, use_compile_cache)
 from ..config import ModelConfig, TrainConfig
 from ..eval.bpb import bpb_batches, evaluate_bpb  # noqa: F401  (bpb_batches: the stages' validation batches)
 from . import checkpoint as ckpt
@@ -107,6 +107,11 @@ class Trainer:
         self.device = detect_device(cfg.device)
         self.dist = init_distributed(self.device)
         seed_everything(cfg.seed)
+        use_compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
+        if use_compile:
+            use_compile_cache()
+            if self.device.type == "cuda":
+                start_compile_workers()  # they start while the model is built and the finder probes eagerly
         self.model = build_model(self.model_cfg, self.device, seed=cfg.seed)
         if self.forward_options is not None:
             self.model.set_options(self.forward_options)
@@ -114,15 +119,12 @@ class Trainer:
             runs.load_weights(self.init_from, self.model)
             log.info(f"initialised weights from {self.init_from}")
         self.optimizers = build_optimizers(self.model, cfg.optim, self.device)
-        use_compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
         wrapped = self.model
         if self.dist.is_distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             wrapped = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.ddp = wrapped if self.dist.is_distributed else None
-        if use_compile:
-            use_compile_cache()
         self.train_model = wrapped
         if use_compile and cfg.compile_scope == "blocks":
             self.model.compile_regions(dynamic=False, mode=self.compile_mode)

@@ -5,7 +5,8 @@ and tools off, so every request generates exactly its asked `max_tokens`. Prompt
 lengths are drawn from lognormals (medians `--prompt-median`/`--output-median`, like vLLM's random
 dataset) and clipped to the context. Load is closed-loop (`--concurrency C`: C clients, each sends
 its next request when the last one finished) or open-loop (`--request-rate R`: Poisson arrivals,
-R requests/s; default request counts: max(64, 16 x C), max(64, 8 x R)). Modes, side by side in one process on one scheduler (same cache, same kernels):
+R requests/s; default request counts: max(64, 16 x C), max(64, 8 x R)). Modes, side by side in
+one process on one scheduler (same cache, same kernels):
   continuous  the scheduler as built: requests join and leave the running batch between chunks;
   static      groups of C requests: wait for C, run them as one batch until the last finishes
               (a group starts when the previous one ended); and `static_fixed`, a static batch of C

@@ -4,9 +4,9 @@ Why: an eager prefill forward at d12 is ~300 small launches, several millisecond
 the decode loop's one thread per admitted request. Meanwhile the GPU waits for those launches (at
 concurrency 1 it is most of the time to first token), and with a decode chunk queued ahead the
 launches can block, holding the GIL the clients need. A prompt's first chunk (start 0) reads
-nothing from the cache, so it can run on a scratch cache of a fixed shape, (rows, T bucket), and
-then be copied into its slots: one graph per (rows, T bucket), captured once with the decode
-graphs. Bigger groups, longer chunks and later chunks of long prompts run eagerly.
+nothing from the cache, so its forward has a fixed shape, (rows, T bucket), whatever the slots:
+one graph per bucket, captured once with the decode graphs, the slots given in a device tensor.
+Chunks longer than every bucket and later chunks of long prompts run eagerly.
 
 A first chunk attends to nothing but itself, so its forward needs neither the cache's rows nor a
 (tokens x cache) mask: each layer's keys and values go straight into the slots' rows (positions

@@ -573,7 +573,11 @@ def _print_table(records: list[dict], conc: list[int], by_sync: bool, varying: l
               f"{r['ttft_p50_ms']:>10}{r['ttft_p99_ms']:>10}{r['tpot_p50_ms']:>10}{r['itl_p99_ms']:>9}"
               f"{r['slot_occupancy']:>11.2f}")
     ratios = {}
-    several_counts = len({r["requests"] for r in records if r["mode"] == "continuous"}) > 1
+    counts = {}
+    for r in records:
+        if r["mode"] == "continuous" and "concurrency" in r:
+            counts.setdefault(r["concurrency"], set()).add(r["requests"])
+    several_counts = any(len(n) > 1 for n in counts.values())
     for k in sorted({r["sync_every"] for r in records}):
         for c in conc:
             by, fixed = {}, None
@@ -593,7 +597,7 @@ def _print_table(records: list[dict], conc: list[int], by_sync: bool, varying: l
                     if cont.get("tok_per_s_steady"):
                         rs["steady_vs_static_fixed"] = round(cont["tok_per_s_steady"] / fixed["tok_per_s_total"], 2)
                 ratios[key] = rs
-    for c, rs in ratios.items():
+    for c, rs in [(c, rs) for c, rs in ratios.items() if rs]:
         print(f"continuous at concurrency {c}: " + ", ".join(f"{v}x {k[3:] if k.startswith('vs_') else k}"
                                                              for k, v in rs.items()))
     return ratios

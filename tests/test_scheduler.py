@@ -667,3 +667,21 @@ def test_rows_moved_down_to_a_smaller_bucket_decode_as_alone(model, sync_every, 
     handles = [off.submit(p, q) for p, q in zip(ps, params)]
     off.run_until_idle()
     assert [h.result().samples[0].tokens for h in handles] == solo and off.counters["moves"] == 0
+
+
+def test_finished_requests_are_delivered_first(model):
+    """In a step where one request finishes and another gets tokens, the finished one's events are
+    handed over first (its caller may send the next request before the loop admits again), though
+    its row comes later in the batch."""
+    s = Scheduler(model, None, SchedulerConfig(slots=2, sync_every=1))
+    order = []
+    handles = [s.submit([1, 2, 3], SamplingParams(max_tokens=n, **GREEDY)) for n in (10, 3)]
+    for name, h in zip("BA", handles):
+        push = h._push_many
+        h._push_many = lambda events, push=push, name=name: order.append(
+            (name, any(isinstance(e, DoneEvent) for e in events))) or push(events)
+    s.run_until_idle()
+    done_at = order.index(("A", True))
+    assert order[done_at - 2:done_at] == [("B", False), ("A", False)]  # a step before: B (slot 0) first
+    assert order[done_at + 1] == ("B", False)  # the finishing step: A's events, then B's
+    assert [h.result().samples[0].finish_reason for h in handles] == ["length", "length"]

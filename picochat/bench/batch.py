@@ -5,7 +5,8 @@ and tools off, so every request generates exactly its asked `max_tokens`. Prompt
 lengths are drawn from lognormals (medians `--prompt-median`/`--output-median`, like vLLM's random
 dataset) and clipped to the context. Load is closed-loop (`--concurrency C`: C clients, each sends
 its next request when the last one finished) or open-loop (`--request-rate R`: Poisson arrivals,
-R requests/s). Modes, side by side in one process on one scheduler (same cache, same kernels):
+R requests/s; default request counts: max(64, 16 x C), max(64, 8 x R)). Modes, side by side in
+one process on one scheduler (same cache, same kernels):
   continuous  the scheduler as built: requests join and leave the running batch between chunks;
   static      groups of C requests: wait for C, run them as one batch until the last finishes
               (a group starts when the previous one ended); and `static_fixed`, a static batch of C
@@ -203,7 +204,7 @@ class Load:
     sigma: float
     serial_requests: int
     seed: int
-    variants: list[tuple[bool | None, bool]]  # (prefill graphs, compact) settings continuous mode runs with
+    variants: list[dict]  # settings continuous mode runs with: prefill_graphs, compact, followup_wait
     profile: bool
 
 
@@ -217,11 +218,11 @@ def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_r
                     kernels: str = "auto", prefill_budget: int | None = None,
                     compile: bool | str = False, triton_max_rows: int | None = None,
                     profile: bool = False, prefill_graphs: bool | None | list[bool] = None,
-                    followup_wait: float | None = None, chunk_graphs: bool = True,
+                    followup_wait: float | None | list[float] = None, chunk_graphs: bool = True,
                     take_by_request: bool = True, compact: bool | list[bool] = True) -> list[dict]:
     """Records of every mode and load. `num_requests` a list: every load point runs with each
     count (the closed loop's drain at the end weighs less in longer runs). `sync_every` a list: one scheduler per value, one after the
-    other on the same model. `prefill_graphs` and/or `compact` lists: continuous mode is measured
+    other on the same model. `prefill_graphs`, `compact` and/or `followup_wait` lists: continuous mode is measured
     with each combination on one scheduler (built with the graphs, then toggled; static and serial
     with the first), so an A/B shares the build, the kernels and the warm-up."""
     from ..common import compute_dtype
@@ -233,6 +234,7 @@ def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_r
     cuda = device.type == "cuda"
     graph_variants = list(prefill_graphs) if isinstance(prefill_graphs, (list, tuple)) else [prefill_graphs]
     compacts = list(compact) if isinstance(compact, (list, tuple)) else [compact]
+    waits = list(followup_wait) if isinstance(followup_wait, (list, tuple)) else [followup_wait]
     dtype = compute_dtype(device)
     cfg = ModelConfig.from_depth(depth, vocab_size=vocab_size, seq_len=seq_len)
     model = build_model(cfg, device, seed=seed).to(dtype).eval()
@@ -240,7 +242,8 @@ def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_r
     slots = slots or max(top, 1)
     counts = list(num_requests) if isinstance(num_requests, (list, tuple)) else [num_requests]
     load = Load(list(concurrency), list(request_rates), list(modes), counts, prompt_median, output_median,
-                sigma, serial_requests, seed, [(g, c) for g in graph_variants for c in compacts], profile)
+                sigma, serial_requests, seed, [{"prefill_graphs": g, "compact": c, "followup_wait": w}
+                                               for g in graph_variants for c in compacts for w in waits], profile)
     records = []
     for k in (list(sync_every) if isinstance(sync_every, (list, tuple)) else [sync_every]):
         config = SchedulerConfig(slots=slots, sync_every=k, kernels=kernels, prefill_budget=prefill_budget,
@@ -248,7 +251,7 @@ def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_r
                                  triton_max_rows=triton_max_rows,
                                  prefill_graphs=True if any(graph_variants) else graph_variants[0],
                                  chunk_graphs=chunk_graphs, take_by_request=take_by_request, compact=compacts[0],
-                                 **({} if followup_wait is None else {"followup_wait": followup_wait}))
+                                 **({} if waits[0] is None else {"followup_wait": waits[0]}))
         records += _bench_scheduler(model, config, load)
         if cuda:
             torch.cuda.empty_cache()  # the next scheduler's cache and graphs
@@ -284,26 +287,31 @@ def _bench_scheduler(model, config, load: Load) -> list[dict]:
         sched.close()
 
 
+def _show(value) -> str:
+    return ("on" if value else "off") if isinstance(value, bool) or value is None else f"{1000 * value:g} ms"
+
+
 def _run_loads(sched, load: Load, common: dict) -> list[dict]:
     built_fresh, variants = sched.batch.fresh, load.variants
     vocab, seed = common["vocab_size"], load.seed
-    several_graphs, several_compact = len({g for g, _ in variants}) > 1, len({c for _, c in variants}) > 1
+    varying = [k for k in variants[0] if len({v[k] for v in variants}) > 1]
+    default_wait = sched.config.followup_wait
 
     def use(variant) -> dict:
-        graphs, compact = variant
-        if several_graphs:
-            sched.batch.fresh = built_fresh if graphs else None
-        sched.config.compact = compact  # read by every step
+        if "prefill_graphs" in varying:
+            sched.batch.fresh = built_fresh if variant["prefill_graphs"] else None
+        sched.config.compact = variant["compact"]  # both read by every step
+        sched.config.followup_wait = default_wait if variant["followup_wait"] is None else variant["followup_wait"]
         # asked: this run's setting; prefill_graphs: whether graphs replayed (off CUDA the same
         # scratch-cache prefill runs eagerly)
-        return {"prefill_graphs_asked": bool(graphs), "compact": compact,
+        return {"prefill_graphs_asked": bool(variant["prefill_graphs"]), "compact": variant["compact"],
+                "followup_wait_ms": round(1000 * sched.config.followup_wait, 3),
                 "prefill_graphs": sched.batch.fresh is not None and sched.batch.fresh.graph}
 
     def each_variant(name: str, run, **where) -> None:
         for variant in variants:
             extra = use(variant)
-            label = name + (f" (prefill graphs {'on' if variant[0] else 'off'})" if several_graphs else "") + (
-                f" (compact {'on' if variant[1] else 'off'})" if several_compact else "")
+            label = name + "".join(f" ({k.replace('_', ' ')} {_show(variant[k])})" for k in varying)
             moves = sched.counters["moves"]
             rec = _measure(sched, label, run)
             records.append({**common, **rec, **extra, "rows_moved": sched.counters["moves"] - moves,
@@ -312,7 +320,7 @@ def _run_loads(sched, load: Load, common: dict) -> list[dict]:
 
     records = []
     for c, count in [(c, count) for c in load.concurrency for count in load.num_requests]:
-        n = count or max(64, 8 * c)
+        n = count or max(64, 16 * c)
         work = make_workload(n, load.prompt_median, load.output_median, load.sigma, vocab, sched.max_context, seed + c)
         print(f"concurrency {c}: {n} requests")
         for mode in load.modes:
@@ -420,7 +428,7 @@ def plot_records(records: list[dict], path: str, bench: str = "batch") -> None:
 
 
 def add_batch_parser(sub: argparse._SubParsersAction) -> None:
-    from ..options import float_in, int_at_least
+    from ..options import int_at_least
 
     p = sub.add_parser("batch", help="many requests through the scheduler: continuous vs static vs serial")
     p.add_argument("--depth", type=int, default=12)
@@ -428,7 +436,8 @@ def add_batch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--request-rate", default="", help="comma list of open-loop Poisson rates (requests/s)")
     p.add_argument("--modes", default="continuous,static,serial", help="comma list")
     p.add_argument("--num-requests", default=None, metavar="N[,N...]",
-                   help="per load point (default max(64, 8 x load)); a list runs every load point with each")
+                   help="per load point (default max(64, 16 x concurrency), so the closed loop's drain at the end "
+                        "weighs little; max(64, 8 x rate) open-loop); a list runs every load point with each")
     p.add_argument("--serial-requests", type=int, default=16, help="requests in serial mode")
     p.add_argument("--prompt-median", type=int, default=256)
     p.add_argument("--output-median", type=int, default=256)
@@ -437,7 +446,7 @@ def add_batch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=2048, help="the model's context")
     p.add_argument("--vocab-size", type=int, default=32768)
     p.add_argument("--sync-every", default=None, metavar="K[,K...]",
-                   help="decode steps per chunk (default: the scheduler's, 16 on CUDA); a list builds one "
+                   help="decode steps per chunk (default: the scheduler's, 8 on CUDA); a list builds one "
                         "scheduler per value, one after the other")
     p.add_argument("--prefill-budget", type=int, default=None,
                    help="padded prompt tokens per prefill forward (default 8192 on CUDA, 2048 elsewhere)")
@@ -453,8 +462,9 @@ def add_batch_parser(sub: argparse._SubParsersAction) -> None:
                         "a list measures continuous mode with each on one scheduler")
     p.add_argument("--chunk-graphs", choices=("on", "off"), default="on",
                    help="Triton buckets launch a whole decode chunk as one CUDA graph (default on)")
-    p.add_argument("--followup-wait", type=float_in(0, 1), default=None, metavar="SECONDS",
-                   help="how long the loop waits for follow-up submissions after a finish (0 = off)")
+    p.add_argument("--followup-wait", default=None, metavar="SECONDS[,SECONDS...]",
+                   help="how long the loop waits for follow-up submissions after a finish (0 = off; default: the "
+                        "scheduler's); a list measures continuous mode with each on one scheduler")
     p.add_argument("--take-by-request", choices=("on", "off"), default="on",
                    help="the loop reads a chunk's tokens request by request (default on; off: the first per-step loop)")
     p.add_argument("--profile", action="store_true",
@@ -508,6 +518,14 @@ def cmd_batch_bench(args: argparse.Namespace) -> int:
     if not words or any(w not in ("on", "off") for w in words):
         raise SystemExit(f"--compact takes on, off or a comma list of them (got {args.compact!r})")
     compacts = [w == "on" for w in words]
+    waits = [None]
+    if args.followup_wait is not None:
+        try:
+            waits = [float(w) for w in args.followup_wait.split(",") if w.strip()]
+        except ValueError:
+            waits = []
+        if not waits or any(not 0 <= w <= 1 for w in waits):
+            raise SystemExit(f"--followup-wait takes seconds in [0, 1], or a comma list of them (got {args.followup_wait!r})")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in ("continuous", "static", "serial")]
     if bad:
@@ -517,14 +535,15 @@ def cmd_batch_bench(args: argparse.Namespace) -> int:
                               args.seq_len, args.serial_requests, args.seed, syncs, args.kernels,
                               args.prefill_budget, args.compile, args.triton_max_rows, args.profile,
                               graph_variants,
-                              args.followup_wait, args.chunk_graphs == "on",
+                              waits, args.chunk_graphs == "on",
                               take_by_request=args.take_by_request == "on", compact=compacts)
     base = base_record("batch", device, args.depth)
     records = [{**base, **r} for r in records]
     print(f"\nbatch · {base['gpu']} · d{args.depth} · prompt/output medians {args.prompt_median}/"
           f"{args.output_median} (lognormal sigma {args.length_sigma}) · greedy · torch {base['torch']}")
-    ratios = _print_table(records, conc, graph_variants is not None and len(graph_variants) > 1, len(syncs) > 1,
-                          len(compacts) > 1)
+    ratios = _print_table(records, conc, len(syncs) > 1, [k for k, n in (("prefill_graphs", len(graph_variants or [0])),
+                                                                       ("compact", len(compacts)),
+                                                                       ("followup_wait", len(waits))) if n > 1])
     if args.plot:
         plot_records(records, args.plot)
         print(f"plot: {args.plot}")
@@ -533,21 +552,22 @@ def cmd_batch_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_table(records: list[dict], conc: list[int], by_graphs: bool, by_sync: bool, by_compact: bool) -> dict:
+def _print_table(records: list[dict], conc: list[int], by_sync: bool, varying: list[str]) -> dict:
     """The human table; returns continuous's ratios to the baselines per concurrency (and per chunk
     length and request count when several were run; with several prefill-graph settings, the
     first's): aggregate tok/s over the whole run, and `steady_vs_static_fixed`, continuous's
     steady-state rate (before the drain) over `static_fixed`'s."""
-    width = 13 + (17 if by_graphs else 0) + (6 if by_sync else 0) + (14 if by_compact else 0)
+    width = 13 + (6 if by_sync else 0) + 17 * len(varying)
     print(f"{'mode':<{width}}{'load':>7}{'reqs':>6}{'tok/s':>10}{'steady':>9}{'TTFT p50':>10}{'TTFT p99':>10}"
           f"{'TPOT p50':>10}{'ITL p99':>9}{'occupancy':>11}")
     for r in records:
         load = f"c{r['concurrency']}" if "concurrency" in r else f"r{r['request_rate']:g}"
         label = r["mode"] + (f" k{r['sync_every']}" if by_sync else "")
-        if by_graphs and r["mode"] == "continuous":
-            label += f" (prefill gr. {'on' if r['prefill_graphs_asked'] else 'off'})"
-        if by_compact and r["mode"] == "continuous":
-            label += f" (compact {'on' if r['compact'] else 'off'})"
+        if r["mode"] == "continuous":
+            shown = {"prefill_graphs": ("prefill gr.", _show(r.get("prefill_graphs_asked"))),
+                     "compact": ("compact", _show(r.get("compact"))),
+                     "followup_wait": ("wait", f"{r['followup_wait_ms']:g} ms")}
+            label += "".join(f" ({shown[k][0]} {shown[k][1]})" for k in varying)
         steady = f"{r['tok_per_s_steady']:,.0f}" if r.get("tok_per_s_steady") else "-"
         print(f"{label:<{width}}{load:>7}{r['requests']:>6}{r['tok_per_s_total']:>10,.0f}{steady:>9}"
               f"{r['ttft_p50_ms']:>10}{r['ttft_p99_ms']:>10}{r['tpot_p50_ms']:>10}{r['itl_p99_ms']:>9}"

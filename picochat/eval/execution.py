@@ -229,7 +229,8 @@ def _user_process_count() -> int:
 
 
 def _rlimits(limits: SandboxLimits, as_root: bool) -> dict[str, list[int]]:
-    nproc = limits.max_processes if as_root else _user_process_count() + limits.max_processes
+    # not root: the program shares the user's count, which includes the waiting launcher (sandbox_launch.py)
+    nproc = limits.max_processes if as_root else _user_process_count() + 1 + limits.max_processes
     mb = 1 << 20
     return {"RLIMIT_CPU": [limits.cpu_s, limits.cpu_s + 1], "RLIMIT_AS": [limits.memory_mb * mb] * 2,
             "RLIMIT_NPROC": [nproc] * 2, "RLIMIT_FSIZE": [limits.max_file_mb * mb] * 2,

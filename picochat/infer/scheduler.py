@@ -70,7 +70,9 @@ class Scheduler:
         self.model, self.fused = prepare_model(model, dtype, fuse), bool(fuse)
         self.dtype = dtype
         self.max_context = cfg.max_context or model.config.seq_len
-        self.sync_every = cfg.sync_every or (16 if mode == "fast" else 1)
+        # 8 in fast mode: a finished row's slot idles the rest of its chunk and the one launched
+        # ahead, so shorter chunks keep more slots busy (H200, d12, c32: 43.3k tok/s vs 39.8k at 16)
+        self.sync_every = cfg.sync_every or (8 if mode == "fast" else 1)
         self.pipeline = cfg.pipeline if cfg.pipeline is not None else mode == "fast"
         self.prefill_budget = cfg.prefill_budget or (8192 if device.type == "cuda" else 2048)
         self.kernels = cfg.kernels
@@ -196,9 +198,14 @@ class Scheduler:
             return self.busy
 
     def _deliver(self) -> None:
-        for req in self._outboxes:
+        # Finished requests first: a closed-loop caller sends its next request on the finish, and
+        # that request should be queued before the next admission (see _await_followups); woken
+        # after every other reader of token events, the caller would wait its turn for the GIL.
+        boxes = self._outboxes
+        for req in [r for r in boxes if isinstance(r.outbox[-1], DoneEvent)] + \
+                [r for r in boxes if not isinstance(r.outbox[-1], DoneEvent)]:
             req.deliver()
-        self._outboxes.clear()
+        boxes.clear()
 
     def run_until_idle(self) -> None:
         """Drive the loop on this thread until every submitted request has finished."""

@@ -423,7 +423,7 @@ class _Prober:
             del e  # the traceback pins activations: drop it before freeing
         if oom:
             drop_grads(self.model, self.optimizers)
-            free_memory()
+            free_memory(self.device)
         not_fit, errored, peak_all, rest_all, reserved_all = _max_over_ranks(
             [float(oom), float(err is not None), float(peak), float(rest), float(reserved)], self.device)
         if err is not None:
@@ -455,7 +455,7 @@ class _Prober:
         drop_grads(self.model, self.optimizers)
         if self.snap is not None:
             restore_snapshot(self.snap, self.optimizers)
-        free_memory()
+        free_memory(self.device)
         self.probe.reset()  # the trainer's own peak-memory report starts from here
 
 

@@ -99,7 +99,12 @@ def drop_grads(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer]) ->
         opt.zero_grad(set_to_none=True)
 
 
-def free_memory() -> None:
+def free_memory(device: torch.device | str | None = None) -> None:
+    """Hand freed CUDA memory back (after collecting cycles that may hold tensors). For a device that
+    is not CUDA there is no allocator cache to empty, and a full `gc.collect()` of a large process
+    costs ~0.2-1 s: skipped."""
+    if device is not None and torch.device(device).type != "cuda":
+        return
     gc.collect()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()

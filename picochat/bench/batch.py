@@ -5,7 +5,8 @@ and tools off, so every request generates exactly its asked `max_tokens`. Prompt
 lengths are drawn from lognormals (medians `--prompt-median`/`--output-median`, like vLLM's random
 dataset) and clipped to the context. Load is closed-loop (`--concurrency C`: C clients, each sends
 its next request when the last one finished) or open-loop (`--request-rate R`: Poisson arrivals,
-R requests/s). Modes, side by side in one process on one scheduler (same cache, same kernels):
+R requests/s; default request counts: max(64, 16 x C), max(64, 8 x R)). Modes, side by side in
+one process on one scheduler (same cache, same kernels):
   continuous  the scheduler as built: requests join and leave the running batch between chunks;
   static      groups of C requests: wait for C, run them as one batch until the last finishes
               (a group starts when the previous one ended); and `static_fixed`, a static batch of C
@@ -319,7 +320,7 @@ def _run_loads(sched, load: Load, common: dict) -> list[dict]:
 
     records = []
     for c, count in [(c, count) for c in load.concurrency for count in load.num_requests]:
-        n = count or max(64, 8 * c)
+        n = count or max(64, 16 * c)
         work = make_workload(n, load.prompt_median, load.output_median, load.sigma, vocab, sched.max_context, seed + c)
         print(f"concurrency {c}: {n} requests")
         for mode in load.modes:
@@ -435,7 +436,8 @@ def add_batch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--request-rate", default="", help="comma list of open-loop Poisson rates (requests/s)")
     p.add_argument("--modes", default="continuous,static,serial", help="comma list")
     p.add_argument("--num-requests", default=None, metavar="N[,N...]",
-                   help="per load point (default max(64, 8 x load)); a list runs every load point with each")
+                   help="per load point (default max(64, 16 x concurrency), so the closed loop's drain at the end "
+                        "weighs little; max(64, 8 x rate) open-loop); a list runs every load point with each")
     p.add_argument("--serial-requests", type=int, default=16, help="requests in serial mode")
     p.add_argument("--prompt-median", type=int, default=256)
     p.add_argument("--output-median", type=int, default=256)
@@ -444,7 +446,7 @@ def add_batch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=2048, help="the model's context")
     p.add_argument("--vocab-size", type=int, default=32768)
     p.add_argument("--sync-every", default=None, metavar="K[,K...]",
-                   help="decode steps per chunk (default: the scheduler's, 16 on CUDA); a list builds one "
+                   help="decode steps per chunk (default: the scheduler's, 8 on CUDA); a list builds one "
                         "scheduler per value, one after the other")
     p.add_argument("--prefill-budget", type=int, default=None,
                    help="padded prompt tokens per prefill forward (default 8192 on CUDA, 2048 elsewhere)")
@@ -571,7 +573,11 @@ def _print_table(records: list[dict], conc: list[int], by_sync: bool, varying: l
               f"{r['ttft_p50_ms']:>10}{r['ttft_p99_ms']:>10}{r['tpot_p50_ms']:>10}{r['itl_p99_ms']:>9}"
               f"{r['slot_occupancy']:>11.2f}")
     ratios = {}
-    several_counts = len({r["requests"] for r in records if r["mode"] == "continuous"}) > 1
+    counts = {}
+    for r in records:
+        if r["mode"] == "continuous" and "concurrency" in r:
+            counts.setdefault(r["concurrency"], set()).add(r["requests"])
+    several_counts = any(len(n) > 1 for n in counts.values())
     for k in sorted({r["sync_every"] for r in records}):
         for c in conc:
             by, fixed = {}, None
@@ -591,7 +597,7 @@ def _print_table(records: list[dict], conc: list[int], by_sync: bool, varying: l
                     if cont.get("tok_per_s_steady"):
                         rs["steady_vs_static_fixed"] = round(cont["tok_per_s_steady"] / fixed["tok_per_s_total"], 2)
                 ratios[key] = rs
-    for c, rs in ratios.items():
+    for c, rs in [(c, rs) for c, rs in ratios.items() if rs]:
         print(f"continuous at concurrency {c}: " + ", ".join(f"{v}x {k[3:] if k.startswith('vs_') else k}"
                                                              for k, v in rs.items()))
     return ratios

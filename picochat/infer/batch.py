@@ -57,8 +57,8 @@ class DecodeBatch:
                  naive: bool = False, fresh_prefill: bool | None = None, chunk_graphs: bool = True,
                  prefill_tokens: int = 8192):
         """`fresh_prefill`: prompts' first chunks through `FreshPrefill` (None/False: off; True: its
-        graphs when `graph`, else its scratch-cache forward eagerly, as the tests do), for groups of up
-        to `prefill_tokens` padded tokens (at most 8192: its scratch cache is that big)."""
+        graphs when `graph`, else the same forward eagerly, as the tests do), buckets of up to
+        `prefill_tokens` padded tokens (at most 8192)."""
         c = model.config
         self.model, self.slots, self.context, self.k_max = model, slots, context, k_max
         self.device = next(model.parameters()).device

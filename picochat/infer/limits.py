@@ -36,7 +36,7 @@ class SchedulerConfig:
     max_context: int | None = None  # prompt + completion per row; None: the model's seq_len
     max_queue: int = 1024  # requests waiting for a slot before submit raises QueueFullError
     prefill_budget: int | None = None  # padded prompt tokens per prefill forward; None: 8192 on CUDA, 2048 else
-    sync_every: int | None = None  # decode steps per chunk between host reads; None: 16 fast, 1 eager
+    sync_every: int | None = None  # decode steps per chunk between host reads; None: 8 fast, 1 eager
     mode: str | None = None  # "fast" (CUDA graphs), "eager", or "naive" (no cache: a baseline); None: fast on CUDA
     kernels: str = "auto"  # fast mode's step: "triton", "torch", or auto (Triton up to triton_max_rows)
     triton_max_rows: int | None = None  # auto: the largest bucket stepped by Triton; None: TRITON_MAX_ROWS

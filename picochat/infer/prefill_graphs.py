@@ -4,17 +4,23 @@ Why: an eager prefill forward at d12 is ~300 small launches, several millisecond
 the decode loop's one thread per admitted request. Meanwhile the GPU waits for those launches (at
 concurrency 1 it is most of the time to first token), and with a decode chunk queued ahead the
 launches can block, holding the GIL the clients need. A prompt's first chunk (start 0) reads
-nothing from the cache, so it can run on a scratch cache of a fixed shape, (rows, T bucket), and
-then be copied into its slots: one graph per (rows, T bucket), captured once with the decode
-graphs. Bigger groups, longer chunks and later chunks of long prompts run eagerly.
+nothing from the cache, so its forward has a fixed shape, (rows, T bucket), whatever the slots:
+one graph per bucket, captured once with the decode graphs, the slots given in a device tensor.
+Chunks longer than every bucket and later chunks of long prompts run eagerly.
 
-`FreshPrefill` also runs without graphs (`graph=False`): the same scratch-cache forward, eagerly,
-which is how the CPU tests check what the graphs replay.
+A first chunk attends to nothing but itself, so its forward needs neither the cache's rows nor a
+(tokens x cache) mask: each layer's keys and values go straight into the slots' rows (positions
+0..t-1) and attention is plain causal attention over the chunk (`SlotWriter`; flash attention on
+CUDA in bf16), where the cached prefill runs masked attention over a cache window.
+
+`FreshPrefill` also runs without graphs (`graph=False`): the same forward, eagerly, which is how the
+CPU tests check what the graphs replay.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..model.attention import KVCache
 from .runners import capture_graph
@@ -22,29 +28,48 @@ from .runners import capture_graph
 MIN_T = 64
 
 
+class SlotWriter(KVCache):
+    """The cache a first chunk's forward runs on: `write` puts a layer's keys/values into the
+    scheduler's cache rows `index` at positions 0..t-1 (the chunk is t tokens), `attend` is causal
+    attention over those same keys/values (kept from `write`), and no mask is built. Positions
+    (`pos`, zero before the forward) only place the rotary phases."""
+
+    def __init__(self, full: KVCache, index: torch.Tensor, t: int, pos: torch.Tensor):
+        super().__init__(full.k, full.v, pos)
+        self.index, self.t = index, t
+        self._new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        self.k[layer][self.index, :, :self.t] = k.to(self.k[layer].dtype)
+        self.v[layer][self.index, :, :self.t] = v.to(self.v[layer].dtype)
+        # attend reads what the cache holds: values rounded to its dtype, as the cached prefill does
+        self._new[layer] = (k.to(self.k[layer].dtype), v.to(self.v[layer].dtype))
+
+    def mask(self, positions: torch.Tensor) -> None:
+        return None
+
+    def attend(self, layer: int, q: torch.Tensor, mask) -> torch.Tensor:
+        k, v = self._new.pop(layer)
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
+
+
 class FreshPrefill:
-    """Prefill of prompt chunks that start at position 0, through a scratch cache of `capacity`
-    tokens: buckets of 1, 2, 4, ... `max_rows` rows times 64, 96, 128, 192, 256, 384, ... `max_t`
-    tokens (a chunk is padded by at most half; launch-bound at these sizes, a padded token costs
-    little), every bucket with rows x tokens <= capacity."""
+    """Prefill of prompt chunks that start at position 0 (`SlotWriter`): buckets of 1, 2, 4, ...
+    `max_rows` rows times 64, 96, 128, 192, 256, 384, ... `max_t` tokens (a chunk is padded by at
+    most half; launch-bound at these sizes, a padded token costs little), every bucket with
+    rows x tokens <= capacity (which bounds the activations a replay needs)."""
 
     def __init__(self, model, cache: KVCache, *, max_t: int, graph: bool, pool=None, max_rows: int = 32,
                  capacity: int = 8192):
-        c = model.config
         self.model, self.cache, self.graph = model, cache, graph
         self.device = cache.pos.device
-        dtype = cache.k[0].dtype
         self.t_buckets = sorted({min(t, max_t) for p in range(12) for t in (MIN_T << p, 3 * MIN_T << p >> 1)
                                  if t < max_t or t // 2 < max_t} | {max_t})
         self.capacity = capacity = max(capacity, max_t)
         self.row_buckets = [1 << i for i in range(max_rows.bit_length())
                             if (1 << i) <= max_rows and (1 << i) * self.t_buckets[0] <= capacity]
         self.buckets = [(r, t) for r in self.row_buckets for t in self.t_buckets if r * t <= capacity]
-        # flat storage: every (rows, tokens) bucket views its first rows x tokens as (rows, heads, tokens, dim)
-        shape = (capacity * c.n_kv_head * c.head_dim,)
-        self._k = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(c.n_layer)]
-        self._v = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(c.n_layer)]
-        self._heads = (c.n_kv_head, c.head_dim)
         self._pos = torch.zeros(self.row_buckets[-1], dtype=torch.long, device=self.device)
         self._ids = torch.zeros(capacity, dtype=torch.long, device=self.device)
         self.last = torch.zeros(self.row_buckets[-1], dtype=torch.long, device=self.device)
@@ -81,19 +106,14 @@ class FreshPrefill:
         return self._ids[:r * t].view(r, t)
 
     def _body(self, r: int, t: int):
-        """One forward of r scratch rows over t tokens, copied into the slots `index`."""
-        n = r * t * self._heads[0] * self._heads[1]
-        view = KVCache([k[:n].view(r, self._heads[0], t, self._heads[1]) for k in self._k],
-                       [v[:n].view(r, self._heads[0], t, self._heads[1]) for v in self._v], self._pos[:r])
-        ids, last, index = self._ids_view(r, t), self.last[:r], self.index[:r]
+        """One forward of r chunks of t tokens, written into the slots `index`."""
+        view = SlotWriter(self.cache, self.index[:r], t, self._pos[:r])
+        ids, last = self._ids_view(r, t), self.last[:r]
 
         @torch.no_grad()
         def run() -> torch.Tensor:
             view.pos.zero_()
-            logits = self.model(ids, kv_cache=view, logits_at=last)[:, 0]
-            for full, part in zip((*self.cache.k, *self.cache.v), (*view.k, *view.v)):
-                full[index, :, :t] = part
-            return logits
+            return self.model(ids, kv_cache=view, logits_at=last)[:, 0]
 
         return run
 

@@ -70,7 +70,9 @@ class Scheduler:
         self.model, self.fused = prepare_model(model, dtype, fuse), bool(fuse)
         self.dtype = dtype
         self.max_context = cfg.max_context or model.config.seq_len
-        self.sync_every = cfg.sync_every or (16 if mode == "fast" else 1)
+        # 8 in fast mode: a finished row's slot idles the rest of its chunk and the one launched
+        # ahead, so shorter chunks keep more slots busy (H200, d12, c32: 43.3k tok/s vs 39.8k at 16)
+        self.sync_every = cfg.sync_every or (8 if mode == "fast" else 1)
         self.pipeline = cfg.pipeline if cfg.pipeline is not None else mode == "fast"
         self.prefill_budget = cfg.prefill_budget or (8192 if device.type == "cuda" else 2048)
         self.kernels = cfg.kernels

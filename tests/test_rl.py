@@ -120,24 +120,41 @@ def test_rl_raises_held_out_reward(home, arith_run) -> None:
     assert sum(r["groups_with_signal"] for r in logged.values()) > 0
 
 
-def test_sigkill_then_resume_gives_identical_losses(home, arith_run) -> None:
-    shutil.copytree(home / "runs" / arith_run, home / "runs" / "crash")
-    _worker("--run-name", arith_run, "--steps", "6", home=home)
-    killed = _worker("--run-name", "crash", "--steps", "6", "--kill-at-step", "5", home=home, check=False)
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    assert [p.name for p in runs.list_checkpoints(home / "runs" / "crash" / "rl")] == ["step_000002", "step_000004"]
-    _worker("--run-name", "crash", "--steps", "6", "--resume", home=home)
-    clean, resumed = _losses(home, arith_run), _losses(home, "crash")
-    assert sorted(resumed) == list(range(6))
-    assert any(clean[s]["loss"] != 0 for s in clean), "no learning signal: the test would prove nothing"
-    for step in range(6):
-        assert resumed[step]["loss"] == clean[step]["loss"], step
-        assert resumed[step]["reward"] == clean[step]["reward"], step
+RESUME_STEPS = 6  # the interrupted runs' length (rl_worker's settings; checkpoints every 2 steps)
+
+
+@pytest.fixture(scope="module")
+def _clean_rl_home(tmp_path_factory, _sft_home) -> Path:
+    """One uninterrupted RESUME_STEPS-step RL run (a fresh process, rl_worker's settings) from the SFT
+    checkpoint: the run that the killed and the stopped runs must reproduce exactly once resumed."""
+    home = tmp_path_factory.mktemp("rlclean")
+    shutil.copytree(_sft_home / "runs" / "arith", home / "runs" / "arith")
+    _worker("--run-name", "arith", "--steps", str(RESUME_STEPS), home=home)
+    return home
+
+
+def _assert_same_run(clean_home: Path, home: Path, run: str) -> None:
+    """Losses, rewards and the final weights of `run` in `home` equal the clean run's."""
     from safetensors.torch import load_file
 
-    a = load_file(str(runs.latest_checkpoint(home / "runs" / arith_run / "rl") / "model.safetensors"))
-    b = load_file(str(runs.latest_checkpoint(home / "runs" / "crash" / "rl") / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    clean, resumed = _losses(clean_home, "arith"), _losses(home, run)
+    assert sorted(resumed) == list(range(RESUME_STEPS))
+    assert any(clean[s]["loss"] != 0 for s in clean), "no learning signal: the test would prove nothing"
+    for step in range(RESUME_STEPS):
+        assert resumed[step]["loss"] == clean[step]["loss"], step
+        assert resumed[step]["reward"] == clean[step]["reward"], step
+    a = load_file(str(runs.latest_checkpoint(clean_home / "runs" / "arith" / "rl") / "model.safetensors"))
+    b = load_file(str(runs.latest_checkpoint(home / "runs" / run / "rl") / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigkill_then_resume_gives_identical_losses(home, arith_run, _clean_rl_home) -> None:
+    steps = str(RESUME_STEPS)
+    killed = _worker("--run-name", arith_run, "--steps", steps, "--kill-at-step", "5", home=home, check=False)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert [p.name for p in runs.list_checkpoints(home / "runs" / arith_run / "rl")] == ["step_000002", "step_000004"]
+    _worker("--run-name", arith_run, "--steps", steps, "--resume", home=home)
+    _assert_same_run(_clean_rl_home, home, arith_run)
 
 
 def _free_port() -> int:
@@ -177,23 +194,18 @@ def test_cli_errors_are_one_line(home, tiny_run) -> None:
         RLConfig(temperature=0)
 
 
-def test_sigterm_stops_after_the_step_and_resumes_exactly(home, arith_run) -> None:
+def test_sigterm_stops_after_the_step_and_resumes_exactly(home, arith_run, _clean_rl_home) -> None:
     """RL has a loop of its own (rollouts, then an update); a stop signal ends it as it ends every
     training stage (picochat/train/preemption.py): after the step, with a checkpoint, exit code 75."""
     from picochat.train.preemption import EXIT_STOPPED
 
-    shutil.copytree(home / "runs" / arith_run, home / "runs" / "stopped")
-    _worker("--run-name", arith_run, "--steps", "4", home=home)
-    stopped = _worker("--run-name", "stopped", "--steps", "4", "--signal-at-step", "3", home=home, check=False)
+    steps = str(RESUME_STEPS)
+    stopped = _worker("--run-name", arith_run, "--steps", steps, "--signal-at-step", "3", home=home, check=False)
     assert stopped.returncode == EXIT_STOPPED, stopped.stderr[-3000:]
-    assert "stopped by SIGTERM after step 3 of 4" in stopped.stderr
-    assert runs.latest_checkpoint(home / "runs" / "stopped" / "rl").name == "step_000003"
-    _worker("--run-name", "stopped", "--steps", "4", "--resume", home=home)
-    clean, resumed = _losses(home, arith_run), _losses(home, "stopped")
-    assert sorted(resumed) == list(range(4))
-    for step in range(4):
-        assert resumed[step]["loss"] == clean[step]["loss"], step
-        assert resumed[step]["reward"] == clean[step]["reward"], step
+    assert f"stopped by SIGTERM after step 3 of {RESUME_STEPS}" in stopped.stderr
+    assert runs.latest_checkpoint(home / "runs" / arith_run / "rl").name == "step_000003"
+    _worker("--run-name", arith_run, "--steps", steps, "--resume", home=home)
+    _assert_same_run(_clean_rl_home, home, arith_run)
 
 
 def test_bench_rl_cpu(home, arith_run) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -110,61 +111,68 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_two_gloo_processes_match_single(home, tiny_run, tmp_path):
-    import shutil
+def _torchrun() -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+            f"--master_port={_free_port()}"]
 
-    shutil.copytree(home / "runs" / "tiny", home / "runs" / "ddp")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                "--master_addr=127.0.0.1", f"--master_port={_free_port()}"]
-    out = tmp_path / "ddp.json"
-    _run_worker("--run-name", "ddp", "--steps", "16", "--save-every", "0", "--out", str(out), env_home=home,
-                launcher=torchrun)
-    ranks = json.loads(out.read_text())
+
+@pytest.fixture(scope="module")
+def _ddp_home(tmp_path_factory, _tiny_tokenizer_dir) -> Path:
+    """Run 'ddp': 16 steps of 2-process gloo training under real torchrun, its checkpoint written at
+    the end by 2 ranks and each rank's weight checksum in ddp.json. Shared by the DDP test and the
+    world-size move test (one torchrun launch instead of two)."""
+    home = tmp_path_factory.mktemp("ddphome")
+    shutil.copytree(_tiny_tokenizer_dir, home / "runs" / "ddp" / "tokenizer")
+    _run_worker("--run-name", "ddp", "--steps", "16", "--save-every", "0", "--out", str(home / "ddp.json"),
+                env_home=home, launcher=_torchrun())
+    return home
+
+
+def test_ddp_two_gloo_processes_match_single(home, tiny_run, tmp_path, _ddp_home):
+    ranks = json.loads((_ddp_home / "ddp.json").read_text())
     assert [r["rank"] for r in ranks] == [0, 1]
     assert ranks[0]["checksum"] == ranks[1]["checksum"], "weights differ across ranks"
     assert ranks[0]["result"]["grad_accum"] == 1
 
-    ddp_loss = _losses(home, "ddp")
+    ddp_loss = _losses(_ddp_home, "ddp")
     assert ddp_loss[15] < ddp_loss[0] * 0.8
 
     # Same global batch, one process vs two: from the same initial weights, one optimizer step on the
     # same fixed 8 rows (uneven loss-token counts) must give the same weights.
+    shutil.copytree(home / "runs" / "tiny", home / "runs" / "ddp")
     out2, out1 = tmp_path / "ddp0.json", tmp_path / "one0.json"
-    torchrun[-1] = f"--master_port={_free_port()}"
     _run_worker("--run-name", "ddp", "--steps", "0", "--save-every", "-1", "--out", str(out2), env_home=home,
-                launcher=torchrun)
+                launcher=_torchrun())
     _run_worker("--run-name", "tiny", "--steps", "0", "--save-every", "-1", "--out", str(out1), env_home=home)
     two, one = json.loads(out2.read_text()), json.loads(out1.read_text())
     assert two[0]["checksum"] == two[1]["checksum"]
     assert two[0]["checksum"] == pytest.approx(one[0]["checksum"], rel=1e-6)
 
 
-def test_checkpoint_moves_between_world_sizes(home, tiny_run):
+def test_checkpoint_moves_between_world_sizes(home, _ddp_home):
     """A 2-process run's checkpoint resumes in 1 process and back (weights and optimizer exactly; the
     data position continues from rank 0's), and chat fine-tuning runs under torchrun without hangs."""
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1"]
-    _run_worker("--run-name", "tiny", "--steps", "4", "--save-every", "4", env_home=home,
-                launcher=torchrun + [f"--master_port={_free_port()}"])
-    one = _run_worker("--run-name", "tiny", "--steps", "8", "--save-every", "4", "--resume", env_home=home)
+    shutil.copytree(_ddp_home / "runs" / "ddp", home / "runs" / "ddp")  # 16 steps by 2 ranks
+    one = _run_worker("--run-name", "ddp", "--steps", "20", "--save-every", "4", "--resume", env_home=home)
     assert "written by 2 rank(s), this run has 1" in one.stderr
-    _run_worker("--run-name", "tiny", "--steps", "12", "--save-every", "4", "--resume", env_home=home,
-                launcher=torchrun + [f"--master_port={_free_port()}"])
-    losses = _losses(home, "tiny")
-    assert sorted(losses) == list(range(12))
-    stage = home / "runs" / "tiny" / "base"
+    _run_worker("--run-name", "ddp", "--steps", "24", "--save-every", "4", "--resume", env_home=home,
+                launcher=_torchrun())
+    losses = _losses(home, "ddp")
+    assert sorted(losses) == list(range(24))
+    stage = home / "runs" / "ddp" / "base"
     meta = runs.read_meta(runs.latest_checkpoint(stage))
-    assert meta["step"] == 12 and meta["world_size"] == 2
+    assert meta["step"] == 24 and meta["world_size"] == 2
 
     env = {**os.environ, "PICOCHAT_HOME": str(home), "OMP_NUM_THREADS": "1"}
     for command in ("midtrain", "sft"):
-        proc = subprocess.run(torchrun + [f"--master_port={_free_port()}", "-m", "picochat", command,
-                                          "--run-name", "tiny", "--seq-len", "64", "--device-batch-size", "2",
-                                          "--total-batch-tokens", "256", "--num-steps", "3", "--device", "cpu",
-                                          "--eval-every", "0", "--synthetic-size", "200"],
+        proc = subprocess.run(_torchrun() + ["-m", "picochat", command, "--run-name", "ddp", "--seq-len", "64",
+                                             "--device-batch-size", "2", "--total-batch-tokens", "256",
+                                             "--num-steps", "3", "--device", "cpu", "--eval-every", "0",
+                                             "--synthetic-size", "200"],
                               env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         stage_name = "mid" if command == "midtrain" else "sft"
-        assert runs.read_meta(runs.latest_checkpoint(home / "runs" / "tiny" / stage_name))["world_size"] == 2
+        assert runs.read_meta(runs.latest_checkpoint(home / "runs" / "ddp" / stage_name))["world_size"] == 2
 
 
 def test_run_command_chains_every_stage_and_resumes(home):

@@ -74,10 +74,12 @@ if __name__ == "__main__":
     small = DecodeTiles(chunk=8, qkv_block_n=16, fc_block_n=32, proj_block_n=8, out_block_n=16,
                         head_block_n=64)
     print(json.dumps({
-        # three rows of different lengths crossing chunk and block boundaries, several splits
-        "rows3_small_tiles": run_case(device, [5, 17, 9], 40, 4, small),
+        # three rows of different lengths across chunk and block boundaries, several splits; row 0
+        # (7 tokens, chunks of 8) crosses into its second chunk at the second step, which reads what
+        # the first step wrote
+        "rows3_small_tiles": run_case(device, [7, 17, 9], 40, 2, small),
         # one row, default tiles (one chunk, one K block)
-        "row1_default_tiles": run_case(device, [11], 40, 3, None),
+        "row1_default_tiles": run_case(device, [11], 40, 2, None),
         # 16 rows: the tensor-core path (tl.dot), one K block (weights read before the wait) ...
         "rows16_dot": run_case(device, [1 + (5 * b) % 19 for b in range(16)], 24, 2, None),
         # ... and K walked in blocks (normed inputs too); 20 rows in a bucket of 32 (masked rows)

@@ -7,7 +7,8 @@ them once per test worker; every run is a fork of that server, a real separate p
 pid, environment, signal handlers and exit status (a SIGKILL is a real SIGKILL, a stop signal ends it
 with the stop code), that then runs the script as `python script args` would (runpy, as __main__).
 Nothing but imports ran in the server, so a run starts with no training state, as a fresh
-interpreter does. Launches through torchrun, the CLI and resource limits stay real subprocesses."""
+interpreter does. Launches through torchrun, the CLI and resource limits stay real subprocesses.
+Tests that start ranks with multiprocessing use `context()` (the same server) instead of "spawn"."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ PRELOAD = ["torch", "torch._dynamo", "picochat.train.cli", "picochat.train.loop"
 _ctx = None
 
 
-def _context():
+def context():
+    """The multiprocessing context whose processes are forks of the preloaded server."""
     global _ctx
     if _ctx is None:
         _ctx = multiprocessing.get_context("forkserver")
@@ -49,7 +51,7 @@ def run_script(script: str, args: list[str], env: dict[str, str], timeout: float
     signal that ended it), stdout and stderr, as subprocess.run(..., capture_output=True, text=True)."""
     with tempfile.TemporaryDirectory(prefix="forkrun-") as tmp:
         out, err = str(Path(tmp) / "out"), str(Path(tmp) / "err")
-        proc = _context().Process(target=_child, args=(script, list(args), dict(env), out, err))
+        proc = context().Process(target=_child, args=(script, list(args), dict(env), out, err))
         proc.start()
         proc.join(timeout)
         if proc.exitcode is None:

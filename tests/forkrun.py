@@ -7,7 +7,9 @@ them once per test worker; every run is a fork of that server, a real separate p
 pid, environment, signal handlers and exit status (a SIGKILL is a real SIGKILL, a stop signal ends it
 with the stop code), that then runs the script as `python script args` would (runpy, as __main__).
 Nothing but imports ran in the server, so a run starts with no training state, as a fresh
-interpreter does. Launches through torchrun, the CLI and resource limits stay real subprocesses.
+interpreter does. Launches through torchrun, the CLI and resource limits stay real subprocesses, and
+so do the Triton-interpreter workers (TRITON_INTERPRET must be set before triton's own kernels are
+defined, and the server has imported them).
 Tests that start ranks with multiprocessing use `context()` (the same server) instead of "spawn"."""
 
 from __future__ import annotations

@@ -61,9 +61,9 @@ def tiny_run(home, _tiny_tokenizer_dir) -> str:
 # the other has finished everything else (their own order, and every other file's, is unchanged).
 # Ordered by measured wall seconds per file in `make test` (2 workers, one torch thread each), largest
 # first; docs/benchmarks.md has the table.
-LONGEST_FIRST = ("test_rl.py", "test_faults.py", "test_train.py", "test_engine.py", "test_serve_cli.py",
-                 "test_demo.py", "test_options.py", "test_serve_ui.py", "test_execution.py", "test_bench_serve.py",
-                 "test_muon.py", "test_train_kernels.py", "test_export.py", "test_autobatch.py")
+LONGEST_FIRST = ("test_rl.py", "test_train.py", "test_faults.py", "test_engine.py", "test_execution.py",
+                 "test_demo.py", "test_serve_ui.py", "test_bench_serve.py", "test_options.py", "test_train_kernels.py",
+                 "test_serve_cli.py", "test_export.py", "test_serve_errors.py", "test_chat_suite.py")
 
 
 def pytest_configure(config) -> None:

@@ -8,9 +8,10 @@ On Linux the launcher stays as a small parent (a "child subreaper") that waits f
 reaps whatever the program leaves behind: bwrap's own pid-1 process outlives bwrap by a moment,
 and without a subreaper it becomes a zombie of the machine's init, which may reap it only seconds
 later (the cleanup in `execution.py` waits for a uid's zombies: they count against its process
-limit). Once the program has ended, the parent kills and reaps what it left (the evaluator's cleanup killed
-those anyway). The parent keeps its own ids and no limits but the core size; the program's exit
-status is passed on as it was (a signal that ended the program ends the launcher the same way)."""
+limit). Once the program has ended, the parent kills and reaps what it left (the evaluator's
+cleanup killed those anyway). The parent keeps its own ids and no limits but the core size; the
+program's exit status is passed on as it was (a signal that ended the program ends the launcher
+the same way)."""
 
 import json
 import os

@@ -320,8 +320,12 @@ def _run_loads(sched, load: Load, common: dict) -> list[dict]:
         for variant in variants:
             extra = use(variant)
             label = name + "".join(f" ({k.replace('_', ' ')} {_show(variant[k])})" for k in varying)
-            moves = sched.counters["moves"]
+            moves, side = sched.counters["moves"], sched.batch.side
+            before = (side.overlapped, side.waited) if side is not None else None
             rec = _measure(sched, label, run)
+            if side is not None:  # replays run beside the chunk in flight / after it
+                extra = {**extra, "prefill_overlapped": side.overlapped - before[0],
+                         "prefill_waited": side.waited - before[1]}
             records.append({**common, **rec, **extra, "rows_moved": sched.counters["moves"] - moves,
                             "mode": "continuous", **where})
         use(variants[0])

@@ -59,10 +59,11 @@ def tiny_run(home, _tiny_tokenizer_dir) -> str:
 # Under `pytest -n ... --dist loadfile` a worker takes whole files, in collection order, as it frees
 # up: the files that take longest on 2 cores go first, so no worker is left running a long file after
 # the other has finished everything else (their own order, and every other file's, is unchanged).
-# Measured CPU-seconds per file (one torch thread), largest first; docs/benchmarks.md has the table.
-LONGEST_FIRST = ("test_rl.py", "test_train.py", "test_faults.py", "test_engine.py", "test_options.py",
-                 "test_demo.py", "test_autobatch.py", "test_bench_serve.py", "test_serve_cli.py", "test_muon.py",
-                 "test_export.py", "test_serve_ui.py", "test_execution.py", "test_serve_errors.py")
+# Ordered by measured wall seconds per file in `make test` (2 workers, one torch thread each), largest
+# first; docs/benchmarks.md has the table.
+LONGEST_FIRST = ("test_rl.py", "test_train.py", "test_faults.py", "test_engine.py", "test_execution.py",
+                 "test_demo.py", "test_serve_ui.py", "test_bench_serve.py", "test_options.py", "test_train_kernels.py",
+                 "test_serve_cli.py", "test_export.py", "test_serve_errors.py", "test_chat_suite.py")
 
 
 def pytest_configure(config) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import multiprocessing as mp
 import random
 import socket
 from pathlib import Path
@@ -25,6 +24,8 @@ from picochat.config import ModelConfig
 from picochat.model.gpt import build_model
 from picochat.train import autobatch as ab
 from picochat.train.autobatch import AutoBatchError, find_device_batch_size, is_oom_error, mark_bad
+
+import forkrun
 
 MiB = 2**20
 
@@ -357,7 +358,7 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.parametrize("world", [3])
 def test_ranks_agree_without_hanging(tmp_path, world):
-    ctx = mp.get_context("spawn")
+    ctx = forkrun.context()  # fresh processes, forked from a server that has torch imported
     port = _free_port()
     procs = [ctx.Process(target=_rank_main, args=(r, world, port, str(tmp_path))) for r in range(world)]
     for p in procs:

@@ -53,3 +53,23 @@ def test_a_word_where_a_number_goes_is_named():
 def test_in_range_values_parse():
     args = build_parser().parse_args(["bench", "eval", "--max-per-task", "7", "--standin", "0"])
     assert (args.max_per_task, args.standin) == (7, 0)
+
+
+def test_bench_train_inductor_settings_are_applied_and_checked():
+    import torch._inductor.config as inductor_config
+
+    from picochat.bench.train import apply_inductor_settings
+
+    before = (inductor_config.coordinate_descent_tuning, inductor_config.triton.unique_kernel_names)
+    try:
+        got = apply_inductor_settings("coordinate_descent_tuning=True, triton.unique_kernel_names=False")
+        assert got == {"coordinate_descent_tuning": True, "triton.unique_kernel_names": False}
+        assert inductor_config.coordinate_descent_tuning is True
+        assert inductor_config.triton.unique_kernel_names is False
+    finally:
+        inductor_config.coordinate_descent_tuning, inductor_config.triton.unique_kernel_names = before
+    assert apply_inductor_settings("") == {}
+    with pytest.raises(ValueError, match="no setting 'no_such_knob'"):
+        apply_inductor_settings("no_such_knob=1")
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        apply_inductor_settings("coordinate_descent_tuning")

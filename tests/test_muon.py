@@ -15,6 +15,8 @@ import torch.multiprocessing as mp
 from picochat.train.muon import (KELLER_COEFFICIENTS, Muon, coefficients_named, orthogonalize,
                                  orthogonalize_reference, polar_express_coefficients)
 
+import forkrun
+
 # Shapes as in a model: square attention matrices, a tall MLP input and a wide MLP output matrix
 # (these two share one stack, the tall one on its side), and an odd count so shares are uneven.
 SHAPES = [(48, 48)] * 5 + [(192, 48), (48, 192), (192, 48)]
@@ -155,7 +157,8 @@ def test_two_gloo_processes_share_the_work_and_match_one(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = str(tmp_path / "weights")
-    mp.start_processes(_sharded_worker, args=(2, port, out), nprocs=2, join=True, start_method="spawn")
+    forkrun.context()  # fresh processes, forked from a server that has torch imported
+    mp.start_processes(_sharded_worker, args=(2, port, out), nprocs=2, join=True, start_method="forkserver")
     ranks = [torch.load(f"{out}.{r}") for r in range(2)]
     single = _params()
     _run(Muon(single, lr=0.02, weight_decay=0.1), single, range(3))

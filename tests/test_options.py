@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import subprocess
 import sys
@@ -137,8 +138,9 @@ def _argv(command: tuple[str, ...], option: str, value) -> list[str]:
     return [*command, *run, option, *values]
 
 
-def _flags(command: tuple[str, ...]) -> set[str]:
-    return {s for a in _subparser(command)._actions for s in a.option_strings}
+@functools.lru_cache(maxsize=None)  # one parser per command, not one per row of its table
+def _flags(command: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(s for a in _subparser(command)._actions for s in a.option_strings)
 
 
 @pytest.mark.parametrize("command", list(COMMANDS), ids=" ".join)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from forkrun import run_script
 from picochat import runs
 from picochat.config import ModelConfig, OptimConfig, RLConfig, TrainConfig
 
@@ -69,8 +70,10 @@ def arith_run(home, _sft_home) -> str:
 
 def _worker(*args: str, home: Path, check: bool = True, launcher=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PICOCHAT_HOME": str(home), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run((launcher or [sys.executable]) + [WORKER, *args], env=env, capture_output=True, text=True,
-                          timeout=600)
+    if launcher is None:  # one process: a fork of a server that has torch imported (tests/forkrun.py)
+        proc = run_script(WORKER, list(args), env, timeout=600)
+    else:
+        proc = subprocess.run(launcher + [WORKER, *args], env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"worker failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     return proc

@@ -18,14 +18,17 @@ from picochat import runs
 from picochat.runs import RunPaths
 from picochat.config import DataConfig, TrainConfig
 from picochat.train import checkpoint as ckpt
+from forkrun import run_script
 
 WORKER = str(Path(__file__).parent / "workers" / "pretrain_worker.py")
 
 
 def _run_worker(*args: str, env_home: Path, check=True, launcher=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PICOCHAT_HOME": str(env_home), "OMP_NUM_THREADS": "1"}
-    cmd = (launcher or [sys.executable]) + [WORKER, *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if launcher is None:  # one process: a fork of a server that has torch imported (tests/forkrun.py)
+        proc = run_script(WORKER, list(args), env, timeout=300)
+    else:
+        proc = subprocess.run(launcher + [WORKER, *args], env=env, capture_output=True, text=True, timeout=300)
     if check and proc.returncode != 0:
         lines = [ln for ln in proc.stderr.splitlines() if "step/s" not in ln and "Warning" not in ln]
         raise AssertionError(f"worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n" + "\n".join(lines[-80:]))

@@ -25,6 +25,7 @@ Modes (`isolation_mode()` probes once and picks the strongest that works here; `
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -283,6 +284,11 @@ def _supervise(spec: dict, workdir: str, out, err, outdir: str, limits: SandboxL
         status = None
     except subprocess.TimeoutExpired:
         status = "timeout"
+        # kill what the launcher started, not the launcher: it reaps them (it is their subreaper), so
+        # no zombie is left for init to reap late (cleanup would wait for it; see sandbox_launch.py)
+        _kill_children(proc.pid)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=0.5)
     _kill_group(proc.pid)
     proc.wait()
     if uid is not None:
@@ -297,6 +303,19 @@ def _supervise(spec: dict, workdir: str, out, err, outdir: str, limits: SandboxL
             return f.read(limits.max_output_chars * 4).decode("utf-8", errors="replace")[:limits.max_output_chars]
 
     return ExecutionResult(status, rc, read("out"), read("err"), seconds, mode, uid)
+
+
+def _kill_children(pid: int) -> None:
+    """SIGKILL the live children of `pid` (found by their parent id in /proc/<pid>/stat)."""
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            state, ppid = (p / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+            if int(ppid) == pid and state != "Z":
+                os.kill(int(p.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
 
 
 def _kill_group(pgid: int) -> None:

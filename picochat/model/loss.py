@@ -25,6 +25,9 @@ How the rows are worked through depends on where the function runs (`strategy`, 
 - ``triton`` (CUDA, only when asked for: `ForwardOptions.triton_loss`): the two passes as hand-written
   Triton kernels with the GPU's one-instruction tanh (`triton_loss.py`); outside any compiled graph
   (`triton_softcapped_cross_entropy` is a graph break), since the compiler would not look inside.
+  Measured on an H200 at d12 batch 32, side by side with `fused`: the loss's kernels 5.25 → ~3.5 ms,
+  the step +0.6% (inside the spread between processes), peak memory +4 GiB (compiled, the gradient
+  reuses the saved logits' buffer; this eager function cannot): an option, not the default.
 
 Values and gradients equal `reference_softcapped_cross_entropy` to float32 rounding, every strategy
 (tests/test_train_kernels.py).

@@ -15,6 +15,10 @@ reads), and exp is `ex2.approx` (Triton's `exp`): two special-function operation
 
 The Triton interpreter (``TRITON_INTERPRET=1``, the CPU tests) has no inline assembly: there tanh is
 written with exp, the same function to float32 rounding.
+
+Measured (H200, d12 batch 32, docs/benchmarks.md): the two kernels take ~3.5 ms per step against the
+compiled fusion's 5.25 ms, and the step gains 0.6%; on the GPU they match the plain formulation to
+3.3e-6 (values) and 2.6e-5 (gradients), relative.
 """
 
 from __future__ import annotations

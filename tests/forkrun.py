@@ -60,5 +60,12 @@ def run_script(script: str, args: list[str], env: dict[str, str], timeout: float
             proc.kill()
             proc.join()
             raise subprocess.TimeoutExpired([script, *args], timeout)
-        return subprocess.CompletedProcess([script, *args], proc.exitcode, Path(out).read_text(errors="replace"),
-                                           Path(err).read_text(errors="replace"))
+        return subprocess.CompletedProcess([script, *args], proc.exitcode, _read(out), _read(err))
+
+
+def _read(path: str) -> str:
+    """What the run wrote there ('' if it ended before opening it: the fork server printed why)."""
+    try:
+        return Path(path).read_text(errors="replace")
+    except FileNotFoundError:
+        return ""

@@ -526,6 +526,27 @@ def test_fast_scheduler_with_prefill_graphs_matches_eager(kernels):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_prefill_stream_overlaps_and_matches_eager():
+    """Prefill replays on a second stream (experimental `prefill_stream`): long generations first,
+    then short prompts into the slots they free, some while a chunk runs over those slots (a replay
+    beside the chunk when its rows' junk cannot reach the prompt's positions, after it otherwise):
+    eager decoding's tokens exactly (fp32), and both kinds of replay happened."""
+    dev = torch.device("cuda")
+    m = random_model(n_layer=2, n_head=4, n_kv_head=2, n_embd=128, vocab=265, seq_len=256, device=dev, seed=3)
+    ps = [[1 + i, 2, 3, 4, 5] for i in range(4)] + prompts(8, seed=8)
+    params = [SamplingParams(max_tokens=80 + 9 * i, **GREEDY) for i in range(4)]
+    params += [SamplingParams(max_tokens=12 + 3 * i, **GREEDY) if i % 3 else
+               SamplingParams(max_tokens=20, temperature=0.8, seed=i) for i in range(8)]
+    eager = Scheduler(m, None, SchedulerConfig(slots=4, mode="eager", sync_every=4, pipeline=True, dtype="float32"))
+    fast = Scheduler(m, None, SchedulerConfig(slots=4, mode="fast", sync_every=4, dtype="float32", prefill_stream=True))
+    side = fast.batch.side
+    assert side is not None
+    assert _staggered(fast, ps, params, cancel_at=-1) == _staggered(eager, ps, params, cancel_at=-1)
+    assert side.overlapped > 0 and side.waited > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fast_triton_whole_chunk_graphs_match_eager():
     """Triton buckets launch a whole chunk (steps, copies out and temperature sampling) as one
     graph: greedy and seeded temperature-only requests, staggered, give eager's tokens (fp32)."""

@@ -204,7 +204,7 @@ class Load:
     sigma: float
     serial_requests: int
     seed: int
-    variants: list[dict]  # settings continuous mode runs with: prefill_graphs, compact, followup_wait
+    variants: list[dict]  # settings continuous mode runs with: prefill_graphs, compact, followup_wait, prefill_stream
     profile: bool
 
 
@@ -219,12 +219,14 @@ def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_r
                     compile: bool | str = False, triton_max_rows: int | None = None,
                     profile: bool = False, prefill_graphs: bool | None | list[bool] = None,
                     followup_wait: float | None | list[float] = None, chunk_graphs: bool = True,
-                    take_by_request: bool = True, compact: bool | list[bool] = True) -> list[dict]:
+                    take_by_request: bool = True, compact: bool | list[bool] = True,
+                    prefill_stream: bool | list[bool] = False) -> list[dict]:
     """Records of every mode and load. `num_requests` a list: every load point runs with each
-    count (the closed loop's drain at the end weighs less in longer runs). `sync_every` a list: one scheduler per value, one after the
-    other on the same model. `prefill_graphs`, `compact` and/or `followup_wait` lists: continuous mode is measured
-    with each combination on one scheduler (built with the graphs, then toggled; static and serial
-    with the first), so an A/B shares the build, the kernels and the warm-up."""
+    count (the closed loop's drain at the end weighs less in longer runs). `sync_every` a list: one
+    scheduler per value, one after the other on the same model. `prefill_graphs`, `compact`,
+    `followup_wait`, `prefill_stream` lists: continuous mode is measured with each combination on
+    one scheduler (built with them, then toggled; static and serial with the first), so an A/B
+    shares the build, the kernels and the warm-up."""
     from ..common import compute_dtype
     from ..config import ModelConfig
     from ..infer.scheduler import SchedulerConfig
@@ -235,6 +237,7 @@ def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_r
     graph_variants = list(prefill_graphs) if isinstance(prefill_graphs, (list, tuple)) else [prefill_graphs]
     compacts = list(compact) if isinstance(compact, (list, tuple)) else [compact]
     waits = list(followup_wait) if isinstance(followup_wait, (list, tuple)) else [followup_wait]
+    streams = list(prefill_stream) if isinstance(prefill_stream, (list, tuple)) else [prefill_stream]
     dtype = compute_dtype(device)
     cfg = ModelConfig.from_depth(depth, vocab_size=vocab_size, seq_len=seq_len)
     model = build_model(cfg, device, seed=seed).to(dtype).eval()
@@ -242,8 +245,9 @@ def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_r
     slots = slots or max(top, 1)
     counts = list(num_requests) if isinstance(num_requests, (list, tuple)) else [num_requests]
     load = Load(list(concurrency), list(request_rates), list(modes), counts, prompt_median, output_median,
-                sigma, serial_requests, seed, [{"prefill_graphs": g, "compact": c, "followup_wait": w}
-                                               for g in graph_variants for c in compacts for w in waits], profile)
+                sigma, serial_requests, seed,
+                [{"prefill_graphs": g, "compact": c, "followup_wait": w, "prefill_stream": st}
+                 for g in graph_variants for c in compacts for w in waits for st in streams], profile)
     records = []
     for k in (list(sync_every) if isinstance(sync_every, (list, tuple)) else [sync_every]):
         config = SchedulerConfig(slots=slots, sync_every=k, kernels=kernels, prefill_budget=prefill_budget,
@@ -251,6 +255,7 @@ def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_r
                                  triton_max_rows=triton_max_rows,
                                  prefill_graphs=True if any(graph_variants) else graph_variants[0],
                                  chunk_graphs=chunk_graphs, take_by_request=take_by_request, compact=compacts[0],
+                                 prefill_stream=any(streams),
                                  **({} if waits[0] is None else {"followup_wait": waits[0]}))
         records += _bench_scheduler(model, config, load)
         if cuda:
@@ -292,7 +297,7 @@ def _show(value) -> str:
 
 
 def _run_loads(sched, load: Load, common: dict) -> list[dict]:
-    built_fresh, variants = sched.batch.fresh, load.variants
+    built_fresh, built_side, variants = sched.batch.fresh, sched.batch.side, load.variants
     vocab, seed = common["vocab_size"], load.seed
     varying = [k for k in variants[0] if len({v[k] for v in variants}) > 1]
     default_wait = sched.config.followup_wait
@@ -300,11 +305,14 @@ def _run_loads(sched, load: Load, common: dict) -> list[dict]:
     def use(variant) -> dict:
         if "prefill_graphs" in varying:
             sched.batch.fresh = built_fresh if variant["prefill_graphs"] else None
+        if "prefill_stream" in varying:
+            sched.batch.side = built_side if variant["prefill_stream"] else None
         sched.config.compact = variant["compact"]  # both read by every step
         sched.config.followup_wait = default_wait if variant["followup_wait"] is None else variant["followup_wait"]
         # asked: this run's setting; prefill_graphs: whether graphs replayed (off CUDA the same
         # scratch-cache prefill runs eagerly)
         return {"prefill_graphs_asked": bool(variant["prefill_graphs"]), "compact": variant["compact"],
+                "prefill_stream": sched.batch.side is not None,
                 "followup_wait_ms": round(1000 * sched.config.followup_wait, 3),
                 "prefill_graphs": sched.batch.fresh is not None and sched.batch.fresh.graph}
 
@@ -312,8 +320,12 @@ def _run_loads(sched, load: Load, common: dict) -> list[dict]:
         for variant in variants:
             extra = use(variant)
             label = name + "".join(f" ({k.replace('_', ' ')} {_show(variant[k])})" for k in varying)
-            moves = sched.counters["moves"]
+            moves, side = sched.counters["moves"], sched.batch.side
+            before = (side.overlapped, side.waited) if side is not None else None
             rec = _measure(sched, label, run)
+            if side is not None:  # replays run beside the chunk in flight / after it
+                extra = {**extra, "prefill_overlapped": side.overlapped - before[0],
+                         "prefill_waited": side.waited - before[1]}
             records.append({**common, **rec, **extra, "rows_moved": sched.counters["moves"] - moves,
                             "mode": "continuous", **where})
         use(variants[0])
@@ -455,11 +467,15 @@ def add_batch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--triton-max-rows", type=int_at_least(1), default=None,
                    help="with --kernels auto: the largest bucket the Triton step runs (default: the scheduler's)")
     p.add_argument("--prefill-graphs", default=None, metavar="on|off|on,off",
-                   help="prompts' first chunks replayed from CUDA graphs (default: the scheduler's, on in fast mode); a list "
-                        "such as on,off measures continuous mode with each on one scheduler (static, serial: the first)")
+                   help="prompts' first chunks replayed from CUDA graphs (default: the scheduler's, on in fast "
+                        "mode); a list such as on,off measures continuous mode with each on one scheduler (static, "
+                        "serial: the first)")
     p.add_argument("--compact", default="on", metavar="on|off|on,off",
                    help="move running rows down into free slots when they fit a smaller batch bucket (default on); "
                         "a list measures continuous mode with each on one scheduler")
+    p.add_argument("--prefill-stream", default="off", metavar="on|off|on,off",
+                   help="first-chunk replays on a second CUDA stream beside the decode chunk (experimental, default "
+                        "off); a list measures continuous mode with each on one scheduler")
     p.add_argument("--chunk-graphs", choices=("on", "off"), default="on",
                    help="Triton buckets launch a whole decode chunk as one CUDA graph (default on)")
     p.add_argument("--followup-wait", default=None, metavar="SECONDS[,SECONDS...]",
@@ -518,6 +534,10 @@ def cmd_batch_bench(args: argparse.Namespace) -> int:
     if not words or any(w not in ("on", "off") for w in words):
         raise SystemExit(f"--compact takes on, off or a comma list of them (got {args.compact!r})")
     compacts = [w == "on" for w in words]
+    words = [w.strip() for w in args.prefill_stream.split(",")]
+    if not words or any(w not in ("on", "off") for w in words):
+        raise SystemExit(f"--prefill-stream takes on, off or a comma list of them (got {args.prefill_stream!r})")
+    streams = [w == "on" for w in words]
     waits = [None]
     if args.followup_wait is not None:
         try:
@@ -525,7 +545,8 @@ def cmd_batch_bench(args: argparse.Namespace) -> int:
         except ValueError:
             waits = []
         if not waits or any(not 0 <= w <= 1 for w in waits):
-            raise SystemExit(f"--followup-wait takes seconds in [0, 1], or a comma list of them (got {args.followup_wait!r})")
+            raise SystemExit(f"--followup-wait takes seconds in [0, 1] or a comma list of them "
+                             f"(got {args.followup_wait!r})")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in ("continuous", "static", "serial")]
     if bad:
@@ -536,14 +557,15 @@ def cmd_batch_bench(args: argparse.Namespace) -> int:
                               args.prefill_budget, args.compile, args.triton_max_rows, args.profile,
                               graph_variants,
                               waits, args.chunk_graphs == "on",
-                              take_by_request=args.take_by_request == "on", compact=compacts)
+                              take_by_request=args.take_by_request == "on", compact=compacts, prefill_stream=streams)
     base = base_record("batch", device, args.depth)
     records = [{**base, **r} for r in records]
     print(f"\nbatch · {base['gpu']} · d{args.depth} · prompt/output medians {args.prompt_median}/"
           f"{args.output_median} (lognormal sigma {args.length_sigma}) · greedy · torch {base['torch']}")
     ratios = _print_table(records, conc, len(syncs) > 1, [k for k, n in (("prefill_graphs", len(graph_variants or [0])),
                                                                        ("compact", len(compacts)),
-                                                                       ("followup_wait", len(waits))) if n > 1])
+                                                                       ("followup_wait", len(waits)),
+                                                                       ("prefill_stream", len(streams))) if n > 1])
     if args.plot:
         plot_records(records, args.plot)
         print(f"plot: {args.plot}")
@@ -566,7 +588,8 @@ def _print_table(records: list[dict], conc: list[int], by_sync: bool, varying: l
         if r["mode"] == "continuous":
             shown = {"prefill_graphs": ("prefill gr.", _show(r.get("prefill_graphs_asked"))),
                      "compact": ("compact", _show(r.get("compact"))),
-                     "followup_wait": ("wait", f"{r['followup_wait_ms']:g} ms")}
+                     "followup_wait": ("wait", f"{r['followup_wait_ms']:g} ms"),
+                     "prefill_stream": ("prefill stream", _show(r.get("prefill_stream")))}
             label += "".join(f" ({shown[k][0]} {shown[k][1]})" for k in varying)
         steady = f"{r['tok_per_s_steady']:,.0f}" if r.get("tok_per_s_steady") else "-"
         print(f"{label:<{width}}{load:>7}{r['requests']:>6}{r['tok_per_s_total']:>10,.0f}{steady:>9}"

@@ -55,10 +55,11 @@ class DecodeBatch:
     def __init__(self, model, slots: int, context: int, *, k_max: int, dtype: torch.dtype, graph: bool = False,
                  compile: str | None = None, window_step: int = 256, kernels_for=lambda bucket: "torch",
                  naive: bool = False, fresh_prefill: bool | None = None, chunk_graphs: bool = True,
-                 prefill_tokens: int = 8192):
+                 prefill_tokens: int = 8192, prefill_stream: bool = False):
         """`fresh_prefill`: prompts' first chunks through `FreshPrefill` (None/False: off; True: its
         graphs when `graph`, else the same forward eagerly, as the tests do), buckets of up to
-        `prefill_tokens` padded tokens (at most 8192)."""
+        `prefill_tokens` padded tokens (at most 8192). `prefill_stream`: single replays run on a
+        second stream, beside the decode chunk in flight (`PrefillStream`; graphs only)."""
         c = model.config
         self.model, self.slots, self.context, self.k_max = model, slots, context, k_max
         self.device = next(model.parameters()).device
@@ -124,6 +125,11 @@ class DecodeBatch:
                 log.warning(f"capturing the prefill graphs failed ({type(e).__name__}: {e}); prefilling eagerly")
                 if graph:
                     torch.cuda.synchronize(self.device)
+        self.side = None
+        if prefill_stream and self.fresh is not None and self.fresh.graph:
+            from .prefill_graphs import PrefillStream
+
+            self.side = PrefillStream(self.device)
 
     def _capture_chunks(self, bucket: int) -> None:
         """For a Triton bucket (no attention windows: one graph serves every step), capture whole
@@ -240,13 +246,19 @@ class DecodeBatch:
         # process-wide while this forward runs; it only takes cuDNN out of the order.
         with sdpa_kernel(PREFILL_ATTENTION):
             if self.fresh is not None and not any(starts) and self.fresh.fits(len(slots), max(lens)):
-                logits = self.fresh.run(slots, chunks, self._dev)
+                if self.side is not None:
+                    logits = self.side.run(lambda: self.fresh.run(slots, chunks, self._dev), slots,
+                                           self.fresh.padded(len(slots), max(lens)))
+                else:
+                    logits = self.fresh.run(slots, chunks, self._dev)
             elif self.fresh is not None and 0 in starts:
                 logits = self._prefill_split(slots, chunks, starts)
             elif self.naive:
                 logits = self._prefill_naive(slots, chunks, starts, ends)
             else:
                 logits = self._prefill_cached(slots, chunks, starts)
+        if self.side is not None:
+            self.side.mark()  # graphs replayed here on the main stream (a split group) come before the next replay
         self.set_rows(slots, ends, [0] * len(slots))
         return logits
 
@@ -320,6 +332,9 @@ class DecodeBatch:
         `logprobs`: None, or how many top alternatives to record (0: the chosen token's only)."""
         runner = self.runner(bucket)
         runner.hi = max(self.bound[:bucket])
+        starts = self.bound[:bucket]  # each row's position as the chunk starts (exact: every row steps)
+        if self.side is not None:
+            self.side.mark()  # replays after this chunk's launch wait for what came before it, not for it
         if forced:
             fmask = torch.zeros(k, bucket, dtype=torch.bool)
             ftok = torch.zeros(k, bucket, dtype=torch.long)
@@ -350,7 +365,10 @@ class DecodeBatch:
         cap = self.length - 1
         self.bound[:bucket] = [min(b + k, cap) for b in self.bound[:bucket]]
         self._seq += 1
-        return self._read(self._seq, k, bucket, logprobs)
+        out = self._read(self._seq, k, bucket, logprobs)
+        if self.side is not None:
+            self.side.launched(starts, out.event)
+        return out
 
     def _record_logprobs(self, j: int, bucket: int, logits: torch.Tensor, tok: torch.Tensor, top: int) -> None:
         lp = logits.float().log_softmax(dim=-1)
@@ -409,4 +427,7 @@ class DecodeBatch:
                 top_lp, top_ids = full.topk(logprobs, dim=-1)
                 top_lp, top_ids = top_lp[None], top_ids[None]
             lp = lp[None]
-        return self._to_host(-1, tok[None], lp, top_ids, top_lp)
+        out = self._to_host(-1, tok[None], lp, top_ids, top_lp)
+        if self.side is not None:
+            self.side.mark()  # a replay's logits are read: the next replay may overwrite them
+        return out

@@ -50,6 +50,7 @@ class SchedulerConfig:
     prefill_graphs: bool | None = None  # prompts' first chunks from CUDA graphs (prefill_graphs.py); None: in fast mode
     chunk_graphs: bool = True  # Triton buckets: a whole decode chunk as one CUDA graph (fast mode)
     compact: bool = True  # move running rows down into free slots when they would fit a smaller bucket
+    prefill_stream: bool = False  # first-chunk replays on a second stream, beside the decode chunk (experimental)
     tool_workers: int = 4
     followup_wait: float = 0.001  # seconds the loop waits for follow-ups after a finish (Scheduler._await_followups)
     take_by_request: bool = True  # read a chunk's tokens request by request (False: the first per-step loop)

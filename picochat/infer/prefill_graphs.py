@@ -84,6 +84,10 @@ class FreshPrefill:
     def fits(self, rows: int, tokens: int) -> bool:
         return self._bucket(rows, tokens) is not None
 
+    def padded(self, rows: int, tokens: int) -> int:
+        """The tokens a replay for these chunks writes per row (its bucket's length)."""
+        return self._bucket(rows, tokens)[1]
+
     def plan(self, lengths: list[int]) -> tuple[list[list[int]], list[int]]:
         """Split chunks of these lengths into as few bucket-sized groups as greedily fit: (groups of
         indices, one replay each; indices of chunks longer than every bucket, left to the caller).
@@ -143,3 +147,50 @@ class FreshPrefill:
         else:
             logits = self._body(r, t)()
         return logits[:n]
+
+
+class PrefillStream:
+    """First-chunk replays on a second CUDA stream, overlapping the decode chunk in flight (the
+    decode step at 32 rows leaves SMs idle; a 256-token prefill is ~1 ms of mostly small kernels).
+
+    Ordering, all on the device: a replay starts after `mark` (recorded on the main stream before
+    each chunk launch and after each read of a replay's logits), so after every slot move, rewind
+    and read the main stream queued before the chunk in flight, but not after that chunk; the main
+    stream waits for the replay before anything it queues next (first tokens, the next chunk).
+    The chunk in flight keeps running rows that are free or dead (parked, or stopped in the chunk
+    before) and writes junk at their positions: a replay into such a slot at positions that junk
+    may reach waits for that chunk instead (`conflicts`)."""
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.Stream(device)
+        self.mark_event: torch.cuda.Event | None = None
+        self.chunk_done: torch.cuda.Event | None = None  # the chunk in flight's completion
+        self.chunk_starts: list[int] = []  # each row's position when that chunk was launched
+        self.overlapped = self.waited = 0  # replays run beside the chunk / after it (stats, tests)
+
+    def mark(self) -> None:
+        self.mark_event = torch.cuda.Event()
+        self.mark_event.record()
+
+    def launched(self, starts: list[int], done: torch.cuda.Event | None) -> None:
+        self.chunk_starts, self.chunk_done = list(starts), done
+
+    def conflicts(self, slots: list[int], tokens: int) -> bool:
+        """Whether the chunk in flight may write where a replay of `tokens` padded tokens writes."""
+        starts = self.chunk_starts
+        return any(s < len(starts) and starts[s] < tokens for s in slots)
+
+    def run(self, replay, slots: list[int], tokens: int) -> torch.Tensor:
+        main = torch.cuda.current_stream()
+        if self.mark_event is not None:
+            self.stream.wait_event(self.mark_event)
+        wait = self.chunk_done is not None and self.conflicts(slots, tokens)
+        if wait:
+            self.stream.wait_event(self.chunk_done)
+        self.waited, self.overlapped = self.waited + wait, self.overlapped + (not wait)
+        with torch.cuda.stream(self.stream):
+            logits = replay()
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        main.wait_event(done)
+        return logits

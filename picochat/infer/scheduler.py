@@ -122,7 +122,7 @@ class Scheduler:
                                kernels_for=kernels_for, naive=self.mode == "naive",
                                fresh_prefill=self.mode == "fast" if self.config.prefill_graphs is None
                                else self.config.prefill_graphs, chunk_graphs=self.config.chunk_graphs,
-                               prefill_tokens=self.prefill_budget)
+                               prefill_tokens=self.prefill_budget, prefill_stream=self.config.prefill_stream)
 
         try:
             return build(self.kernels_for)
@@ -347,6 +347,8 @@ class Scheduler:
 
         with self._step_lock:
             load_weights_in_place(self.model, source)
+            if self.batch.side is not None:  # a prefill replay on the second stream must not read half-copied weights
+                torch.cuda.synchronize(self.device)
 
     # -- scheduling steps (called under _step_lock) ----------------------------------------------
     def _drop_cancelled(self, queued: list[Request] | None = None) -> None:

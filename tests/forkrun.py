@@ -35,9 +35,10 @@ def context():
     return _ctx
 
 
-def _child(script: str, args: list[str], env: dict[str, str], out: str, err: str) -> None:
+def _child(script: str, args: list[str], env: dict[str, str], cwd: str, out: str, err: str) -> None:
     import runpy
 
+    os.chdir(cwd)  # the caller's, as a subprocess would inherit it (the server keeps its own)
     os.environ.clear()
     os.environ.update(env)
     for fd, path in ((1, out), (2, err)):
@@ -53,7 +54,7 @@ def run_script(script: str, args: list[str], env: dict[str, str], timeout: float
     signal that ended it), stdout and stderr, as subprocess.run(..., capture_output=True, text=True)."""
     with tempfile.TemporaryDirectory(prefix="forkrun-") as tmp:
         out, err = str(Path(tmp) / "out"), str(Path(tmp) / "err")
-        proc = context().Process(target=_child, args=(script, list(args), dict(env), out, err))
+        proc = context().Process(target=_child, args=(script, list(args), dict(env), os.getcwd(), out, err))
         proc.start()
         proc.join(timeout)
         if proc.exitcode is None:

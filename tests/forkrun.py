@@ -51,7 +51,14 @@ def _child(script: str, args: list[str], env: dict[str, str], cwd: str, out: str
 
 def run_script(script: str, args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
     """`python script *args` with `env`, in a fork of the preloaded server: its exit code (negative: the
-    signal that ended it), stdout and stderr, as subprocess.run(..., capture_output=True, text=True)."""
+    signal that ended it), stdout and stderr, as subprocess.run(..., capture_output=True, text=True).
+    Where CUDA is available it is a plain subprocess: a run that uses CUDA must not be a fork of a
+    process whose imports may have touched the driver."""
+    import torch
+
+    if torch.cuda.is_available():
+        return subprocess.run([sys.executable, script, *args], env=env, capture_output=True, text=True,
+                              timeout=timeout)
     with tempfile.TemporaryDirectory(prefix="forkrun-") as tmp:
         out, err = str(Path(tmp) / "out"), str(Path(tmp) / "err")
         proc = context().Process(target=_child, args=(script, list(args), dict(env), os.getcwd(), out, err))

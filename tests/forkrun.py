@@ -9,7 +9,7 @@ with the stop code), that then runs the script as `python script args` would (ru
 Nothing but imports ran in the server, so a run starts with no training state, as a fresh
 interpreter does. Launches through torchrun, the CLI and resource limits stay real subprocesses, and
 so do the Triton-interpreter workers (TRITON_INTERPRET must be set before triton's own kernels are
-defined, and the server has imported them).
+defined, and the server has imported them) and, on a machine with CUDA, every run.
 Tests that start ranks with multiprocessing use `context()` (the same server) instead of "spawn"."""
 
 from __future__ import annotations

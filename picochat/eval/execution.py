@@ -38,6 +38,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .sandbox_launch import children
+
 LAUNCHER = Path(__file__).with_name("sandbox_launch.py")
 MODES = ("bwrap", "rlimits")
 SANDBOX_UID_BASE = 61000  # slot k runs as uid/gid SANDBOX_UID_BASE + k when the evaluator is root
@@ -306,16 +308,10 @@ def _supervise(spec: dict, workdir: str, out, err, outdir: str, limits: SandboxL
 
 
 def _kill_children(pid: int) -> None:
-    """SIGKILL the live children of `pid` (found by their parent id in /proc/<pid>/stat)."""
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            state, ppid = (p / "stat").read_text().rsplit(")", 1)[1].split()[:2]
-            if int(ppid) == pid and state != "Z":
-                os.kill(int(p.name), signal.SIGKILL)
-        except (OSError, ValueError):
-            continue
+    """SIGKILL the live children of `pid`."""
+    for child in children(pid, live=True):
+        with contextlib.suppress(OSError):
+            os.kill(child, signal.SIGKILL)
 
 
 def _kill_group(pgid: int) -> None:

@@ -49,17 +49,18 @@ def exec_program(spec: dict) -> None:
     os.execv(argv[0], argv)  # an absolute path: after setuid the evaluator's stdlib may be unreadable
 
 
-def children() -> list[int]:
-    """This process's children (with the subreaper flag: every orphan the program left)."""
-    me, found = str(os.getpid()), []
+def children(parent: int | None = None, live: bool = False) -> list[int]:
+    """The children of `parent` (default: this process; with the subreaper flag, every orphan the
+    program left), by the parent id in /proc/<pid>/stat; `live`: zombies left out."""
+    parent_id, found = str(os.getpid() if parent is None else parent), []
     for name in os.listdir("/proc"):
         if name.isdigit():
             try:
                 with open(f"/proc/{name}/stat") as f:
-                    state_and_ppid = f.read().rsplit(")", 1)[1].split()[:2]
-            except (OSError, IndexError):
+                    state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
+            except (OSError, IndexError, ValueError):
                 continue
-            if state_and_ppid[1:] == [me]:
+            if ppid == parent_id and not (live and state == "Z"):
                 found.append(int(name))
     return found
 

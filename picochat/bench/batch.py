@@ -208,6 +208,11 @@ class Load:
     profile: bool
 
 
+def _as_list(value) -> list:
+    """A setting that may be given once or as a list of values to measure each with."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_rates: list[float] = (),
                     modes: list[str] = ("continuous", "static", "serial"),
                     num_requests: int | None | list[int | None] = None,
@@ -234,22 +239,20 @@ def run_batch_bench(depth: int = 12, concurrency: list[int] = (1, 32), request_r
 
     device = torch.device(device)
     cuda = device.type == "cuda"
-    graph_variants = list(prefill_graphs) if isinstance(prefill_graphs, (list, tuple)) else [prefill_graphs]
-    compacts = list(compact) if isinstance(compact, (list, tuple)) else [compact]
-    waits = list(followup_wait) if isinstance(followup_wait, (list, tuple)) else [followup_wait]
-    streams = list(prefill_stream) if isinstance(prefill_stream, (list, tuple)) else [prefill_stream]
+    graph_variants, compacts = _as_list(prefill_graphs), _as_list(compact)
+    waits, streams = _as_list(followup_wait), _as_list(prefill_stream)
     dtype = compute_dtype(device)
     cfg = ModelConfig.from_depth(depth, vocab_size=vocab_size, seq_len=seq_len)
     model = build_model(cfg, device, seed=seed).to(dtype).eval()
     top = max(list(concurrency) + [1])
     slots = slots or max(top, 1)
-    counts = list(num_requests) if isinstance(num_requests, (list, tuple)) else [num_requests]
+    counts = _as_list(num_requests)
     load = Load(list(concurrency), list(request_rates), list(modes), counts, prompt_median, output_median,
                 sigma, serial_requests, seed,
                 [{"prefill_graphs": g, "compact": c, "followup_wait": w, "prefill_stream": st}
                  for g in graph_variants for c in compacts for w in waits for st in streams], profile)
     records = []
-    for k in (list(sync_every) if isinstance(sync_every, (list, tuple)) else [sync_every]):
+    for k in _as_list(sync_every):
         config = SchedulerConfig(slots=slots, sync_every=k, kernels=kernels, prefill_budget=prefill_budget,
                                  max_queue=100_000, compile=compile if cuda else False,
                                  triton_max_rows=triton_max_rows,
@@ -499,6 +502,14 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def _on_off_list(option: str, text: str) -> list[bool]:
+    """`on`, `off` or a comma list of them, as booleans; anything else ends the command with why."""
+    words = [w.strip() for w in text.split(",")]
+    if not words or any(w not in ("on", "off") for w in words):
+        raise SystemExit(f"--{option} takes on, off or a comma list of them (got {text!r})")
+    return [w == "on" for w in words]
+
+
 def cmd_batch_bench(args: argparse.Namespace) -> int:
     from ..common import detect_device
     from .record import append_records, base_record, print_json_last
@@ -524,20 +535,9 @@ def cmd_batch_bench(args: argparse.Namespace) -> int:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= {low} (got {value})")
     if args.length_sigma < 0:
         raise SystemExit(f"--length-sigma must be >= 0 (got {args.length_sigma})")
-    graph_variants = None
-    if args.prefill_graphs is not None:
-        words = [w.strip() for w in args.prefill_graphs.split(",")]
-        if not words or any(w not in ("on", "off") for w in words):
-            raise SystemExit(f"--prefill-graphs takes on, off or a comma list of them (got {args.prefill_graphs!r})")
-        graph_variants = [w == "on" for w in words]
-    words = [w.strip() for w in args.compact.split(",")]
-    if not words or any(w not in ("on", "off") for w in words):
-        raise SystemExit(f"--compact takes on, off or a comma list of them (got {args.compact!r})")
-    compacts = [w == "on" for w in words]
-    words = [w.strip() for w in args.prefill_stream.split(",")]
-    if not words or any(w not in ("on", "off") for w in words):
-        raise SystemExit(f"--prefill-stream takes on, off or a comma list of them (got {args.prefill_stream!r})")
-    streams = [w == "on" for w in words]
+    graph_variants = None if args.prefill_graphs is None else _on_off_list("prefill-graphs", args.prefill_graphs)
+    compacts = _on_off_list("compact", args.compact)
+    streams = _on_off_list("prefill-stream", args.prefill_stream)
     waits = [None]
     if args.followup_wait is not None:
         try:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import codecs
 from dataclasses import dataclass
 
-from .request import Part
+from .request import Part, frozen_instance
 
 # the tokenizer's conversation format names the parts differently (tokenizer.render_conversation)
 CONTENT_TYPES: dict[str, str] = {"text": "text", "tool_call": "python", "tool_output": "python_output"}
@@ -32,14 +32,11 @@ class Piece:
 
 _NO_TEXT = Piece("text", "")  # every token's piece without a tokenizer (made once: this runs per token)
 _SPECIAL = Piece("special", "")
-_new, _set_attr = object.__new__, object.__setattr__
 
 
 def _piece(part: Part, text: str) -> Piece:
-    """`Piece(part, text)` without the frozen dataclass's per-field `object.__setattr__` (per token)."""
-    piece = _new(Piece)
-    _set_attr(piece, "__dict__", {"part": part, "text": text, "tool_call": None})
-    return piece
+    """`Piece(part, text)` through `frozen_instance` (this runs per token)."""
+    return frozen_instance(Piece, {"part": part, "text": text, "tool_call": None})
 
 
 class MessageParser:

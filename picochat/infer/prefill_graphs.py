@@ -40,10 +40,11 @@ class SlotWriter(KVCache):
         self._new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
-        self.k[layer][self.index, :, :self.t] = k.to(self.k[layer].dtype)
-        self.v[layer][self.index, :, :self.t] = v.to(self.v[layer].dtype)
         # attend reads what the cache holds: values rounded to its dtype, as the cached prefill does
-        self._new[layer] = (k.to(self.k[layer].dtype), v.to(self.v[layer].dtype))
+        k, v = k.to(self.k[layer].dtype), v.to(self.v[layer].dtype)
+        self.k[layer][self.index, :, :self.t] = k
+        self.v[layer][self.index, :, :self.t] = v
+        self._new[layer] = (k, v)
 
     def mask(self, positions: torch.Tensor) -> None:
         return None

@@ -116,15 +116,21 @@ Event = Union[TokenEvent, FinishEvent, DoneEvent]
 _new, _set_attr = object.__new__, object.__setattr__
 
 
+def frozen_instance(cls, fields: dict):
+    """An instance of the frozen dataclass `cls` holding `fields` (all of them), at half the cost of
+    `cls(**fields)`, whose `__init__` sets each field through `object.__setattr__`: for what the
+    decode loop makes per token. Same fields, equality, hash and repr."""
+    obj = _new(cls)
+    _set_attr(obj, "__dict__", fields)
+    return obj
+
+
 def token_event(sample: int, token: int, text: str, part: Part, sampled: bool, logprob: float | None = None,
                 top_logprobs: tuple[tuple[int, float], ...] | None = None) -> TokenEvent:
-    """`TokenEvent(...)` at half the cost: the decode loop makes one per token, and a frozen
-    dataclass's `__init__` sets each field through `object.__setattr__`. Same fields, same
-    equality, hash and repr (tests/test_request.py checks it against the constructor)."""
-    event = _new(TokenEvent)
-    _set_attr(event, "__dict__", {"sample": sample, "token": token, "text": text, "part": part, "sampled": sampled,
-                                  "logprob": logprob, "top_logprobs": top_logprobs})
-    return event
+    """`TokenEvent(...)` through `frozen_instance` (tests/test_scheduler_host.py checks it against the
+    constructor)."""
+    return frozen_instance(TokenEvent, {"sample": sample, "token": token, "text": text, "part": part,
+                                        "sampled": sampled, "logprob": logprob, "top_logprobs": top_logprobs})
 
 
 @dataclass

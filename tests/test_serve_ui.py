@@ -92,10 +92,13 @@ def last_reply(page):
 def test_streamed_reply_renders_safely(page, live, artifacts):
     server, _ = live
     page.goto(server.url + "/")
-    assert page.locator("#model").inner_text() == "picochat-test"
+    # The model's name arrives from /v1/models after the page has loaded: wait for it, do not race it.
+    sync_api.expect(page.locator("#model")).to_have_text("picochat-test", timeout=10_000)
     send(page, "What is 6 times 7?")
-    page.wait_for_selector("#stop", state="visible")  # streaming has begun
-    page.wait_for_selector("#send", state="visible", timeout=30_000)  # and ended
+    # The stats line is written once, when the stream has ended (a fast stream may show #stop for
+    # less time than a poll takes, so waiting for it would be a race too).
+    page.wait_for_selector(".msg.assistant .stats", timeout=30_000)
+    page.wait_for_selector("#send", state="visible", timeout=30_000)
     reply = last_reply(page)
     body = reply.locator(".body")
     assert body.locator("strong").inner_text() == "bold" and body.locator("em").first.inner_text() == "italic"

@@ -4,6 +4,7 @@ writes. Near the bottom of the dependency graph: it imports only `config` (for C
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -68,6 +69,28 @@ def start_compile_workers() -> None:
     except ImportError:
         return
     maybe_warm_pool()
+
+
+@functools.cache
+def cpu_compile_problem() -> str | None:
+    """Why torch.compile cannot run on this CPU, or None where it can. On CPU the compiler turns each
+    graph into C++ and builds it with the system's C++ compiler and the Python headers; without them
+    training would fail at its first step, so callers fall back to eager with this reason. One tiny
+    compile (a second or two cold, cached under $PICOCHAT_HOME like every graph) answers for both."""
+    import torch
+
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception as e:  # torch names the compilers it looked for
+        return f"no C++ compiler ({str(e).strip().splitlines()[0][:160]})"
+    try:
+        use_compile_cache()
+        torch.compile(lambda x: x * 2 + 1, dynamic=False)(torch.ones(4))
+    except Exception as e:
+        return f"a test compile failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:160]}"
+    return None
 
 
 def downloads_dir() -> Path:

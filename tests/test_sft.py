@@ -282,13 +282,12 @@ def test_bench_sft_cpu(home, capsys) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# (e) compiled SFT on CUDA: fixed shapes, no recompilation after warm-up
+# (e) compiled SFT: fixed shapes, no recompilation after warm-up (CUDA; and CPU, where the demo compiles)
 
 
-@pytest.mark.gpu
-def test_compiled_sft_does_not_recompile(home) -> None:
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
+def _packed_sft(device: str, compile: bool, T: int, B: int, steps: int, depth: int = 2):
+    """Packed, document-masked SFT steps through the real Trainer: (trainer, losses, the compiler's
+    count of unique graphs after each step)."""
     from torch._dynamo import reset as dynamo_reset
     from torch._dynamo.utils import counters
 
@@ -296,13 +295,14 @@ def test_compiled_sft_does_not_recompile(home) -> None:
     from picochat.train.loop import Trainer
 
     dynamo_reset()
-    T, B, steps = 256, 4, 10
-    docs = synthetic_conversations(512, V, median=60, sigma=0.9, seed=0)
+    docs = synthetic_conversations(512, V, median=T // 4, sigma=0.9, seed=0)
     batches, _ = build_batches("packed", docs, B, T, steps, None)
-    cfg = TrainConfig(run="gpu", stage="sft", depth=2, seq_len=T, device_batch_size=B, total_batch_tokens=B * T,
-                      num_steps=steps, eval_every=0, sample_every=0, save_every=-1, compile=True, device="cuda")
-    model_cfg = ModelConfig.from_depth(2, vocab_size=V, seq_len=T)
-    seen: list[int] = []
+    cfg = TrainConfig(run="compiled", stage="sft", depth=depth, seq_len=T, device_batch_size=B,
+                      total_batch_tokens=B * T, num_steps=steps, eval_every=0, sample_every=0, save_every=-1,
+                      compile=compile, device=device)
+    model_cfg = ModelConfig.from_depth(depth, vocab_size=V, seq_len=T)
+    losses: list[float] = []
+    graphs: list[int] = []
 
     class Source:
         i = 0
@@ -310,7 +310,7 @@ def test_compiled_sft_does_not_recompile(home) -> None:
         def __next__(self):
             b = batches[self.i % len(batches)]
             self.i += 1
-            return {k: b[k].cuda() for k in ("inputs", "targets", "doc_ids")}
+            return {k: b[k].to(device) for k in ("inputs", "targets", "doc_ids")}
 
         def state_dict(self):
             return {}
@@ -318,12 +318,45 @@ def test_compiled_sft_does_not_recompile(home) -> None:
         def load_state_dict(self, state):
             pass
 
-    trainer = Trainer(cfg, model_cfg, None, lambda b, dist, d: Source(),
-                      on_step=lambda s, t: seen.append(counters["stats"]["unique_graphs"]))
+    def on_step(s, t):
+        losses.append(s.loss)
+        graphs.append(counters["stats"]["unique_graphs"])
+
+    trainer = Trainer(cfg, model_cfg, None, lambda b, dist, d: Source(), on_step=on_step)
     trainer.train()
+    return trainer, losses, graphs
+
+
+@pytest.mark.gpu
+def test_compiled_sft_does_not_recompile(home) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    trainer, _, seen = _packed_sft("cuda", True, T=256, B=4, steps=10)
     assert trainer.compiled
     assert seen[1] > 0, "nothing was compiled"
     assert seen[-1] == seen[1], f"recompiled after warm-up: unique graphs per step {seen}"
+
+
+def test_compiled_cpu_sft_matches_eager(home, monkeypatch) -> None:
+    """What `picochat demo` runs on a CPU: the compiled packed SFT step (C++ kernels) gives the eager
+    losses to float32 rounding and compiles once; where compiling is impossible it trains eagerly,
+    saying so, instead of failing at the first step."""
+    from picochat import common
+
+    if common.cpu_compile_problem():
+        pytest.skip(f"torch.compile cannot run here: {common.cpu_compile_problem()}")
+    shape = dict(T=64, B=2, steps=4, depth=1)
+    _, eager, _ = _packed_sft("cpu", False, **shape)
+    trainer, compiled, graphs = _packed_sft("cpu", True, **shape)
+    assert trainer.compiled and graphs[0] > 0 and graphs[-1] == graphs[0], graphs
+    assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-5), (compiled, eager)
+
+    monkeypatch.setattr(common, "cpu_compile_problem", lambda: "no C++ compiler (g++ not found)")
+    from picochat.train import loop
+
+    monkeypatch.setattr(loop, "cpu_compile_problem", common.cpu_compile_problem)
+    trainer, fallback, _ = _packed_sft("cpu", True, **{**shape, "steps": 1})
+    assert not trainer.compiled and fallback == pytest.approx(eager[:1], rel=1e-6)
 
 
 def test_sft_resume_is_exact(home, tiny_run) -> None:

@@ -21,8 +21,8 @@ from typing import Protocol
 
 import torch
 
-from ..common import (DistInfo, autocast, compute_dtype, detect_device, gpu_name, init_distributed, log,
-                      seed_everything, start_compile_workers, synchronize, use_compile_cache)
+from ..common import (DistInfo, autocast, compute_dtype, cpu_compile_problem, detect_device, gpu_name,
+                      init_distributed, log, seed_everything, start_compile_workers, synchronize, use_compile_cache)
 from ..config import ModelConfig, TrainConfig
 from ..eval.bpb import bpb_batches, evaluate_bpb  # noqa: F401  (bpb_batches: the stages' validation batches)
 from . import checkpoint as ckpt
@@ -108,6 +108,9 @@ class Trainer:
         self.dist = init_distributed(self.device)
         seed_everything(cfg.seed)
         use_compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
+        if use_compile and self.device.type == "cpu" and (problem := cpu_compile_problem()):
+            log.warning(f"torch.compile is unavailable on this CPU, training eagerly instead: {problem}")
+            use_compile = False
         if use_compile:
             use_compile_cache()
             if self.device.type == "cuda":
@@ -199,7 +202,8 @@ class Trainer:
         peak = peak_flops(device)
         log.info(f"{cfg.stage}: {self.model.num_params() / 1e6:.2f}M params, depth {self.model_cfg.n_layer}, "
                  f"width {self.model_cfg.n_embd}, device {gpu_name(device)} x{dist.world_size}, device batch {B}, "
-                 f"grad accum {grad_accum}, {cfg.total_batch_tokens} tokens/step, {num_steps} steps")
+                 f"grad accum {grad_accum}, {cfg.total_batch_tokens} tokens/step, {num_steps} steps"
+                 + (", compiled (the first step compiles: seconds to a minute)" if self.compiled else ""))
         if dist.is_main and cfg.save_every >= 0:
             ckpt.prepare_stage_dir(self.stage_dir, self.model, self.optimizers, cfg.keep_last)
         writer = self._tensorboard() if dist.is_main else None

@@ -93,7 +93,7 @@ class DemoSizes:
     seed: int = opt(42, "seed of the weights (every stage) and of the pretraining data order", lo=0, hi=2**32 - 1)
     compile: bool = opt(True, "torch.compile the training steps: on CPU each graph becomes C++ (a C++ compiler and "
                               "the Python headers are needed; without them the demo trains eagerly and says so), "
-                              "which fuses the small elementwise operations and makes the steps ~1.7x faster for "
+                              "which fuses the small elementwise operations and makes the steps ~1.5x faster for "
                               "~20 s of compiling per stage")
 
     def __post_init__(self) -> None:

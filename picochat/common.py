@@ -79,17 +79,20 @@ def cpu_compile_problem() -> str | None:
     compile (a second or two cold, cached under $PICOCHAT_HOME like every graph) answers for both."""
     import torch
 
+    def first_line(e: Exception) -> str:  # torch's messages run to pages; some exceptions have none
+        return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+
     try:
         from torch._inductor.cpp_builder import get_cpp_compiler
 
         get_cpp_compiler()
     except Exception as e:  # torch names the compilers it looked for
-        return f"no C++ compiler ({str(e).strip().splitlines()[0][:160]})"
+        return f"no C++ compiler ({first_line(e)})"
     try:
         use_compile_cache()
         torch.compile(lambda x: x * 2 + 1, dynamic=False)(torch.ones(4))
     except Exception as e:
-        return f"a test compile failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:160]}"
+        return f"a test compile failed: {type(e).__name__}: {first_line(e)}"
     return None
 
 
